@@ -1,0 +1,20 @@
+"""Packaging for ovsdriver, a Docker network driver backed by Open vSwitch."""
+
+from setuptools import setup
+
+setup(
+    name="ovsdriver",
+    version="0.1.0",
+    description="Docker (libnetwork remote) network driver backed by Open vSwitch",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=["ovsdriver", "twisted.plugins"],
+    package_data={"twisted.plugins": ["ovsdriver_plugin.py"]},
+    # The oldest versions are Debian 12's own packages.
+    install_requires=["twisted>=22.4", "ovs>=3.1", "pyroute2>=0.7.2", "attrs>=22.2"],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6", "treq>=22.2", "ruff>=0.5"],
+    },
+)
