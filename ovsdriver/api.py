@@ -1,0 +1,210 @@
+"""The libnetwork remote API: JSON in, JSON out, over twisted.web.
+
+Each method is a plain coroutine of the request's fields. This module checks the
+body's shape and field types (a 400 names the offending field), maps every
+failure to ``{"Err": "<sentence>"}``, and answers unknown paths with 404 as the
+engine expects. No traceback ever reaches the engine.
+"""
+
+import json
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from ovsdriver.driver import DriverError
+from ovsdriver.options import OptionError
+from ovsdriver.ovsdb import OVSDBUnavailable
+from ovsdriver.vswitch import VSwitchError
+
+log = Logger()
+
+MAX_BODY = 1024 * 1024
+USER_ERRORS = (DriverError, OptionError, OVSDBUnavailable, VSwitchError)
+
+# The fields each method reads: name -> (type, required).
+_IDS = {"NetworkID": (str, True), "EndpointID": (str, True)}
+FIELDS = {
+    "Plugin.Activate": {},
+    "NetworkDriver.GetCapabilities": {},
+    "NetworkDriver.CreateNetwork": {
+        "NetworkID": (str, True),
+        "Options": (dict, False),
+        "IPv4Data": (list, False),
+        "IPv6Data": (list, False),
+    },
+    "NetworkDriver.DeleteNetwork": {"NetworkID": (str, True)},
+    "NetworkDriver.CreateEndpoint": dict(_IDS, Interface=(dict, False), Options=(dict, False)),
+    "NetworkDriver.DeleteEndpoint": _IDS,
+    "NetworkDriver.EndpointOperInfo": _IDS,
+    "NetworkDriver.Join": dict(_IDS, SandboxKey=(str, True), Options=(dict, False)),
+    "NetworkDriver.Leave": _IDS,
+    "NetworkDriver.ProgramExternalConnectivity": dict(_IDS, Options=(dict, False)),
+    "NetworkDriver.RevokeExternalConnectivity": _IDS,
+    "NetworkDriver.DiscoverNew": {},
+    "NetworkDriver.DiscoverDelete": {},
+    "NetworkDriver.AllocateNetwork": {},
+    "NetworkDriver.FreeNetwork": {},
+}
+_INTERFACE_FIELDS = ("Address", "AddressIPv6", "MacAddress")
+
+
+class BadRequest(Exception):
+    """The request cannot be parsed; answered with 400."""
+
+
+def parse_body(method, raw):
+    """The request body as a dict with correctly typed fields, or BadRequest."""
+    fields = FIELDS[method]
+    if not raw.strip():
+        if any(required for _, required in fields.values()):
+            raise BadRequest(f"{method} needs a JSON object body, got an empty body")
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"the body of {method} is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"the body of {method} must be a JSON object")
+    for name, (kind, required) in fields.items():
+        value = body.get(name)
+        if value is None:
+            if required:
+                raise BadRequest(f"{method} needs the field {name}")
+            continue
+        if not isinstance(value, kind):
+            raise BadRequest(f"{method}: field {name} must be a {_json_type(kind)}")
+    for name in _INTERFACE_FIELDS:
+        value = (body.get("Interface") or {}).get(name)
+        if value is not None and not isinstance(value, str):
+            raise BadRequest(f"{method}: field Interface.{name} must be a string")
+    return body
+
+
+def _json_type(kind):
+    return {str: "string", dict: "JSON object", list: "JSON array"}[kind]
+
+
+class Handlers:
+    """The API methods, each a coroutine from a parsed body to a response."""
+
+    def __init__(self, driver):
+        self.driver = driver
+
+    async def activate(self, body):
+        return {"Implements": ["NetworkDriver"]}
+
+    async def capabilities(self, body):
+        return {"Scope": "local", "ConnectivityScope": "local"}
+
+    async def create_network(self, body):
+        await self.driver.create_network(
+            body["NetworkID"], body.get("Options"), body.get("IPv4Data"), body.get("IPv6Data")
+        )
+        return {}
+
+    async def delete_network(self, body):
+        await self.driver.delete_network(body["NetworkID"])
+        return {}
+
+    async def create_endpoint(self, body):
+        reply = await self.driver.create_endpoint(
+            body["NetworkID"], body["EndpointID"], body.get("Interface") or {}
+        )
+        return {"Interface": reply} if reply else {}
+
+    async def delete_endpoint(self, body):
+        await self.driver.delete_endpoint(body["NetworkID"], body["EndpointID"])
+        return {}
+
+    async def endpoint_info(self, body):
+        value = await self.driver.endpoint_info(body["NetworkID"], body["EndpointID"])
+        return {"Value": value}
+
+    async def join(self, body):
+        return await self.driver.join(body["NetworkID"], body["EndpointID"], body["SandboxKey"])
+
+    async def leave(self, body):
+        await self.driver.leave(body["NetworkID"], body["EndpointID"])
+        return {}
+
+    async def program_external(self, body):
+        return {}
+
+    async def revoke_external(self, body):
+        return {}
+
+    async def nothing(self, body):
+        return {}
+
+    async def allocate_network(self, body):
+        return {"Options": {}}
+
+    def route(self, method):
+        return {
+            "Plugin.Activate": self.activate,
+            "NetworkDriver.GetCapabilities": self.capabilities,
+            "NetworkDriver.CreateNetwork": self.create_network,
+            "NetworkDriver.DeleteNetwork": self.delete_network,
+            "NetworkDriver.CreateEndpoint": self.create_endpoint,
+            "NetworkDriver.DeleteEndpoint": self.delete_endpoint,
+            "NetworkDriver.EndpointOperInfo": self.endpoint_info,
+            "NetworkDriver.Join": self.join,
+            "NetworkDriver.Leave": self.leave,
+            "NetworkDriver.ProgramExternalConnectivity": self.program_external,
+            "NetworkDriver.RevokeExternalConnectivity": self.revoke_external,
+            "NetworkDriver.DiscoverNew": self.nothing,
+            "NetworkDriver.DiscoverDelete": self.nothing,
+            "NetworkDriver.AllocateNetwork": self.allocate_network,
+            "NetworkDriver.FreeNetwork": self.nothing,
+        }.get(method)
+
+
+class PluginResource(resource.Resource):
+    """The plugin's HTTP face on the UNIX socket."""
+
+    isLeaf = True
+
+    def __init__(self, handlers):
+        super().__init__()
+        self.handlers = handlers
+
+    def render_POST(self, request):
+        request.setHeader(b"Content-Type", b"application/vnd.docker.plugins.v1.2+json")
+        method = request.path.decode("utf-8", "replace").lstrip("/")
+        handler = self.handlers.route(method)
+        if handler is None:
+            request.setResponseCode(404)
+            return _json({"Err": f"unknown method {method[:100]!r}"})
+        raw = request.content.read(MAX_BODY + 1)
+        if len(raw) > MAX_BODY:
+            request.setResponseCode(413)
+            return _json({"Err": f"request body is larger than {MAX_BODY} bytes"})
+        try:
+            body = parse_body(method, raw)
+        except BadRequest as e:
+            request.setResponseCode(400)
+            return _json({"Err": str(e)})
+        d = defer.ensureDeferred(handler(body))
+        d.addErrback(_error_response, method)
+        d.addCallback(_respond, request)
+        return server.NOT_DONE_YET
+
+
+def _error_response(failure, method):
+    if failure.check(*USER_ERRORS):
+        log.info("{method} failed: {error}", method=method, error=failure.getErrorMessage())
+        return {"Err": failure.getErrorMessage()}
+    log.failure("{method} failed unexpectedly", failure, method=method)
+    return {"Err": f"internal error in the ovs driver during {method}: {failure.getErrorMessage()}"}
+
+
+def _respond(response, request):
+    if request.finished or request._disconnected:
+        return
+    request.write(_json(response))
+    request.finish()
+
+
+def _json(value):
+    return json.dumps(value).encode() + b"\n"

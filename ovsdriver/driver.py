@@ -1,0 +1,173 @@
+"""libnetwork semantics: networks, endpoints, join and leave.
+
+The driver owns no state of its own: everything is in OVSDB (through the
+`VSwitch` port) and the kernel (through the `Netlink` port), so it can be killed
+and restarted at any time. Every method is idempotent, and whatever an operation
+made is undone again when a later step of it fails.
+"""
+
+import os
+
+from twisted.logger import Logger
+
+from ovsdriver.options import OptionError, check_id, parse_network
+from ovsdriver.vswitch import Endpoint, gateway_ifname, port_name, veth_host_name
+
+log = Logger()
+
+
+class DriverError(Exception):
+    """An operation cannot be done; the message tells the user why."""
+
+
+def generate_mac(random_bytes=os.urandom):
+    """A random unicast, locally administered MAC (like OVN and Docker do)."""
+    octets = bytearray(random_bytes(6))
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+def _check_mac(mac):
+    parts = mac.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise OptionError(f"MacAddress {mac!r} is not a MAC address like 02:42:ac:11:00:02")
+    try:
+        octets = [int(p, 16) for p in parts]
+    except ValueError:
+        raise OptionError(f"MacAddress {mac!r} is not a MAC address") from None
+    if octets[0] & 1:
+        raise OptionError(f"MacAddress {mac!r} is a multicast address")
+    return mac.lower()
+
+
+class Driver:
+    """The network driver, over a vswitch and a netlink port."""
+
+    def __init__(self, vswitch, netlink, datapath_type="netdev"):
+        self.vswitch = vswitch
+        self.netlink = netlink
+        self.datapath_type = datapath_type
+
+    async def _network(self, network_id):
+        network = await self.vswitch.network(check_id("NetworkID", network_id))
+        if network is None:
+            raise DriverError(f"network {network_id[:12]} is not known to the ovs driver")
+        return network
+
+    # -- networks --------------------------------------------------------------
+
+    async def create_network(self, network_id, options, ipv4_data, ipv6_data):
+        network = parse_network(network_id, options, ipv4_data, ipv6_data, self.datapath_type)
+        existing = await self.vswitch.network(network_id)
+        if existing is not None:
+            return
+        await self.vswitch.add_network(network)
+        try:
+            if network.gateways:
+                ifname = gateway_ifname(network)
+                await self.netlink.wait_for_link(ifname)
+                await self.netlink.add_addresses(ifname, list(network.gateways))
+        except Exception:
+            await self._undo(self.delete_network(network_id))
+            raise
+
+    async def delete_network(self, network_id):
+        network = await self.vswitch.network(check_id("NetworkID", network_id))
+        if network is None:
+            return
+        if network.gateways:
+            # The bridge or gateway port may outlive this network (shared or
+            # not ours): take the addresses off explicitly.
+            await self.netlink.remove_addresses(gateway_ifname(network), list(network.gateways))
+        await self.vswitch.remove_network(network_id)
+
+    # -- endpoints -------------------------------------------------------------
+
+    async def create_endpoint(self, network_id, endpoint_id, interface):
+        network = await self._network(network_id)
+        check_id("EndpointID", endpoint_id)
+        given_mac = interface.get("MacAddress") or ""
+        mac = _check_mac(given_mac) if given_mac else generate_mac()
+        name = port_name(endpoint_id)
+        endpoint = Endpoint(
+            endpoint_id=endpoint_id,
+            network_id=network_id,
+            bridge=network.bridge,
+            port=name if network.port_type == "internal" else veth_host_name(endpoint_id),
+            ifname=name,
+            mac=mac,
+            mtu=network.mtu,
+            vlan=network.vlan,
+            port_type=network.port_type,
+            ipv4=interface.get("Address") or None,
+            ipv6=interface.get("AddressIPv6") or None,
+        )
+        existing = await self.vswitch.endpoint(endpoint_id)
+        if existing is None:
+            try:
+                if endpoint.port_type == "veth":
+                    await self.netlink.create_veth(endpoint.port, endpoint.ifname, endpoint.mtu, mac)
+                await self.vswitch.add_endpoint(endpoint)
+            except Exception:
+                await self._undo(self.delete_endpoint(network_id, endpoint_id))
+                raise
+        return {} if given_mac else {"MacAddress": mac}
+
+    async def delete_endpoint(self, network_id, endpoint_id):
+        check_id("EndpointID", endpoint_id)
+        endpoint = await self.vswitch.endpoint(endpoint_id)
+        await self.vswitch.remove_endpoint(endpoint_id)
+        if endpoint is not None and endpoint.port_type == "veth":
+            await self.netlink.delete_link(endpoint.port)
+        elif endpoint is None:
+            # A veth made by a CreateEndpoint that failed half-way.
+            await self.netlink.delete_link(veth_host_name(endpoint_id))
+
+    async def _endpoint(self, network_id, endpoint_id):
+        endpoint = await self.vswitch.endpoint(check_id("EndpointID", endpoint_id))
+        if endpoint is None:
+            raise DriverError(f"endpoint {endpoint_id[:12]} is not known to the ovs driver")
+        return endpoint
+
+    async def endpoint_info(self, network_id, endpoint_id):
+        endpoint = await self._endpoint(network_id, endpoint_id)
+        info = {
+            "bridge": endpoint.bridge,
+            "port": endpoint.port,
+            "interface": endpoint.ifname,
+            "port_type": endpoint.port_type,
+            "mac": endpoint.mac,
+            "mtu": endpoint.mtu,
+        }
+        if endpoint.vlan is not None:
+            info["vlan"] = endpoint.vlan
+        return info
+
+    async def join(self, network_id, endpoint_id, sandbox_key):
+        network = await self._network(network_id)
+        endpoint = await self._endpoint(network_id, endpoint_id)
+        await self.vswitch.set_sandbox(endpoint_id, sandbox_key)
+        gateway4 = next((s.gateway_ip for s in network.ipv4 if s.gateway), None)
+        gateway6 = next((s.gateway_ip for s in network.ipv6 if s.gateway), None)
+        response = {
+            "InterfaceName": {"SrcName": endpoint.ifname, "DstPrefix": "eth"},
+            # Never a docker_gwbridge leg: the host is the gateway (or, on an
+            # internal network, there is none).
+            "DisableGatewayService": True,
+        }
+        if not network.internal:
+            if gateway4:
+                response["Gateway"] = gateway4
+            if gateway6:
+                response["GatewayIPv6"] = gateway6
+        return response
+
+    async def leave(self, network_id, endpoint_id):
+        await self.vswitch.set_sandbox(check_id("EndpointID", endpoint_id), None)
+
+    async def _undo(self, d):
+        """Run a clean-up step of a failed operation, keeping the first error."""
+        try:
+            await d
+        except Exception as e:
+            log.warn("cleaning up after a failed operation also failed: {e}", e=e)

@@ -1,0 +1,207 @@
+"""Docker's CreateNetwork options turned into a typed, validated network config.
+
+The engine hands options over as strings (under ``com.docker.network.generic``)
+and never replays CreateNetwork, so everything a network needs later is parsed
+here once, checked, and recorded in OVSDB as a `Network`.
+"""
+
+import ipaddress
+import json
+import re
+
+import attr
+
+GENERIC = "com.docker.network.generic"
+MTU_KEY = "com.docker.network.driver.mtu"
+IFNAMSIZ = 15
+PORT_TYPES = ("internal", "veth")
+DATAPATH_TYPES = ("system", "netdev")
+_IFNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
+_HEX_ID = re.compile(r"^[0-9a-f]{12,64}$")
+
+
+class OptionError(ValueError):
+    """A network or endpoint option is invalid; the message names it."""
+
+
+@attr.s(frozen=True, slots=True)
+class Subnet:
+    """One IP pool of a network and the gateway the host owns in it."""
+
+    pool = attr.ib()  # "10.20.0.0/24"
+    gateway = attr.ib(default=None)  # "10.20.0.1/24" (CIDR) or None
+
+    @property
+    def gateway_ip(self):
+        """The gateway as a plain IP, as Join must return it."""
+        return self.gateway.split("/")[0] if self.gateway else None
+
+
+@attr.s(frozen=True, slots=True)
+class Network:
+    """Everything the driver must remember about one Docker network."""
+
+    network_id = attr.ib()
+    bridge = attr.ib()
+    shared_bridge = attr.ib(default=False)  # the user named it with ovs.bridge
+    vlan = attr.ib(default=None)
+    uplink = attr.ib(default=None)
+    port_type = attr.ib(default="internal")
+    mtu = attr.ib(default=1500)
+    nat = attr.ib(default=True)
+    datapath_type = attr.ib(default="netdev")
+    internal = attr.ib(default=False)
+    ipv4 = attr.ib(default=(), converter=tuple)
+    ipv6 = attr.ib(default=(), converter=tuple)
+
+    @property
+    def gateways(self):
+        """Gateway addresses (CIDR) the host side of this network carries."""
+        if self.internal:
+            return ()
+        return tuple(s.gateway for s in self.ipv4 + self.ipv6 if s.gateway)
+
+    def to_json(self):
+        """A compact record for OVSDB's external_ids."""
+        record = attr.asdict(self, recurse=True)
+        record["ipv4"] = [[s.pool, s.gateway] for s in self.ipv4]
+        record["ipv6"] = [[s.pool, s.gateway] for s in self.ipv6]
+        return json.dumps(record, separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text):
+        """Read a record written by `to_json` (unknown keys are ignored)."""
+        record = json.loads(text)
+        fields = {f.name for f in attr.fields(cls)}
+        record = {k: v for k, v in record.items() if k in fields}
+        record["ipv4"] = [Subnet(*pair) for pair in record.get("ipv4", ())]
+        record["ipv6"] = [Subnet(*pair) for pair in record.get("ipv6", ())]
+        return cls(**record)
+
+
+def bridge_name(network_id):
+    """The bridge of a network that did not name one: 'obr-' + 11 hex digits."""
+    return "obr-" + network_id[:11]
+
+
+def check_id(kind, value):
+    """Docker ids are hex; anything else never reaches OVSDB or the kernel."""
+    if not isinstance(value, str) or not _HEX_ID.match(value):
+        raise OptionError(f"{kind} must be a hexadecimal Docker id, got {value!r}")
+    return value
+
+
+def _check_ifname(key, value):
+    if not _IFNAME.match(value):
+        raise OptionError(
+            f"{key}={value!r} is not a valid interface name: use 1 to {IFNAMSIZ} "
+            "letters, digits or '_.@-'"
+        )
+    return value
+
+
+def _int_option(key, value, low, high):
+    try:
+        number = int(str(value).strip(), 10)
+    except ValueError:
+        number = None
+    if number is None or not low <= number <= high:
+        raise OptionError(f"{key}={value!r} is invalid: use a number from {low} to {high}")
+    return number
+
+
+def _bool_option(key, value):
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise OptionError(f"{key}={value!r} is invalid: use true or false")
+
+
+def _choice_option(key, value, choices):
+    if value not in choices:
+        raise OptionError(f"{key}={value!r} is invalid: use one of {', '.join(choices)}")
+    return value
+
+
+def _subnets(name, data, version):
+    subnets = []
+    if data is None:
+        return subnets
+    if not isinstance(data, list):
+        raise OptionError(f"{name} must be a list of pools")
+    for entry in data:
+        if not isinstance(entry, dict):
+            raise OptionError(f"{name} entries must be objects")
+        pool, gateway = entry.get("Pool"), entry.get("Gateway") or None
+        try:
+            net = ipaddress.ip_network(pool, strict=False)
+            if gateway is not None:
+                iface = ipaddress.ip_interface(gateway)
+                if iface.ip not in net:
+                    raise ValueError(f"gateway {gateway} is outside pool {pool}")
+        except (TypeError, ValueError) as e:
+            raise OptionError(f"{name} has an invalid pool or gateway: {e}") from None
+        if net.version != version:
+            raise OptionError(f"{name} pool {pool} is not IPv{version}")
+        subnets.append(Subnet(str(net), str(iface) if gateway else None))
+    return subnets
+
+
+#: The driver's own option keys and how each is checked.
+NETWORK_OPTIONS = {
+    "ovs.bridge": "bridge name (at most 15 characters)",
+    "ovs.vlan": "1-4094",
+    "ovs.uplink": "host interface name",
+    "ovs.port_type": "internal or veth",
+    MTU_KEY: "68-65535",
+    "ovs.nat": "true or false",
+    "ovs.datapath_type": "system or netdev",
+}
+
+
+def parse_network(network_id, options, ipv4_data, ipv6_data, default_datapath):
+    """Validate CreateNetwork's fields into a `Network`; raise OptionError."""
+    check_id("NetworkID", network_id)
+    options = options or {}
+    if not isinstance(options, dict):
+        raise OptionError("Options must be an object")
+    generic = options.get(GENERIC) or {}
+    if not isinstance(generic, dict):
+        raise OptionError(f"{GENERIC} must be an object of strings")
+    for key, value in generic.items():
+        if key.startswith("ovs.") and key not in NETWORK_OPTIONS:
+            known = ", ".join(k for k in NETWORK_OPTIONS if k.startswith("ovs."))
+            raise OptionError(f"unknown option {key!r}: the ovs driver knows {known}")
+        if key in NETWORK_OPTIONS and not isinstance(value, str):
+            raise OptionError(f"{key} must be given as a string, got {value!r}")
+
+    fields = {"network_id": network_id, "datapath_type": default_datapath}
+    if "ovs.bridge" in generic:
+        fields["bridge"] = _check_ifname("ovs.bridge", generic["ovs.bridge"])
+        fields["shared_bridge"] = True
+    else:
+        fields["bridge"] = bridge_name(network_id)
+    if "ovs.vlan" in generic:
+        fields["vlan"] = _int_option("ovs.vlan", generic["ovs.vlan"], 1, 4094)
+    if "ovs.uplink" in generic:
+        fields["uplink"] = _check_ifname("ovs.uplink", generic["ovs.uplink"])
+    if "ovs.port_type" in generic:
+        fields["port_type"] = _choice_option(
+            "ovs.port_type", generic["ovs.port_type"], PORT_TYPES
+        )
+    if MTU_KEY in generic:
+        fields["mtu"] = _int_option(MTU_KEY, generic[MTU_KEY], 68, 65535)
+    if "ovs.nat" in generic:
+        fields["nat"] = _bool_option("ovs.nat", generic["ovs.nat"])
+    if "ovs.datapath_type" in generic:
+        fields["datapath_type"] = _choice_option(
+            "ovs.datapath_type", generic["ovs.datapath_type"], DATAPATH_TYPES
+        )
+    fields["internal"] = options.get("com.docker.network.internal") in (True, "true")
+    fields["ipv4"] = _subnets("IPv4Data", ipv4_data, 4)
+    fields["ipv6"] = _subnets("IPv6Data", ipv6_data, 6)
+    if fields["internal"]:
+        fields["nat"] = False
+    return Network(**fields)

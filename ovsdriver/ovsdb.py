@@ -1,0 +1,486 @@
+"""The OVSDB IDL of python-ovs, driven by the Twisted reactor.
+
+One `Idl` replica serves every request. Operations are idempotent transaction
+builders queued with `OVSDB.transact`; each reactor tick folds all queued
+builders into one OVSDB transaction (so concurrent requests share one
+ovs-vswitchd reconfiguration), commits it without blocking, and fires each
+operation's Deferred once ovs-vswitchd has applied it (``cur_cfg`` caught up
+with ``next_cfg``). A TRY_AGAIN rebuilds the operations; a failed shared
+transaction is retried one operation at a time so one bad operation cannot
+fail its neighbours. While OVSDB is unreachable, operations fail within
+``unavailable_timeout`` seconds with an error naming OVSDB and its address.
+"""
+
+import json
+import time
+
+import ovs.db.idl
+from twisted.application import service
+from twisted.internet import defer, endpoints, protocol
+from twisted.logger import Logger
+
+log = Logger()
+
+#: What the driver reads and writes; nothing else is replicated.
+TABLES = {
+    "Open_vSwitch": ["bridges", "next_cfg", "cur_cfg"],
+    "Bridge": ["name", "ports", "datapath_type", "external_ids"],
+    "Port": ["name", "interfaces", "tag", "external_ids"],
+    "Interface": [
+        "name",
+        "type",
+        "options",
+        "mtu_request",
+        "mac",
+        "ofport",
+        "error",
+        "external_ids",
+    ],
+}
+
+
+class OVSDBUnavailable(Exception):
+    """OVSDB (or ovs-vswitchd behind it) could not carry out an operation."""
+
+
+def endpoint_description(remote):
+    """Turn an OVSDB remote (``unix:PATH``, ``tcp:HOST:PORT``) into a Twisted
+    client endpoint string."""
+    kind, _, rest = remote.partition(":")
+    if kind == "unix" and rest:
+        return "unix:path=" + rest.replace(":", r"\:")
+    if kind == "tcp" and ":" in rest:
+        host, _, port = rest.rpartition(":")
+        return f"tcp:host={host.strip('[]')}:port={port}"
+    raise ValueError(f"unsupported OVSDB remote {remote!r}: use unix:PATH or tcp:HOST:PORT")
+
+
+class _SchemaFetcher(protocol.Protocol):
+    """Ask the server for its schema (``get_schema``) without blocking."""
+
+    def __init__(self, database):
+        self.database = database
+        self.buffer = b""
+        self.result = defer.Deferred()
+
+    def connectionMade(self):
+        request = {"method": "get_schema", "params": [self.database], "id": 0}
+        self.transport.write(json.dumps(request).encode())
+
+    def dataReceived(self, data):
+        self.buffer += data
+        try:
+            reply, _ = json.JSONDecoder().raw_decode(self.buffer.decode())
+        except ValueError:
+            return
+        self.transport.loseConnection()
+        if reply.get("error") or not isinstance(reply.get("result"), dict):
+            self.result.errback(OVSDBUnavailable(f"get_schema failed: {reply.get('error')}"))
+        else:
+            self.result.callback(reply["result"])
+
+    def connectionLost(self, reason):
+        if not self.result.called:
+            self.result.errback(reason)
+
+
+def fetch_schema(reactor, remote, database="Open_vSwitch", timeout=5.0):
+    """Fetch a database schema from the server, as JSON."""
+    point = endpoints.clientFromString(reactor, endpoint_description(remote))
+    d = endpoints.connectProtocol(point, _SchemaFetcher(database))
+    d.addCallback(lambda fetcher: fetcher.result)
+    return d.addTimeout(timeout, reactor)
+
+
+class _Wishes:
+    """A stand-in for ``ovs.poller.Poller`` that records what the IDL waits for,
+    so the reactor can watch those sockets and timers instead of blocking."""
+
+    def __init__(self):
+        self.fds = []
+        self.timeout = None  # milliseconds
+
+    def fd_wait(self, fd, events):
+        self.fds.append((fd, events))
+
+    def timer_wait(self, msec):
+        if self.timeout is None or msec < self.timeout:
+            self.timeout = max(msec, 0)
+
+    def timer_wait_until(self, msec):
+        self.timer_wait(msec - int(time.monotonic() * 1000))
+
+    def immediate_wake(self):
+        self.timeout = 0
+
+
+class _Watch:
+    """A socket of the IDL registered with the reactor for one tick."""
+
+    def __init__(self, fd, tick):
+        self.fd = fd if isinstance(fd, int) else fd.fileno()
+        self.tick = tick
+
+    def fileno(self):
+        return self.fd
+
+    def doRead(self):
+        self.tick()
+
+    doWrite = doRead
+
+    def connectionLost(self, reason):
+        pass
+
+    def logPrefix(self):
+        return "ovsdb"
+
+
+class Context:
+    """What a transaction builder gets: the open transaction and the replica."""
+
+    def __init__(self, txn, idl):
+        self.txn = txn
+        self.idl = idl
+        self.wait_for_vswitchd = False
+
+    def rows(self, table):
+        return self.idl.tables[table].rows.values()
+
+    def find(self, table, name):
+        """The row of `table` called `name` (including rows inserted in this
+        transaction), or None."""
+        for row in self.idl.tables[table].rows.values():
+            if getattr(row, "name", None) == name:
+                return row
+        return None
+
+    def insert(self, table):
+        self.wait_for_vswitchd = True
+        return self.txn.insert(self.idl.tables[table])
+
+    def changed(self):
+        """Note that this builder wrote something ovs-vswitchd must apply."""
+        self.wait_for_vswitchd = True
+
+
+class _Operation:
+    def __init__(self, build, deferred, queued_at):
+        self.build = build
+        self.deferred = deferred
+        self.queued_at = queued_at
+        self.phase = "queued"
+        self.after = None
+        self.wait = False
+        self.alone = False
+        self.timer = None
+
+    @property
+    def done(self):
+        return self.deferred.called
+
+
+class OVSDB(service.Service):
+    """The driver's one connection to OVSDB, shared by every request."""
+
+    fallback_tick = 0.1  # python-ovs does not always ask to be woken up
+
+    def __init__(
+        self,
+        reactor,
+        remote,
+        tables=TABLES,
+        unavailable_timeout=3.0,
+        apply_timeout=15.0,
+    ):
+        self.reactor = reactor
+        self.remote = remote
+        self.tables = tables
+        self.unavailable_timeout = unavailable_timeout
+        self.apply_timeout = apply_timeout
+        self.idl = None
+        self._queue = []
+        self._txn = None
+        self._in_flight = []
+        self._waiting_cfg = []  # (cfg, operation)
+        self._watches = []
+        self._timer = None
+        self._seqno = None
+        self._last_error = "not connected yet"
+        self._ticking = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def startService(self):
+        super().startService()
+        self._fetch_schema()
+        self._schedule(0)
+
+    def stopService(self):
+        super().stopService()
+        self._unwatch()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        error = OVSDBUnavailable("the driver is shutting down")
+        for op in self._queue + self._in_flight + [op for _, op in self._waiting_cfg]:
+            self._fail(op, error)
+        self._queue, self._in_flight, self._waiting_cfg = [], [], []
+        if self.idl is not None:
+            self.idl.close()
+            self.idl = None
+
+    def _fetch_schema(self):
+        d = fetch_schema(self.reactor, self.remote)
+        d.addCallbacks(self._start_idl, self._schema_failed)
+
+    def _schema_failed(self, failure):
+        if not self.running:
+            return
+        self._last_error = failure.getErrorMessage() or failure.type.__name__
+        log.warn(
+            "cannot fetch the schema from OVSDB at {remote}: {error}; retrying",
+            remote=self.remote,
+            error=self._last_error,
+        )
+        self.reactor.callLater(1.0, self._fetch_schema)
+
+    def _start_idl(self, schema):
+        if not self.running:
+            return
+        helper = ovs.db.idl.SchemaHelper(schema_json=schema)
+        for table, columns in self.tables.items():
+            helper.register_columns(table, columns)
+        self.idl = ovs.db.idl.Idl(self.remote, helper)
+        log.info("connecting to OVSDB at {remote}", remote=self.remote)
+        self._schedule(0)
+
+    @property
+    def connected(self):
+        """True while the replica is live (monitoring), so reads are current."""
+        return self.idl is not None and self.idl.state == self.idl.IDL_S_MONITORING
+
+    def unavailable(self):
+        return OVSDBUnavailable(
+            f"cannot reach OVSDB at {self.remote} ({self._last_error}); "
+            "is ovsdb-server running?"
+        )
+
+    # -- the public operations ---------------------------------------------
+
+    def transact(self, build):
+        """Queue `build(context)`; it may write through ``context`` and returns
+        None or a callable that computes the result once ovs-vswitchd has
+        applied the transaction (it may raise to fail the operation)."""
+        op = _Operation(build, defer.Deferred(), self.reactor.seconds())
+        op.timer = self.reactor.callLater(self.apply_timeout, self._expire, op)
+        self._queue.append(op)
+        self._schedule(0)
+        return op.deferred
+
+    def query(self, read):
+        """Call `read(idl)` on a live replica (waiting for one briefly)."""
+        if self.connected:
+            return defer.maybeDeferred(read, self.idl)
+        return self.transact(lambda ctx: (lambda idl: read(idl)))
+
+    # -- the reactor side ----------------------------------------------------
+
+    def _schedule(self, delay):
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= self.reactor.seconds() + delay:
+                return
+            self._timer.cancel()
+        self._timer = self.reactor.callLater(delay, self._tick)
+
+    def _unwatch(self):
+        for watch in self._watches:
+            try:
+                self.reactor.removeReader(watch)
+                self.reactor.removeWriter(watch)
+            except OSError:
+                pass
+        self._watches = []
+
+    def _tick(self):
+        """Run the IDL, advance transactions, then wait for its next event."""
+        if self._ticking or not self.running:
+            return
+        self._ticking = True
+        try:
+            self._unwatch()
+            if self.idl is not None:
+                self._run_idl()
+            self._expire_unconnected()
+        except Exception:
+            log.failure("OVSDB tick failed; carrying on")
+        finally:
+            self._ticking = False
+            if self.running:
+                self._watch()
+
+    def _run_idl(self):
+        idl = self.idl
+        idl.run()
+        if not self.connected:
+            self._last_error = "connection lost or not established"
+        if self._txn is not None:
+            self._advance(self._txn.commit())
+        if idl.change_seqno != self._seqno:
+            self._seqno = idl.change_seqno
+            self._check_applied()
+        if self._txn is None and self._queue and self.connected:
+            self._start_transaction()
+
+    def _watch(self):
+        wishes = _Wishes()
+        if self.idl is not None:
+            self.idl.wait(wishes)
+            if self._txn is not None:
+                self._txn.wait(wishes)
+        for fd, events in wishes.fds:
+            watch = _Watch(fd, self._tick)
+            if events & 1:  # POLLIN
+                self.reactor.addReader(watch)
+            if events & 4:  # POLLOUT
+                self.reactor.addWriter(watch)
+            self._watches.append(watch)
+        delay = self.fallback_tick
+        if wishes.timeout is not None:
+            delay = min(delay, wishes.timeout / 1000.0)
+        self._schedule(delay)
+
+    def _take_batch(self):
+        """The queued operations that go into the next transaction."""
+        live = [op for op in self._queue if not op.done]
+        if live and live[0].alone:
+            batch, self._queue = live[:1], live[1:]
+            return batch
+        count = next((i for i, op in enumerate(live) if op.alone), len(live))
+        batch, self._queue = live[:count], live[count:]
+        return batch
+
+    def _start_transaction(self):
+        idl = self.idl
+        batch = self._take_batch()
+        if not batch:
+            return
+        txn = ovs.db.idl.Transaction(idl)
+        ctx = Context(txn, idl)
+        built = []
+        for op in batch:
+            ctx.wait_for_vswitchd = False
+            try:
+                op.after = op.build(ctx)
+            except Exception as e:
+                self._fail(op, e)
+                continue
+            op.wait = ctx.wait_for_vswitchd
+            op.phase = "committing"
+            built.append(op)
+        if any(op.wait for op in built):
+            root = next(iter(idl.tables["Open_vSwitch"].rows.values()), None)
+            if root is None:
+                txn.abort()
+                error = OVSDBUnavailable(
+                    f"OVSDB at {self.remote} has no Open_vSwitch row; "
+                    "run 'ovs-vsctl init' or start Open vSwitch properly"
+                )
+                for op in built:
+                    self._fail(op, error)
+                return
+            root.increment("next_cfg")
+        self._txn, self._in_flight = txn, built
+        self._advance(txn.commit())
+
+    def _advance(self, status):
+        """React to a transaction's commit status."""
+        txn, ops = self._txn, self._in_flight
+        Txn = ovs.db.idl.Transaction
+        if status == Txn.INCOMPLETE:
+            return
+        self._txn, self._in_flight = None, []
+        if status in (Txn.SUCCESS, Txn.UNCHANGED):
+            waits = status == Txn.SUCCESS and any(op.wait for op in ops)
+            cfg = txn.get_increment_new_value() if waits else None
+            for op in ops:
+                if op.wait and cfg is not None:
+                    op.phase = "applying"
+                    self._waiting_cfg.append((cfg, op))
+                else:
+                    self._finish(op)
+            self._check_applied()
+        elif status == Txn.TRY_AGAIN:
+            for op in ops:
+                op.phase = "queued"
+            self._queue[:0] = ops
+        elif len(ops) > 1:
+            # One operation may have spoiled the shared transaction: retry alone.
+            for op in ops:
+                op.phase, op.alone = "queued", True
+            self._queue[:0] = ops
+        else:
+            error = txn.get_error() or status
+            for op in ops:
+                self._fail(op, OVSDBUnavailable(f"OVSDB refused the change: {error}"))
+        if self._queue:
+            self._schedule(0)
+
+    def _check_applied(self):
+        if not self._waiting_cfg or self.idl is None:
+            return
+        root = next(iter(self.idl.tables["Open_vSwitch"].rows.values()), None)
+        if root is None:
+            return
+        cur_cfg = root.cur_cfg
+        still = []
+        for cfg, op in self._waiting_cfg:
+            if op.done:
+                continue
+            if cur_cfg >= cfg:
+                self._finish(op)
+            else:
+                still.append((cfg, op))
+        self._waiting_cfg = still
+
+    def _finish(self, op):
+        if op.done:
+            return
+        if op.timer.active():
+            op.timer.cancel()
+        try:
+            result = op.after(self.idl) if op.after is not None else None
+        except Exception as e:
+            op.deferred.errback(e)
+        else:
+            op.deferred.callback(result)
+
+    def _fail(self, op, error):
+        if op.done:
+            return
+        if op.timer is not None and op.timer.active():
+            op.timer.cancel()
+        op.deferred.errback(error)
+
+    def _expire_unconnected(self):
+        if self.connected or not self._queue:
+            return
+        now = self.reactor.seconds()
+        for op in self._queue:
+            if now - op.queued_at >= self.unavailable_timeout:
+                self._fail(op, self.unavailable())
+        self._queue = [op for op in self._queue if not op.done]
+
+    def _expire(self, op):
+        if op.phase == "applying":
+            error = OVSDBUnavailable(
+                f"ovs-vswitchd did not apply the change within {self.apply_timeout:g} s;"
+                " is ovs-vswitchd running?"
+            )
+        elif op.phase == "committing":
+            error = OVSDBUnavailable(
+                f"OVSDB at {self.remote} did not confirm the change within "
+                f"{self.apply_timeout:g} s"
+            )
+        else:
+            error = self.unavailable()
+        self._fail(op, error)

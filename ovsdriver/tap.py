@@ -1,0 +1,114 @@
+"""``twistd ovsdriver``: command-line options and the service tree.
+
+`makeService` only wires services together; all I/O starts when twistd starts
+them. The HTTP listener is added last so it stops first.
+"""
+
+import os
+
+from twisted.application import internet, service
+from twisted.python import usage
+from twisted.web import server
+
+from ovsdriver.api import Handlers, PluginResource
+from ovsdriver.driver import Driver
+from ovsdriver.netlink import Netlink
+from ovsdriver.ovsdb import OVSDB
+from ovsdriver.vswitch import VSwitch
+
+DEFAULT_LISTEN = "unix:/run/docker/plugins/ovs.sock:mode=660"
+DEFAULT_OVSDB = "unix:/var/run/openvswitch/db.sock"
+
+
+def detect_datapath_type(module_dir="/sys/module/openvswitch"):
+    """The kernel datapath when its module is loaded, else the userspace one."""
+    return "system" if os.path.isdir(module_dir) else "netdev"
+
+
+class Options(usage.Options):
+    """Options of ``twistd ovsdriver``."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve the Docker network driver backed by Open vSwitch. Use it with "
+        "'docker network create -d NAME', where NAME is the socket's base name."
+    )
+    optParameters = [
+        ["listen", "l", DEFAULT_LISTEN, "Twisted server endpoint string to listen on."],
+        ["ovsdb", None, DEFAULT_OVSDB, "OVSDB remote: unix:PATH or tcp:HOST:PORT."],
+        [
+            "datapath-type",
+            None,
+            "auto",
+            "Datapath of the bridges the driver creates: system, netdev or auto "
+            "(system when the openvswitch kernel module is loaded, else netdev).",
+        ],
+    ]
+
+    def postOptions(self):
+        kind = self["datapath-type"]
+        if kind == "auto":
+            self["datapath-type"] = detect_datapath_type()
+        elif kind not in ("system", "netdev"):
+            raise usage.UsageError("--datapath-type must be system, netdev or auto")
+        if not self["ovsdb"].startswith(("unix:", "tcp:")):
+            raise usage.UsageError("--ovsdb must look like unix:PATH or tcp:HOST:PORT")
+
+
+class NetlinkService(service.Service):
+    """Runs the netlink worker thread for as long as the driver runs."""
+
+    def __init__(self, netlink):
+        self.netlink = netlink
+
+    def startService(self):
+        super().startService()
+        self.netlink.start()
+
+    def stopService(self):
+        super().stopService()
+        self.netlink.stop()
+
+
+class ListenerService(internet.StreamServerEndpointService):
+    """The plugin socket; its directory is made first and a failed listen is
+    fatal instead of a log line."""
+
+    _raiseSynchronously = True
+
+    def __init__(self, description, factory, reactor):
+        from twisted.internet import endpoints
+
+        self.socket_path = _unix_path(description)
+        super().__init__(endpoints.serverFromString(reactor, description), factory)
+
+    def privilegedStartService(self):
+        if self.socket_path:
+            os.makedirs(os.path.dirname(self.socket_path), mode=0o755, exist_ok=True)
+        super().privilegedStartService()
+
+
+def _unix_path(description):
+    """The socket path of a ``unix:`` endpoint description, else None."""
+    if not description.startswith("unix:"):
+        return None
+    path = description[len("unix:") :].split(":")[0]
+    return path[len("address=") :] if path.startswith("address=") else path
+
+
+def makeService(options, reactor=None):
+    """Wire OVSDB, netlink, the driver and the HTTP API into one service."""
+    if reactor is None:
+        from twisted.internet import reactor
+    top = service.MultiService()
+    ovsdb = OVSDB(reactor, options["ovsdb"])
+    ovsdb.setServiceParent(top)
+    netlink = Netlink(reactor)
+    NetlinkService(netlink).setServiceParent(top)
+    driver = Driver(VSwitch(ovsdb), netlink, options["datapath-type"])
+    site = server.Site(PluginResource(Handlers(driver)))
+    site.displayTracebacks = False
+    ListenerService(options["listen"], site, reactor).setServiceParent(top)
+    return top
+
+

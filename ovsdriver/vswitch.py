@@ -1,0 +1,380 @@
+"""Bridges and ports as idempotent OVSDB transaction builders.
+
+Every builder looks its rows up by name before it writes, so it can run again
+after a TRY_AGAIN (which may hide a commit that went through) and give the same
+result. Reads hand out immutable snapshots (`Network`, `Endpoint`), never live
+IDL rows. Everything the driver knows is in external_ids, so a restarted driver
+finds it all again.
+"""
+
+import attr
+
+from ovsdriver.options import Network
+
+OWNER = "owner"
+OWNER_VALUE = "ovsdriver"
+NETWORK_ID = "docker-network-id"
+ENDPOINT_ID = "docker-endpoint-id"
+NETWORK_RECORD = "ovsdriver-network-"  # + network id, on the bridge
+SANDBOX = "ovsdriver-sandbox"
+IPV4 = "ovsdriver-ipv4"
+IPV6 = "ovsdriver-ipv6"
+PEER = "ovsdriver-peer"  # the container end of a veth port
+
+
+class VSwitchError(Exception):
+    """Open vSwitch refused or failed an operation; the message says which."""
+
+
+@attr.s(frozen=True, slots=True)
+class Endpoint:
+    """A Docker endpoint as plugged into Open vSwitch."""
+
+    endpoint_id = attr.ib()
+    network_id = attr.ib()
+    bridge = attr.ib()
+    port = attr.ib()  # the OVS port's name
+    ifname = attr.ib()  # the link the engine moves into the container
+    mac = attr.ib()
+    mtu = attr.ib(default=1500)
+    vlan = attr.ib(default=None)
+    port_type = attr.ib(default="internal")
+    ipv4 = attr.ib(default=None)  # CIDR
+    ipv6 = attr.ib(default=None)
+    sandbox = attr.ib(default=None)  # Join's SandboxKey while joined
+
+
+def port_name(endpoint_id):
+    """The OVS port of an endpoint: 'oep-' + 11 hex digits (IFNAMSIZ)."""
+    return "oep-" + endpoint_id[:11]
+
+
+def veth_host_name(endpoint_id):
+    """The host end of a veth endpoint: 'ove-' + 11 hex digits."""
+    return "ove-" + endpoint_id[:11]
+
+
+def gateway_port_name(network_id):
+    """The host's gateway port of a network on a shared bridge."""
+    return "ogw-" + network_id[:11]
+
+
+def gateway_ifname(network):
+    """Where a network's gateway addresses live on the host."""
+    return gateway_port_name(network.network_id) if network.shared_bridge else network.bridge
+
+
+def _one(column):
+    """An optional OVSDB column (a list of zero or one value) as a value."""
+    return column[0] if column else None
+
+
+def _ids(row):
+    return dict(row.external_ids)
+
+
+def _endpoint_from_rows(bridge, port, iface):
+    ids = _ids(iface)
+    return Endpoint(
+        endpoint_id=ids[ENDPOINT_ID],
+        network_id=ids.get(NETWORK_ID),
+        bridge=bridge.name if bridge is not None else None,
+        port=port.name,
+        ifname=ids.get(PEER, iface.name),
+        mac=ids.get("attached-mac"),
+        mtu=_one(iface.mtu_request) or 1500,
+        vlan=_one(port.tag),
+        port_type="veth" if PEER in ids else "internal",
+        ipv4=ids.get(IPV4),
+        ipv6=ids.get(IPV6),
+        sandbox=ids.get(SANDBOX),
+    )
+
+
+def _interface_failure(iface):
+    """Why ovs-vswitchd could not bring up an interface, or None."""
+    error = _one(iface.error)
+    if error:
+        return error
+    if _one(iface.ofport) == -1:
+        return "ovs-vswitchd could not add it (ofport -1)"
+    return None
+
+
+class VSwitch:
+    """Bridge and port operations of the driver, over one `OVSDB`."""
+
+    def __init__(self, ovsdb):
+        self.ovsdb = ovsdb
+
+    # -- reads ---------------------------------------------------------------
+
+    def networks(self):
+        """All networks recorded in OVSDB, by network id."""
+        return self.ovsdb.query(_networks)
+
+    def network(self, network_id):
+        return self.ovsdb.query(lambda idl: _networks(idl).get(network_id))
+
+    def endpoint(self, endpoint_id):
+        return self.ovsdb.query(lambda idl: _endpoint(idl, endpoint_id))
+
+    def endpoints(self):
+        return self.ovsdb.query(_endpoints)
+
+    # -- writes --------------------------------------------------------------
+
+    def add_network(self, network):
+        """Record `network`, creating its bridge (and gateway port) if missing."""
+
+        def build(ctx):
+            bridge = ctx.find("Bridge", network.bridge)
+            if bridge is None:
+                bridge = _add_bridge(ctx, network)
+            else:
+                _check_bridge_shareable(bridge, network)
+            key = NETWORK_RECORD + network.network_id
+            if _ids(bridge).get(key) != network.to_json():
+                bridge.setkey("external_ids", key, network.to_json())
+            if network.shared_bridge and network.gateways:
+                name = gateway_port_name(network.network_id)
+                if ctx.find("Port", name) is None:
+                    ids = {NETWORK_ID: network.network_id, OWNER: OWNER_VALUE}
+                    _add_port(ctx, bridge, name, "internal", network.vlan, ids, ids)
+            return lambda idl: _check_interfaces(idl, network.bridge)
+
+        return self.ovsdb.transact(build)
+
+    def remove_network(self, network_id):
+        """Forget a network; delete what the driver made for it alone."""
+
+        def build(ctx):
+            key = NETWORK_RECORD + network_id
+            for bridge in list(ctx.rows("Bridge")):
+                ids = _ids(bridge)
+                if key not in ids:
+                    continue
+                bridge.delkey("external_ids", key)
+                gateway = ctx.find("Port", gateway_port_name(network_id))
+                if gateway is not None and gateway.uuid in {p.uuid for p in bridge.ports}:
+                    _delete_port(ctx, bridge, gateway)
+                others = [k for k in ids if k.startswith(NETWORK_RECORD) and k != key]
+                if ids.get(OWNER) == OWNER_VALUE and not others:
+                    _delete_bridge(ctx, bridge)
+
+        return self.ovsdb.transact(build)
+
+    def add_endpoint(self, endpoint):
+        """Plug an endpoint's port into its bridge; fail if ovs-vswitchd can't."""
+
+        def build(ctx):
+            if ctx.find("Port", endpoint.port) is not None:
+                return lambda idl: _checked_endpoint(idl, endpoint)
+            bridge = ctx.find("Bridge", endpoint.bridge)
+            if bridge is None:
+                raise VSwitchError(
+                    f"bridge {endpoint.bridge} of network "
+                    f"{endpoint.network_id[:12]} is missing from Open vSwitch"
+                )
+            port_ids = {
+                NETWORK_ID: endpoint.network_id,
+                ENDPOINT_ID: endpoint.endpoint_id,
+                OWNER: OWNER_VALUE,
+            }
+            iface_ids = dict(port_ids)
+            iface_ids.update({"attached-mac": endpoint.mac, "iface-id": endpoint.endpoint_id})
+            if endpoint.ipv4:
+                iface_ids[IPV4] = endpoint.ipv4
+            if endpoint.ipv6:
+                iface_ids[IPV6] = endpoint.ipv6
+            kind = "internal"
+            if endpoint.port_type == "veth":
+                kind = ""
+                iface_ids[PEER] = endpoint.ifname
+            iface = _add_port(ctx, bridge, endpoint.port, kind, endpoint.vlan, port_ids, iface_ids)
+            iface.mtu_request = [endpoint.mtu]
+            if kind == "internal":
+                iface.mac = [endpoint.mac]
+            return lambda idl: _checked_endpoint(idl, endpoint)
+
+        return self.ovsdb.transact(build)
+
+    def remove_endpoint(self, endpoint_id):
+        """Unplug an endpoint's port; an unknown endpoint is already gone."""
+
+        def build(ctx):
+            port = ctx.find("Port", port_name(endpoint_id))
+            if port is None:
+                port = ctx.find("Port", veth_host_name(endpoint_id))
+            if port is None or _ids(port).get(ENDPOINT_ID) != endpoint_id:
+                return None
+            for bridge in ctx.rows("Bridge"):
+                if port.uuid in {p.uuid for p in bridge.ports}:
+                    _delete_port(ctx, bridge, port)
+                    break
+
+        return self.ovsdb.transact(build)
+
+    def set_sandbox(self, endpoint_id, sandbox):
+        """Remember (or forget, with None) the sandbox an endpoint joined."""
+
+        def build(ctx):
+            iface = _endpoint_interface(ctx.idl, endpoint_id)
+            if iface is None:
+                return None
+            if sandbox is None:
+                if SANDBOX in _ids(iface):
+                    iface.delkey("external_ids", SANDBOX)
+            elif _ids(iface).get(SANDBOX) != sandbox:
+                iface.setkey("external_ids", SANDBOX, sandbox)
+
+        return self.ovsdb.transact(build)
+
+
+# -- builders' helpers (run inside a transaction) ------------------------------
+
+
+def _add_bridge(ctx, network):
+    ids = {OWNER: OWNER_VALUE}
+    if not network.shared_bridge:
+        ids[NETWORK_ID] = network.network_id
+    bridge = ctx.insert("Bridge")
+    bridge.name = network.bridge
+    bridge.datapath_type = network.datapath_type
+    bridge.external_ids = ids
+    local = _add_port(ctx, bridge, network.bridge, "internal", None, ids, ids)
+    if not network.shared_bridge:
+        local.mtu_request = [network.mtu]
+    root = next(iter(ctx.rows("Open_vSwitch")))
+    root.addvalue("bridges", bridge.uuid)
+    return bridge
+
+
+def _check_bridge_shareable(bridge, network):
+    """Refuse to put a network on a bridge where it would leak into another."""
+    key = NETWORK_RECORD + network.network_id
+    ids = _ids(bridge)
+    if key in ids:
+        return
+    others = [Network.from_json(v) for k, v in ids.items() if k.startswith(NETWORK_RECORD)]
+    if not network.shared_bridge:
+        raise VSwitchError(
+            f"bridge {bridge.name} already exists and does not belong to this network"
+        )
+    if others and network.vlan is None:
+        raise VSwitchError(
+            f"bridge {bridge.name} already carries other networks: give this "
+            "network its own VLAN with -o ovs.vlan=N"
+        )
+    for other in others:
+        if other.vlan is None:
+            raise VSwitchError(
+                f"bridge {bridge.name} carries the untagged network "
+                f"{other.network_id[:12]}, which sees every VLAN; use another bridge"
+            )
+        if other.vlan == network.vlan:
+            raise VSwitchError(
+                f"VLAN {network.vlan} is already used on bridge {bridge.name} by "
+                f"network {other.network_id[:12]}"
+            )
+
+
+def _add_port(ctx, bridge, name, kind, vlan, port_ids, iface_ids):
+    iface = ctx.insert("Interface")
+    iface.name = name
+    iface.type = kind
+    iface.external_ids = iface_ids
+    port = ctx.insert("Port")
+    port.name = name
+    port.interfaces = [iface.uuid]
+    port.external_ids = port_ids
+    if vlan is not None:
+        port.tag = [vlan]
+    bridge.addvalue("ports", port.uuid)
+    return iface
+
+
+def _delete_port(ctx, bridge, port):
+    ctx.changed()
+    bridge.delvalue("ports", port.uuid)
+    for iface in port.interfaces:
+        iface.delete()
+    port.delete()
+
+
+def _delete_bridge(ctx, bridge):
+    ctx.changed()
+    root = next(iter(ctx.rows("Open_vSwitch")))
+    root.delvalue("bridges", bridge.uuid)
+    for port in bridge.ports:
+        for iface in port.interfaces:
+            iface.delete()
+        port.delete()
+    bridge.delete()
+
+
+# -- reads of the replica ----------------------------------------------------------
+
+
+def _networks(idl):
+    networks = {}
+    for bridge in idl.tables["Bridge"].rows.values():
+        for key, value in bridge.external_ids.items():
+            if key.startswith(NETWORK_RECORD):
+                network = Network.from_json(value)
+                networks[network.network_id] = network
+    return networks
+
+
+def _endpoint_interface(idl, endpoint_id):
+    for name in (port_name(endpoint_id), veth_host_name(endpoint_id)):
+        for iface in idl.tables["Interface"].rows.values():
+            if iface.name == name and _ids(iface).get(ENDPOINT_ID) == endpoint_id:
+                return iface
+    return None
+
+
+def _endpoint(idl, endpoint_id):
+    for endpoint in _endpoints(idl, endpoint_id):
+        return endpoint
+    return None
+
+
+def _endpoints(idl, only=None):
+    """Snapshots of the driver's endpoints (or of the one with id `only`)."""
+    found = []
+    for bridge in idl.tables["Bridge"].rows.values():
+        for port in bridge.ports:
+            if OWNER not in port.external_ids or ENDPOINT_ID not in port.external_ids:
+                continue
+            if only is not None and port.external_ids[ENDPOINT_ID] != only:
+                continue
+            for iface in port.interfaces:
+                if ENDPOINT_ID in iface.external_ids:
+                    found.append(_endpoint_from_rows(bridge, port, iface))
+    return found
+
+
+def _checked_endpoint(idl, endpoint):
+    for row in idl.tables["Interface"].rows.values():
+        if row.name == endpoint.port:
+            failure = _interface_failure(row)
+            if failure:
+                raise VSwitchError(f"Open vSwitch could not add port {row.name}: {failure}")
+            return endpoint
+    raise VSwitchError(f"port {endpoint.port} vanished from OVSDB while being added")
+
+
+def _check_interfaces(idl, bridge_name):
+    for bridge in idl.tables["Bridge"].rows.values():
+        if bridge.name != bridge_name:
+            continue
+        for port in bridge.ports:
+            for iface in port.interfaces:
+                failure = _interface_failure(iface)
+                if failure and OWNER in iface.external_ids and ENDPOINT_ID not in iface.external_ids:
+                    raise VSwitchError(
+                        f"Open vSwitch could not set up {iface.name} on bridge "
+                        f"{bridge_name}: {failure}"
+                    )
+    return None
