@@ -1,0 +1,160 @@
+"""The behaviour every vswitch port must show: the real OVSDB-backed `VSwitch`
+and `FakeVSwitch` both run these tests (see test_vswitch_*.py).
+
+A module using this contract imports the tests with ``from ... import *`` and
+provides a ``harness`` fixture with: ``vswitch``, ``call(method, *args)`` (run a
+port method and return its result or raise), ``bridge_exists(name)``,
+``port_exists(name)``, ``break_port(name)`` and ``add_foreign_bridge(name)``.
+"""
+
+import pytest
+
+from ovsdriver.options import Network, Subnet
+from ovsdriver.vswitch import Endpoint, VSwitchError, gateway_port_name
+
+NET_A = "a1" * 32
+NET_B = "b2" * 32
+NET_C = "c3" * 32
+EP_1 = "e1" * 32
+EP_2 = "f2" * 32
+
+
+def network(network_id=NET_A, **fields):
+    fields.setdefault("bridge", "obr-" + network_id[:11])
+    fields.setdefault("ipv4", [Subnet("10.9.0.0/24", "10.9.0.1/24")])
+    return Network(network_id=network_id, **fields)
+
+
+def endpoint(net, endpoint_id=EP_1, **fields):
+    fields.setdefault("port", "oep-" + endpoint_id[:11])
+    fields.setdefault("ifname", fields["port"])
+    fields.setdefault("mac", "02:00:00:00:00:01")
+    return Endpoint(
+        endpoint_id=endpoint_id,
+        network_id=net.network_id,
+        bridge=net.bridge,
+        vlan=net.vlan,
+        mtu=net.mtu,
+        **fields,
+    )
+
+
+def test_add_network_creates_its_bridge_and_records_it(harness):
+    net = network(mtu=1400)
+    harness.call(harness.vswitch.add_network, net)
+    assert harness.bridge_exists(net.bridge)
+    assert harness.call(harness.vswitch.network, NET_A) == net
+    assert harness.call(harness.vswitch.networks) == {NET_A: net}
+
+
+def test_add_network_twice_is_harmless(harness):
+    net = network()
+    harness.call(harness.vswitch.add_network, net)
+    harness.call(harness.vswitch.add_network, net)
+    assert harness.call(harness.vswitch.networks) == {NET_A: net}
+
+
+def test_remove_network_deletes_the_bridge_it_made(harness):
+    net = network()
+    harness.call(harness.vswitch.add_network, net)
+    harness.call(harness.vswitch.remove_network, NET_A)
+    assert not harness.bridge_exists(net.bridge)
+    assert harness.call(harness.vswitch.network, NET_A) is None
+    harness.call(harness.vswitch.remove_network, NET_A)  # unknown: fine
+
+
+def test_endpoint_round_trip(harness):
+    net = network()
+    harness.call(harness.vswitch.add_network, net)
+    ep = endpoint(net, ipv4="10.9.0.2/24", ipv6="fd00::2/64")
+    assert harness.call(harness.vswitch.add_endpoint, ep) == ep
+    assert harness.call(harness.vswitch.add_endpoint, ep) == ep  # idempotent
+    assert harness.port_exists(ep.port)
+    assert harness.call(harness.vswitch.endpoint, EP_1) == ep
+    assert harness.call(harness.vswitch.endpoints) == [ep]
+    assert harness.call(harness.vswitch.endpoint, EP_2) is None
+
+
+def test_sandbox_is_remembered_and_forgotten(harness):
+    net = network()
+    harness.call(harness.vswitch.add_network, net)
+    harness.call(harness.vswitch.add_endpoint, endpoint(net))
+    harness.call(harness.vswitch.set_sandbox, EP_1, "/var/run/docker/netns/0123")
+    assert harness.call(harness.vswitch.endpoint, EP_1).sandbox == "/var/run/docker/netns/0123"
+    harness.call(harness.vswitch.set_sandbox, EP_1, None)
+    assert harness.call(harness.vswitch.endpoint, EP_1).sandbox is None
+    harness.call(harness.vswitch.set_sandbox, EP_2, None)  # unknown: fine
+
+
+def test_remove_endpoint_deletes_its_port(harness):
+    net = network()
+    harness.call(harness.vswitch.add_network, net)
+    ep = endpoint(net)
+    harness.call(harness.vswitch.add_endpoint, ep)
+    harness.call(harness.vswitch.remove_endpoint, EP_1)
+    assert not harness.port_exists(ep.port)
+    assert harness.call(harness.vswitch.endpoints) == []
+    harness.call(harness.vswitch.remove_endpoint, EP_1)  # unknown: fine
+
+
+def test_endpoint_on_a_missing_bridge_fails(harness):
+    with pytest.raises(VSwitchError, match="obr-a1a1a1a1a1a"):
+        harness.call(harness.vswitch.add_endpoint, endpoint(network()))
+
+
+def test_a_port_ovs_cannot_create_fails_with_its_name(harness):
+    net = network()
+    harness.call(harness.vswitch.add_network, net)
+    # A veth port whose host end does not exist: ovs-vswitchd reports an error.
+    ep = endpoint(net, port="ove-" + EP_1[:11], ifname="oep-" + EP_1[:11], port_type="veth")
+    harness.break_port(ep.port)
+    with pytest.raises(VSwitchError, match=ep.port):
+        harness.call(harness.vswitch.add_endpoint, ep)
+    harness.call(harness.vswitch.remove_endpoint, EP_1)
+    assert not harness.port_exists(ep.port)
+
+
+def test_vlan_networks_share_a_bridge(harness):
+    blue = network(NET_A, bridge="shared0", shared_bridge=True, vlan=10)
+    red = network(NET_B, bridge="shared0", shared_bridge=True, vlan=20)
+    harness.call(harness.vswitch.add_network, blue)
+    harness.call(harness.vswitch.add_network, red)
+    assert harness.port_exists(gateway_port_name(NET_A))
+    assert harness.port_exists(gateway_port_name(NET_B))
+    harness.call(harness.vswitch.remove_network, NET_A)
+    assert harness.bridge_exists("shared0")
+    assert not harness.port_exists(gateway_port_name(NET_A))
+    harness.call(harness.vswitch.remove_network, NET_B)
+    assert not harness.bridge_exists("shared0")
+
+
+@pytest.mark.parametrize(
+    "second, message",
+    [
+        ({"vlan": 10}, "VLAN 10 is already used"),
+        ({"vlan": None}, "give this network its own VLAN"),
+    ],
+)
+def test_a_bridge_is_shared_only_between_distinct_vlans(harness, second, message):
+    harness.call(
+        harness.vswitch.add_network, network(NET_A, bridge="shared0", shared_bridge=True, vlan=10)
+    )
+    other = network(NET_B, bridge="shared0", shared_bridge=True, **second)
+    with pytest.raises(VSwitchError, match=message):
+        harness.call(harness.vswitch.add_network, other)
+    assert harness.call(harness.vswitch.network, NET_B) is None
+
+
+def test_no_network_joins_a_bridge_with_an_untagged_one(harness):
+    harness.call(harness.vswitch.add_network, network(NET_A, bridge="shared0", shared_bridge=True))
+    other = network(NET_B, bridge="shared0", shared_bridge=True, vlan=30)
+    with pytest.raises(VSwitchError, match="untagged network"):
+        harness.call(harness.vswitch.add_network, other)
+
+
+def test_a_bridge_the_driver_did_not_make_is_never_removed(harness):
+    harness.add_foreign_bridge("theirs0")
+    net = network(NET_C, bridge="theirs0", shared_bridge=True, vlan=5)
+    harness.call(harness.vswitch.add_network, net)
+    harness.call(harness.vswitch.remove_network, NET_C)
+    assert harness.bridge_exists("theirs0")

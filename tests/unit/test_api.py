@@ -1,0 +1,234 @@
+"""The remote API over real HTTP in memory (treq's StubTreq), with the driver
+on verified fakes of Open vSwitch and the kernel."""
+
+import json
+
+import pytest
+from treq.testing import StubTreq
+
+from ovsdriver.api import MAX_BODY, Handlers, PluginResource
+from ovsdriver.driver import Driver
+from ovsdriver.ovsdb import OVSDBUnavailable
+from ovsdriver.testing import FakeNetlink, FakeVSwitch
+
+NET = "4e" * 32
+EP = "e9" * 32
+EP2 = "f1" * 32
+SUBNET = [{"AddressSpace": "LocalDefault", "Pool": "10.30.0.0/24", "Gateway": "10.30.0.1/24"}]
+
+
+class World:
+    """A driver on fakes behind the real resource."""
+
+    def __init__(self):
+        self.kernel = FakeNetlink()
+        self.vswitch = FakeVSwitch(kernel=self.kernel)
+        self.driver = Driver(self.vswitch, self.kernel, "netdev")
+        self.http = StubTreq(PluginResource(Handlers(self.driver)))
+
+    def raw(self, method, data):
+        results = []
+        d = self.http.post("http://plugin/" + method, data=data)
+        d.addCallback(lambda r: r.content().addCallback(lambda body: (r.code, body)))
+        d.addBoth(results.append)
+        self.http.flush()
+        (result,) = results
+        if hasattr(result, "raiseException"):
+            result.raiseException()
+        return result
+
+    def post(self, method, body=None, status=200):
+        data = b"" if body is None else json.dumps(body).encode() + b"\n"
+        code, content = self.raw(method, data)
+        assert code == status, content
+        return json.loads(content)
+
+    def create_network(self, generic=None, network_id=NET, **extra):
+        options = {"com.docker.network.enable_ipv6": False}
+        options["com.docker.network.generic"] = generic or {}
+        options.update(extra.pop("options", {}))
+        body = dict(NetworkID=network_id, Options=options, IPv4Data=SUBNET, IPv6Data=[])
+        body.update(extra)
+        return self.post("NetworkDriver.CreateNetwork", body)
+
+    def create_endpoint(self, endpoint_id=EP, **interface):
+        interface.setdefault("Address", "10.30.0.2/24")
+        body = {"NetworkID": NET, "EndpointID": endpoint_id, "Interface": interface}
+        return self.post("NetworkDriver.CreateEndpoint", body)
+
+    def ids(self, endpoint_id=EP):
+        return {"NetworkID": NET, "EndpointID": endpoint_id}
+
+
+@pytest.fixture
+def world():
+    return World()
+
+
+def test_activate_and_capabilities(world):
+    assert world.post("Plugin.Activate") == {"Implements": ["NetworkDriver"]}
+    assert world.post("NetworkDriver.GetCapabilities") == {
+        "Scope": "local",
+        "ConnectivityScope": "local",
+    }
+
+
+def test_unknown_path_is_404_with_json(world):
+    assert "unknown method" in world.post("NetworkDriver.Teleport", {}, status=404)["Err"]
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b"", "empty body"),
+        (b'{"NetworkID": 7}', "field NetworkID must be a string"),
+        (b'{"NetworkID": "' + b"4e" * 32 + b'", "IPv4Data": {}}', "IPv4Data must be a JSON array"),
+    ],
+)
+def test_unparseable_requests_get_400_naming_the_problem(world, data, message):
+    code, content = world.raw("NetworkDriver.CreateNetwork", data)
+    assert code == 400
+    assert message in json.loads(content)["Err"]
+
+
+def test_oversized_body_gets_413(world):
+    code, _ = world.raw("NetworkDriver.CreateNetwork", b" " * (MAX_BODY + 1))
+    assert code == 413
+
+
+def test_ids_must_be_hex(world):
+    body = {"NetworkID": "../../etc", "Options": {}}
+    assert "hexadecimal" in world.post("NetworkDriver.CreateNetwork", body)["Err"]
+
+
+def test_create_network_makes_a_bridge_with_the_gateway_on_the_host(world):
+    assert world.create_network(unknown_future_key=1) == {}
+    bridge = "obr-" + NET[:11]
+    assert world.vswitch.bridge_exists(bridge)
+    link = world.kernel.state(bridge)
+    assert link.up and link.addresses == {"10.30.0.1/24"}
+    assert world.create_network() == {}  # repeated: fine
+
+
+@pytest.mark.parametrize(
+    "generic, named",
+    [
+        ({"ovs.vlan": "9999"}, "ovs.vlan"),
+        ({"ovs.vlan": "abc"}, "ovs.vlan"),
+        ({"ovs.bogus": "1"}, "ovs.bogus"),
+        ({"com.docker.network.driver.mtu": "40"}, "com.docker.network.driver.mtu"),
+        ({"ovs.port_type": "tap"}, "ovs.port_type"),
+        ({"ovs.bridge": "a-bridge-name-too-long"}, "ovs.bridge"),
+        ({"ovs.nat": "maybe"}, "ovs.nat"),
+    ],
+)
+def test_bad_options_are_refused_by_name_and_leave_nothing(world, generic, named):
+    err = world.create_network(generic)["Err"]
+    assert named in err
+    assert world.vswitch.bridges == {}
+
+
+def test_endpoint_lifecycle(world):
+    world.create_network({"com.docker.network.driver.mtu": "1400"})
+    reply = world.create_endpoint()
+    mac = reply["Interface"]["MacAddress"]
+    assert int(mac.split(":")[0], 16) & 0b11 == 0b10  # local, unicast
+    assert set(reply["Interface"]) == {"MacAddress"}  # only what the engine left empty
+    port = "oep-" + EP[:11]
+    assert world.kernel.state(port).mtu == 1400
+
+    join = world.post("NetworkDriver.Join", dict(world.ids(), SandboxKey="/var/run/docker/netns/x"))
+    assert join["InterfaceName"] == {"SrcName": port, "DstPrefix": "eth"}
+    assert join["Gateway"] == "10.30.0.1"
+    assert join["DisableGatewayService"] is True
+
+    info = world.post("NetworkDriver.EndpointOperInfo", world.ids())["Value"]
+    assert info["port"] == port and info["mac"] == mac and info["mtu"] == 1400
+
+    assert world.post("NetworkDriver.ProgramExternalConnectivity", world.ids()) == {}
+    assert world.post("NetworkDriver.RevokeExternalConnectivity", world.ids()) == {}
+    assert world.post("NetworkDriver.Leave", world.ids()) == {}
+    assert world.vswitch.port_exists(port)  # Leave keeps the port
+    assert world.post("NetworkDriver.DeleteEndpoint", world.ids()) == {}
+    assert not world.vswitch.port_exists(port)
+    assert world.kernel.state(port) is None
+
+
+def test_the_engines_mac_is_used_and_not_returned(world):
+    world.create_network()
+    assert world.create_endpoint(MacAddress="02:42:0a:1e:00:05") == {}
+    assert world.post("NetworkDriver.EndpointOperInfo", world.ids())["Value"]["mac"] == (
+        "02:42:0a:1e:00:05"
+    )
+
+
+def test_a_bad_mac_is_refused(world):
+    world.create_network()
+    assert "MacAddress" in world.create_endpoint(MacAddress="zz:zz")["Err"]
+
+
+def test_endpoint_on_unknown_network_fails_clearly(world):
+    assert "not known" in world.create_endpoint()["Err"]
+
+
+def test_deletes_and_leave_of_unknown_ids_succeed(world):
+    assert world.post("NetworkDriver.Leave", world.ids()) == {}
+    assert world.post("NetworkDriver.DeleteEndpoint", world.ids()) == {}
+    assert world.post("NetworkDriver.DeleteNetwork", {"NetworkID": NET}) == {}
+
+
+def test_delete_network_removes_bridge_and_address(world):
+    world.create_network()
+    assert world.post("NetworkDriver.DeleteNetwork", {"NetworkID": NET}) == {}
+    assert world.vswitch.bridges == {}
+    assert world.kernel.state("obr-" + NET[:11]) is None
+
+
+def test_internal_network_has_no_gateway(world):
+    world.create_network(options={"com.docker.network.internal": True})
+    assert world.kernel.state("obr-" + NET[:11]).addresses == set()
+    world.create_endpoint()
+    join = world.post("NetworkDriver.Join", dict(world.ids(), SandboxKey="/x"))
+    assert "Gateway" not in join and join["DisableGatewayService"] is True
+
+
+def test_a_port_ovs_refuses_is_removed_again(world):
+    world.create_network({"ovs.port_type": "veth"})
+    world.vswitch.break_port("ove-" + EP[:11])
+    assert "could not add port" in world.create_endpoint()["Err"]
+    assert not world.vswitch.port_exists("ove-" + EP[:11])
+    assert world.kernel.state("ove-" + EP[:11]) is None
+    assert world.kernel.state("oep-" + EP[:11]) is None
+
+
+def test_swarm_only_methods_answer(world):
+    assert world.post("NetworkDriver.AllocateNetwork", {}) == {"Options": {}}
+    assert world.post("NetworkDriver.FreeNetwork", {}) == {}
+    assert world.post("NetworkDriver.DiscoverNew", {}) == {}
+    assert world.post("NetworkDriver.DiscoverDelete", {}) == {}
+
+
+class _Down(FakeVSwitch):
+    def network(self, network_id):
+        from twisted.internet import defer
+
+        return defer.fail(OVSDBUnavailable("cannot reach OVSDB at unix:/x/db.sock"))
+
+
+def test_ovsdb_outage_is_an_error_naming_ovsdb_and_capabilities_still_answer(world):
+    world.driver.vswitch = _Down()
+    assert "OVSDB at unix:/x/db.sock" in world.create_network()["Err"]
+    assert world.post("NetworkDriver.GetCapabilities")["Scope"] == "local"
+
+
+def test_an_unexpected_error_is_a_sentence_without_traceback(world):
+    world.create_network()
+
+    def boom(*args):
+        raise RuntimeError("kaboom")
+
+    world.driver.vswitch.endpoint = boom
+    err = world.post("NetworkDriver.EndpointOperInfo", world.ids())["Err"]
+    assert "kaboom" in err and "Traceback" not in err
