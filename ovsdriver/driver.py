@@ -106,7 +106,9 @@ class Driver:
         if existing is None:
             try:
                 if endpoint.port_type == "veth":
-                    await self.netlink.create_veth(endpoint.port, endpoint.ifname, endpoint.mtu, mac)
+                    await self.netlink.create_veth(
+                        endpoint.port, endpoint.ifname, endpoint.mtu, mac
+                    )
                 await self.vswitch.add_endpoint(endpoint)
             except Exception:
                 await self._undo(self.delete_endpoint(network_id, endpoint_id))

@@ -188,9 +188,7 @@ def parse_network(network_id, options, ipv4_data, ipv6_data, default_datapath):
     if "ovs.uplink" in generic:
         fields["uplink"] = _check_ifname("ovs.uplink", generic["ovs.uplink"])
     if "ovs.port_type" in generic:
-        fields["port_type"] = _choice_option(
-            "ovs.port_type", generic["ovs.port_type"], PORT_TYPES
-        )
+        fields["port_type"] = _choice_option("ovs.port_type", generic["ovs.port_type"], PORT_TYPES)
     if MTU_KEY in generic:
         fields["mtu"] = _int_option(MTU_KEY, generic[MTU_KEY], 68, 65535)
     if "ovs.nat" in generic:

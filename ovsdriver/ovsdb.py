@@ -136,6 +136,13 @@ class _Watch:
         return "ovsdb"
 
 
+def by_name(idl, table, name):
+    """The row of `table` called `name`, from the replica's name index."""
+    rows = idl.tables[table].rows
+    entry = rows.IndexEntry(name=name)
+    return next(iter(rows.indexes["name"].irange(entry, entry)), None)
+
+
 class Context:
     """What a transaction builder gets: the open transaction and the replica."""
 
@@ -143,21 +150,27 @@ class Context:
         self.txn = txn
         self.idl = idl
         self.wait_for_vswitchd = False
+        self._inserted = {}  # (table, name) -> row, not yet in the index
 
     def rows(self, table):
         return self.idl.tables[table].rows.values()
 
     def find(self, table, name):
-        """The row of `table` called `name` (including rows inserted in this
-        transaction), or None."""
-        for row in self.idl.tables[table].rows.values():
-            if getattr(row, "name", None) == name:
-                return row
-        return None
+        """The row of `table` called `name` (including rows inserted earlier
+        in this transaction), or None."""
+        return self._inserted.get((table, name)) or by_name(self.idl, table, name)
 
-    def insert(self, table):
+    def insert(self, table, name):
         self.wait_for_vswitchd = True
-        return self.txn.insert(self.idl.tables[table])
+        row = self.txn.insert(self.idl.tables[table])
+        row.name = name
+        self._inserted[(table, name)] = row
+        return row
+
+    def delete(self, row):
+        self.wait_for_vswitchd = True
+        self._inserted.pop((row._table.name, row.name), None)
+        row.delete()
 
     def changed(self):
         """Note that this builder wrote something ovs-vswitchd must apply."""
@@ -251,6 +264,9 @@ class OVSDB(service.Service):
         for table, columns in self.tables.items():
             helper.register_columns(table, columns)
         self.idl = ovs.db.idl.Idl(self.remote, helper)
+        for table, columns in self.tables.items():
+            if "name" in columns:
+                self.idl.index_create(table, "name").add_column("name")
         log.info("connecting to OVSDB at {remote}", remote=self.remote)
         self._schedule(0)
 
@@ -261,8 +277,7 @@ class OVSDB(service.Service):
 
     def unavailable(self):
         return OVSDBUnavailable(
-            f"cannot reach OVSDB at {self.remote} ({self._last_error}); "
-            "is ovsdb-server running?"
+            f"cannot reach OVSDB at {self.remote} ({self._last_error}); is ovsdb-server running?"
         )
 
     # -- the public operations ---------------------------------------------
@@ -281,7 +296,7 @@ class OVSDB(service.Service):
         """Call `read(idl)` on a live replica (waiting for one briefly)."""
         if self.connected:
             return defer.maybeDeferred(read, self.idl)
-        return self.transact(lambda ctx: (lambda idl: read(idl)))
+        return self.transact(lambda ctx: lambda idl: read(idl))
 
     # -- the reactor side ----------------------------------------------------
 
@@ -478,8 +493,7 @@ class OVSDB(service.Service):
             )
         elif op.phase == "committing":
             error = OVSDBUnavailable(
-                f"OVSDB at {self.remote} did not confirm the change within "
-                f"{self.apply_timeout:g} s"
+                f"OVSDB at {self.remote} did not confirm the change within {self.apply_timeout:g} s"
             )
         else:
             error = self.unavailable()

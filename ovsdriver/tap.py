@@ -110,5 +110,3 @@ def makeService(options, reactor=None):
     site.displayTracebacks = False
     ListenerService(options["listen"], site, reactor).setServiceParent(top)
     return top
-
-

@@ -10,6 +10,7 @@ finds it all again.
 import attr
 
 from ovsdriver.options import Network
+from ovsdriver.ovsdb import by_name
 
 OWNER = "owner"
 OWNER_VALUE = "ovsdriver"
@@ -73,12 +74,12 @@ def _ids(row):
     return dict(row.external_ids)
 
 
-def _endpoint_from_rows(bridge, port, iface):
+def _endpoint_from_rows(bridge_name, port, iface):
     ids = _ids(iface)
     return Endpoint(
         endpoint_id=ids[ENDPOINT_ID],
         network_id=ids.get(NETWORK_ID),
-        bridge=bridge.name if bridge is not None else None,
+        bridge=bridge_name,
         port=port.name,
         ifname=ids.get(PEER, iface.name),
         mac=ids.get("attached-mac"),
@@ -156,7 +157,7 @@ class VSwitch:
                     continue
                 bridge.delkey("external_ids", key)
                 gateway = ctx.find("Port", gateway_port_name(network_id))
-                if gateway is not None and gateway.uuid in {p.uuid for p in bridge.ports}:
+                if gateway is not None:
                     _delete_port(ctx, bridge, gateway)
                 others = [k for k in ids if k.startswith(NETWORK_RECORD) and k != key]
                 if ids.get(OWNER) == OWNER_VALUE and not others:
@@ -203,15 +204,9 @@ class VSwitch:
         """Unplug an endpoint's port; an unknown endpoint is already gone."""
 
         def build(ctx):
-            port = ctx.find("Port", port_name(endpoint_id))
-            if port is None:
-                port = ctx.find("Port", veth_host_name(endpoint_id))
-            if port is None or _ids(port).get(ENDPOINT_ID) != endpoint_id:
-                return None
-            for bridge in ctx.rows("Bridge"):
-                if port.uuid in {p.uuid for p in bridge.ports}:
-                    _delete_port(ctx, bridge, port)
-                    break
+            port = _endpoint_port(ctx.find, endpoint_id)
+            if port is not None:
+                _delete_port(ctx, _bridge_of(ctx, port), port)
 
         return self.ovsdb.transact(build)
 
@@ -219,9 +214,10 @@ class VSwitch:
         """Remember (or forget, with None) the sandbox an endpoint joined."""
 
         def build(ctx):
-            iface = _endpoint_interface(ctx.idl, endpoint_id)
-            if iface is None:
+            port = _endpoint_port(ctx.find, endpoint_id)
+            if port is None:
                 return None
+            iface = port.interfaces[0]
             if sandbox is None:
                 if SANDBOX in _ids(iface):
                     iface.delkey("external_ids", SANDBOX)
@@ -238,8 +234,7 @@ def _add_bridge(ctx, network):
     ids = {OWNER: OWNER_VALUE}
     if not network.shared_bridge:
         ids[NETWORK_ID] = network.network_id
-    bridge = ctx.insert("Bridge")
-    bridge.name = network.bridge
+    bridge = ctx.insert("Bridge", network.bridge)
     bridge.datapath_type = network.datapath_type
     bridge.external_ids = ids
     local = _add_port(ctx, bridge, network.bridge, "internal", None, ids, ids)
@@ -251,41 +246,41 @@ def _add_bridge(ctx, network):
 
 
 def _check_bridge_shareable(bridge, network):
-    """Refuse to put a network on a bridge where it would leak into another."""
-    key = NETWORK_RECORD + network.network_id
     ids = _ids(bridge)
-    if key in ids:
+    if NETWORK_RECORD + network.network_id in ids:
         return
     others = [Network.from_json(v) for k, v in ids.items() if k.startswith(NETWORK_RECORD)]
+    check_shareable(bridge.name, others, network)
+
+
+def check_shareable(bridge, others, network):
+    """Refuse to put `network` on an existing `bridge` that carries the networks
+    `others` where it would leak into them (shared by the fake vswitch)."""
     if not network.shared_bridge:
-        raise VSwitchError(
-            f"bridge {bridge.name} already exists and does not belong to this network"
-        )
+        raise VSwitchError(f"bridge {bridge} already exists and does not belong to this network")
     if others and network.vlan is None:
         raise VSwitchError(
-            f"bridge {bridge.name} already carries other networks: give this "
+            f"bridge {bridge} already carries other networks: give this "
             "network its own VLAN with -o ovs.vlan=N"
         )
     for other in others:
         if other.vlan is None:
             raise VSwitchError(
-                f"bridge {bridge.name} carries the untagged network "
+                f"bridge {bridge} carries the untagged network "
                 f"{other.network_id[:12]}, which sees every VLAN; use another bridge"
             )
         if other.vlan == network.vlan:
             raise VSwitchError(
-                f"VLAN {network.vlan} is already used on bridge {bridge.name} by "
+                f"VLAN {network.vlan} is already used on bridge {bridge} by "
                 f"network {other.network_id[:12]}"
             )
 
 
 def _add_port(ctx, bridge, name, kind, vlan, port_ids, iface_ids):
-    iface = ctx.insert("Interface")
-    iface.name = name
+    iface = ctx.insert("Interface", name)
     iface.type = kind
     iface.external_ids = iface_ids
-    port = ctx.insert("Port")
-    port.name = name
+    port = ctx.insert("Port", name)
     port.interfaces = [iface.uuid]
     port.external_ids = port_ids
     if vlan is not None:
@@ -295,22 +290,30 @@ def _add_port(ctx, bridge, name, kind, vlan, port_ids, iface_ids):
 
 
 def _delete_port(ctx, bridge, port):
-    ctx.changed()
-    bridge.delvalue("ports", port.uuid)
+    if bridge is not None:
+        bridge.delvalue("ports", port.uuid)
     for iface in port.interfaces:
-        iface.delete()
-    port.delete()
+        ctx.delete(iface)
+    ctx.delete(port)
 
 
 def _delete_bridge(ctx, bridge):
-    ctx.changed()
     root = next(iter(ctx.rows("Open_vSwitch")))
     root.delvalue("bridges", bridge.uuid)
     for port in bridge.ports:
         for iface in port.interfaces:
-            iface.delete()
-        port.delete()
-    bridge.delete()
+            ctx.delete(iface)
+        ctx.delete(port)
+    ctx.delete(bridge)
+
+
+def _bridge_of(ctx, port):
+    """The bridge holding `port`: the one its network names, else a search."""
+    network = _networks(ctx.idl).get(_ids(port).get(NETWORK_ID))
+    bridge = ctx.find("Bridge", network.bridge) if network else None
+    if bridge is not None and any(p.uuid == port.uuid for p in bridge.ports):
+        return bridge
+    return next((b for b in ctx.rows("Bridge") if port in b.ports), None)
 
 
 # -- reads of the replica ----------------------------------------------------------
@@ -326,55 +329,52 @@ def _networks(idl):
     return networks
 
 
-def _endpoint_interface(idl, endpoint_id):
+def _endpoint_port(find, endpoint_id):
+    """The Port row of an endpoint, found by its derived name."""
     for name in (port_name(endpoint_id), veth_host_name(endpoint_id)):
-        for iface in idl.tables["Interface"].rows.values():
-            if iface.name == name and _ids(iface).get(ENDPOINT_ID) == endpoint_id:
-                return iface
+        port = find("Port", name)
+        if port is not None and _ids(port).get(ENDPOINT_ID) == endpoint_id:
+            return port
     return None
 
 
 def _endpoint(idl, endpoint_id):
-    for endpoint in _endpoints(idl, endpoint_id):
-        return endpoint
-    return None
+    port = _endpoint_port(lambda table, name: by_name(idl, table, name), endpoint_id)
+    if port is None:
+        return None
+    network = _networks(idl).get(_ids(port).get(NETWORK_ID))
+    return _endpoint_from_rows(network.bridge if network else None, port, port.interfaces[0])
 
 
-def _endpoints(idl, only=None):
-    """Snapshots of the driver's endpoints (or of the one with id `only`)."""
+def _endpoints(idl):
+    """Snapshots of all the driver's endpoints."""
     found = []
     for bridge in idl.tables["Bridge"].rows.values():
         for port in bridge.ports:
-            if OWNER not in port.external_ids or ENDPOINT_ID not in port.external_ids:
-                continue
-            if only is not None and port.external_ids[ENDPOINT_ID] != only:
-                continue
-            for iface in port.interfaces:
-                if ENDPOINT_ID in iface.external_ids:
-                    found.append(_endpoint_from_rows(bridge, port, iface))
+            if ENDPOINT_ID in port.external_ids and OWNER in port.external_ids:
+                found.append(_endpoint_from_rows(bridge.name, port, port.interfaces[0]))
     return found
 
 
 def _checked_endpoint(idl, endpoint):
-    for row in idl.tables["Interface"].rows.values():
-        if row.name == endpoint.port:
-            failure = _interface_failure(row)
-            if failure:
-                raise VSwitchError(f"Open vSwitch could not add port {row.name}: {failure}")
-            return endpoint
-    raise VSwitchError(f"port {endpoint.port} vanished from OVSDB while being added")
+    iface = by_name(idl, "Interface", endpoint.port)
+    if iface is None:
+        raise VSwitchError(f"port {endpoint.port} vanished from OVSDB while being added")
+    failure = _interface_failure(iface)
+    if failure:
+        raise VSwitchError(f"Open vSwitch could not add port {iface.name}: {failure}")
+    return endpoint
 
 
 def _check_interfaces(idl, bridge_name):
-    for bridge in idl.tables["Bridge"].rows.values():
-        if bridge.name != bridge_name:
+    """Fail if a port the driver made for the network (not an endpoint's) failed."""
+    bridge = by_name(idl, "Bridge", bridge_name)
+    for port in bridge.ports if bridge is not None else ():
+        ids = _ids(port)
+        if OWNER not in ids or ENDPOINT_ID in ids:
             continue
-        for port in bridge.ports:
-            for iface in port.interfaces:
-                failure = _interface_failure(iface)
-                if failure and OWNER in iface.external_ids and ENDPOINT_ID not in iface.external_ids:
-                    raise VSwitchError(
-                        f"Open vSwitch could not set up {iface.name} on bridge "
-                        f"{bridge_name}: {failure}"
-                    )
-    return None
+        failure = _interface_failure(port.interfaces[0])
+        if failure:
+            raise VSwitchError(
+                f"Open vSwitch could not set up {port.name} on bridge {bridge_name}: {failure}"
+            )

@@ -1,0 +1,460 @@
+"""Kernel network links for the driver: veth pairs, addresses, MTU, MAC.
+
+pyroute2 talks to the kernel synchronously (0.9 even runs its own asyncio loop
+inside each thread that uses it), so calling it on the reactor thread would
+stall every request and break under Twisted's asyncio reactor. `Netlink` runs
+all of it on one dedicated worker thread that keeps one ``IPRoute`` and hands
+the reactor Deferreds. Every operation is idempotent, so the driver can repeat
+a request Docker retried. Only the ``IPRoute`` calls that pyroute2 0.7.2
+(Debian 12) shares with 0.9 are used: ``link_lookup``, ``link`` and ``addr``.
+"""
+
+import array
+import contextlib
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import os
+import re
+import socket
+import struct
+import threading
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+#: How often `Netlink.wait_for_link` looks for the link, in seconds.
+POLL_INTERVAL = 0.02
+
+IFNAMSIZ = 16  # including the terminating NUL: names have at most 15 bytes
+CLONE_NEWNET = 0x40000000
+SIOCETHTOOL = 0x8946
+ETHTOOL_STXCSUM = 0x17
+_IFREQ_SIZE = 40  # sizeof(struct ifreq) on 64-bit Linux
+
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$", re.IGNORECASE)
+
+
+class LinkError(Exception):
+    """A kernel link operation failed.
+
+    ``str()`` is a sentence a user understands: it names the interface and
+    what failed.
+    """
+
+
+def check_ifname(ifname):
+    """Refuse a name the kernel cannot hold, before asking the kernel."""
+    if not ifname or len(ifname.encode()) >= IFNAMSIZ or "/" in ifname:
+        raise LinkError(
+            f"{ifname!r} is not a valid interface name: use 1 to"
+            f" {IFNAMSIZ - 1} characters and no '/'"
+        )
+
+
+def check_mac(ifname, mac):
+    """Refuse a malformed MAC address with a sentence naming the interface."""
+    if not isinstance(mac, str) or not _MAC.match(mac):
+        raise LinkError(
+            f"cannot set MAC address {mac!r} on {ifname}: a MAC address looks"
+            " like 02:42:ac:11:00:02"
+        )
+
+
+def parse_addresses(ifname, addresses, doing):
+    """CIDR strings as ``ipaddress`` interfaces; a bad one is a LinkError.
+
+    *doing* completes the sentence, e.g. "add" or "remove".
+    """
+    if isinstance(addresses, str):
+        addresses = [addresses]
+    parsed = []
+    for address in addresses:
+        try:
+            parsed.append(ipaddress.ip_interface(address))
+        except ValueError:
+            raise LinkError(
+                f"cannot {doing} address {address!r} on {ifname}: an address"
+                " is written in CIDR form, like 10.0.0.1/24 or fd00::1/64"
+            ) from None
+    return parsed
+
+
+def _reason(error):
+    """The kernel's words for a failed netlink or ioctl call."""
+    code = getattr(error, "code", None) or getattr(error, "errno", None)
+    if isinstance(code, int) and code > 0:
+        return os.strerror(code)
+    return str(error) or type(error).__name__
+
+
+def _describe_settings(mtu, mac, up):
+    """'MTU 1400, MAC address 02:..., state up' for error sentences."""
+    parts = []
+    if mtu is not None:
+        parts.append(f"MTU {mtu}")
+    if mac is not None:
+        parts.append(f"MAC address {mac}")
+    if up is not None:
+        parts.append("state up" if up else "state down")
+    return ", ".join(parts)
+
+
+class _Worker:
+    """What runs on the worker thread: one IPRoute, kept per thread.
+
+    Nothing here may be called on the reactor thread.
+    """
+
+    def __init__(self, netns):
+        self._netns = netns
+        self._local = threading.local()
+
+    # -- the IPRoute of this thread ------------------------------------------
+
+    def _enter_netns(self):
+        """Move this thread (only this one) into the configured namespace."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        try:
+            fd = os.open(self._netns, os.O_RDONLY)
+        except OSError as e:
+            raise LinkError(f"cannot enter network namespace {self._netns}: {_reason(e)}") from e
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                code = ctypes.get_errno()
+                raise LinkError(
+                    f"cannot enter network namespace {self._netns}: {os.strerror(code)}"
+                )
+        finally:
+            os.close(fd)
+
+    def _ipr(self):
+        local = self._local
+        if not getattr(local, "in_netns", False):
+            if self._netns is not None:
+                self._enter_netns()
+            local.in_netns = True
+        if getattr(local, "ipr", None) is None:
+            local.ipr = IPRoute()
+        return local.ipr
+
+    def close(self):
+        """Close this thread's IPRoute; the next call opens a fresh one."""
+        ipr = getattr(self._local, "ipr", None)
+        self._local.ipr = None
+        if ipr is not None:
+            with contextlib.suppress(Exception):  # it is being thrown away
+                ipr.close()
+
+    def call(self, what, operation):
+        """Run ``operation(ipr)``; a broken IPRoute is replaced and retried once.
+
+        Netlink errors are the kernel's answers: the operation words the ones
+        it expects, the rest become a LinkError saying *what* failed. Anything
+        else (a closed socket, a dead event loop) means the IPRoute broke.
+        Every operation is idempotent, so one retry is safe.
+        """
+        for attempt in range(2):
+            try:
+                return operation(self._ipr())
+            except LinkError:
+                raise
+            except NetlinkError as e:  # a refusal the operation did not expect
+                raise LinkError(f"{what}: {_reason(e)}") from e
+            except Exception as e:
+                self.close()
+                if attempt:
+                    raise LinkError(f"{what}: {_reason(e)}") from e
+        raise AssertionError("unreachable")
+
+    # -- operations -----------------------------------------------------------
+
+    @staticmethod
+    def _index(ipr, ifname):
+        found = ipr.link_lookup(ifname=ifname)
+        return found[0] if found else None
+
+    def link_exists(self, ifname):
+        return self.call(
+            f"cannot look up {ifname}",
+            lambda ipr: self._index(ipr, ifname) is not None,
+        )
+
+    def links(self):
+        def operation(ipr):
+            return frozenset(msg.get_attr("IFLA_IFNAME") for msg in ipr.link("dump"))
+
+        return self.call("cannot list the network interfaces", operation)
+
+    def add_addresses(self, ifname, addresses):
+        def operation(ipr):
+            index = self._index(ipr, ifname)
+            if index is None:
+                raise LinkError(f"cannot add addresses to {ifname}: no such interface")
+            for address in addresses:
+                try:
+                    ipr.addr(
+                        "add",
+                        index=index,
+                        address=str(address.ip),
+                        prefixlen=address.network.prefixlen,
+                    )
+                except NetlinkError as e:
+                    if e.code != errno.EEXIST:
+                        raise LinkError(
+                            f"cannot add address {address} to {ifname}: {_reason(e)}"
+                        ) from e
+            try:
+                ipr.link("set", index=index, state="up")
+            except NetlinkError as e:
+                raise LinkError(f"cannot set {ifname} up: {_reason(e)}") from e
+
+        return self.call(f"cannot add addresses to {ifname}", operation)
+
+    def remove_addresses(self, ifname, addresses):
+        def operation(ipr):
+            index = self._index(ipr, ifname)
+            if index is None:
+                return
+            for address in addresses:
+                try:
+                    ipr.addr(
+                        "del",
+                        index=index,
+                        address=str(address.ip),
+                        prefixlen=address.network.prefixlen,
+                    )
+                except NetlinkError as e:
+                    if e.code == errno.ENODEV:
+                        return  # the link went away meanwhile: nothing to remove
+                    if e.code != errno.EADDRNOTAVAIL:
+                        raise LinkError(
+                            f"cannot remove address {address} from {ifname}: {_reason(e)}"
+                        ) from e
+
+        return self.call(f"cannot remove addresses from {ifname}", operation)
+
+    def _set(self, ipr, ifname, index, mtu=None, mac=None, up=None):
+        settings = {}
+        if mtu is not None:
+            settings["mtu"] = int(mtu)
+        if mac is not None:
+            settings["address"] = mac
+        if up is not None:
+            settings["state"] = "up" if up else "down"
+        if not settings:
+            return
+        try:
+            ipr.link("set", index=index, **settings)
+        except NetlinkError as e:
+            raise LinkError(
+                f"cannot set {_describe_settings(mtu, mac, up)} on {ifname}: {_reason(e)}"
+            ) from e
+
+    def set_link(self, ifname, mtu, mac, up):
+        def operation(ipr):
+            index = self._index(ipr, ifname)
+            if index is None:
+                raise LinkError(f"cannot configure {ifname}: no such interface")
+            self._set(ipr, ifname, index, mtu=mtu, mac=mac, up=up)
+
+        return self.call(f"cannot configure {ifname}", operation)
+
+    def create_veth(self, host_name, peer_name, mtu, peer_mac):
+        what = f"cannot create veth pair {host_name}/{peer_name}"
+
+        def operation(ipr):
+            host = self._index(ipr, host_name)
+            peer = self._index(ipr, peer_name)
+            created = False
+            if host is None and peer is None:
+                try:
+                    ipr.link("add", ifname=host_name, kind="veth", peer=peer_name)
+                    created = True
+                except NetlinkError as e:
+                    if e.code != errno.EEXIST:
+                        raise LinkError(f"{what}: {_reason(e)}") from e
+                host = self._index(ipr, host_name)
+                peer = self._index(ipr, peer_name)
+            if host is None or peer is None:
+                present, absent = (host_name, peer_name) if peer is None else (peer_name, host_name)
+                raise LinkError(
+                    f"{what}: {present} already exists but {absent} does not;"
+                    f" delete {present} first"
+                )
+            try:
+                self._set(ipr, peer_name, peer, mtu=mtu, mac=peer_mac)
+                self._set(ipr, host_name, host, mtu=mtu, up=True)
+                disable_tx_checksum(peer_name)
+            except LinkError:
+                if created:  # leave nothing half-made behind
+                    with contextlib.suppress(NetlinkError):
+                        ipr.link("del", index=host)
+                raise
+
+        return self.call(what, operation)
+
+    def delete_link(self, ifname):
+        def operation(ipr):
+            index = self._index(ipr, ifname)
+            if index is None:
+                return
+            try:
+                ipr.link("del", index=index)
+            except NetlinkError as e:
+                if e.code != errno.ENODEV:
+                    raise LinkError(f"cannot delete {ifname}: {_reason(e)}") from e
+
+        return self.call(f"cannot delete {ifname}", operation)
+
+
+def disable_tx_checksum(ifname):
+    """Turn TX checksum offload off (``ethtool -K IFNAME tx off``).
+
+    A veth leaves checksums to the receiver, but OVS's userspace datapath
+    never fills them in, so TCP through it breaks unless the sender computes
+    them. Uses the SIOCETHTOOL ioctl (struct ethtool_value), which works on
+    every kernel and pyroute2 version; it acts in the calling thread's network
+    namespace, so it must run on the worker thread.
+    """
+    value = array.array("B", struct.pack("=II", ETHTOOL_STXCSUM, 0))
+    pointer, _ = value.buffer_info()
+    ifreq = struct.pack("16sP", ifname.encode(), pointer).ljust(_IFREQ_SIZE, b"\0")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            fcntl.ioctl(sock.fileno(), SIOCETHTOOL, ifreq)
+    except OSError as e:
+        raise LinkError(f"cannot turn off TX checksum offload on {ifname}: {_reason(e)}") from e
+
+
+class Netlink:
+    """Kernel link work (pyroute2) on one dedicated thread, never the reactor's.
+
+    Every method returns a Deferred that fires on the reactor thread, fails
+    with `LinkError`, and is idempotent.
+    """
+
+    def __init__(self, reactor, netns=None):
+        """*netns*: a namespace path like /run/netns/X for the worker to enter.
+
+        Only the worker thread enters it (setns is per thread), so tests can
+        drive a throwaway namespace from a process that stays in its own.
+        """
+        self._reactor = reactor
+        self._worker = _Worker(netns)
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="ovsdriver-netlink")
+        self._started = False
+
+    def start(self):
+        """Start the worker thread; calls made before this wait for it."""
+        if not self._started:
+            self._started = True
+            self._pool.start()
+
+    def stop(self):
+        """Finish queued work, close the IPRoute and join the worker thread."""
+        if self._started:
+            self._started = False
+            self._pool.callInThread(self._worker.close)
+            self._pool.stop()
+
+    def _run(self, function, *args):
+        return deferToThreadPool(self._reactor, self._pool, function, *args)
+
+    def link_exists(self, ifname):
+        """Deferred[bool]: whether a link of that name exists."""
+        return self._run(self._worker.link_exists, ifname)
+
+    def links(self):
+        """Deferred[frozenset[str]]: the names of all links, ``lo`` included."""
+        return self._run(self._worker.links)
+
+    def wait_for_link(self, ifname, timeout=5.0):
+        """Deferred[None] once *ifname* exists (e.g. a tap OVS is creating).
+
+        Polls every `POLL_INTERVAL` seconds with reactor timers, so the worker
+        thread stays free for other requests meanwhile; fails with LinkError
+        when the link has not appeared after *timeout* seconds.
+        """
+        reactor = self._reactor
+        deadline = reactor.seconds() + timeout
+        timer = []
+
+        def cancel(_):
+            if timer and timer[0].active():
+                timer[0].cancel()
+
+        result = defer.Deferred(cancel)
+
+        def check():
+            del timer[:]
+            self.link_exists(ifname).addCallbacks(checked, failed)
+
+        def checked(exists):
+            if result.called:
+                return
+            if exists:
+                result.callback(None)
+                return
+            remaining = deadline - reactor.seconds()
+            if remaining <= 0:
+                result.errback(
+                    LinkError(f"interface {ifname} did not appear within {timeout:g} seconds")
+                )
+                return
+            timer.append(reactor.callLater(min(POLL_INTERVAL, remaining), check))
+
+        def failed(failure):
+            if not result.called:
+                result.errback(failure)
+
+        check()
+        return result
+
+    def add_addresses(self, ifname, addresses):
+        """Add each CIDR address (present already is fine), then set the link up."""
+        try:
+            parsed = parse_addresses(ifname, addresses, "add")
+        except LinkError:
+            return defer.fail()
+        return self._run(self._worker.add_addresses, ifname, parsed)
+
+    def remove_addresses(self, ifname, addresses):
+        """Remove each CIDR address; a missing link or address is fine."""
+        try:
+            parsed = parse_addresses(ifname, addresses, "remove")
+        except LinkError:
+            return defer.fail()
+        return self._run(self._worker.remove_addresses, ifname, parsed)
+
+    def set_link(self, ifname, mtu=None, mac=None, up=None):
+        """Set whichever of MTU, MAC address and up/down state is given."""
+        if mac is not None:
+            try:
+                check_mac(ifname, mac)
+            except LinkError:
+                return defer.fail()
+        return self._run(self._worker.set_link, ifname, mtu, mac, up)
+
+    def create_veth(self, host_name, peer_name, mtu, peer_mac=None):
+        """Create a veth pair (or reuse one): both ends *mtu*, host end up.
+
+        The peer (the container's end) gets *peer_mac* if given and TX checksum
+        offload off, which TCP over OVS's userspace datapath needs.
+        """
+        try:
+            check_ifname(host_name)
+            check_ifname(peer_name)
+            if peer_mac is not None:
+                check_mac(peer_name, peer_mac)
+        except LinkError:
+            return defer.fail()
+        return self._run(self._worker.create_veth, host_name, peer_name, mtu, peer_mac)
+
+    def delete_link(self, ifname):
+        """Delete a link (both ends, for a veth); a missing link is fine."""
+        return self._run(self._worker.delete_link, ifname)

@@ -1,0 +1,324 @@
+"""Verified fakes for the driver's ports, for tests of the code that uses them.
+
+Each fake here is held to its real implementation by one shared contract test
+suite (``tests/contract_*.py``) that runs against both, so a test that passes
+with a fake says something true about the real thing. The fakes keep their
+state in memory and return Deferreds that have already fired: no reactor, no
+threads, no root.
+"""
+
+import attr
+from twisted.internet import defer
+
+from ovsdriver.netlink import LinkError, check_ifname, check_mac, parse_addresses
+from ovsdriver.vswitch import VSwitchError, check_shareable, gateway_port_name
+
+# ---------------------------------------------------------------------------
+# FakeNetlink: the kernel-link port (ovsdriver.netlink.Netlink) in memory.
+# ---------------------------------------------------------------------------
+
+#: The kernel refuses smaller MTUs on Ethernet-like links.
+_MIN_MTU = 68
+_MAX_MTU = 65535
+
+
+@attr.s(frozen=True, slots=True)
+class FakeLinkState:
+    """A snapshot of one fake link, for tests to check what the code did."""
+
+    name = attr.ib()
+    mtu = attr.ib()
+    mac = attr.ib()
+    up = attr.ib()
+    addresses = attr.ib()  # frozenset of normalized CIDR strings
+    peer = attr.ib()  # the other end's name for a veth, else None
+    tx_checksum = attr.ib()  # TX checksum offload on?
+
+
+@attr.s(slots=True)
+class _Link:
+    mtu = attr.ib(default=1500)
+    mac = attr.ib(default=None)
+    up = attr.ib(default=False)
+    addresses = attr.ib(factory=set)
+    peer = attr.ib(default=None)
+    tx_checksum = attr.ib(default=True)
+
+
+class FakeNetlink:
+    """`ovsdriver.netlink.Netlink` in memory: a dict of links.
+
+    Like a fresh network namespace it starts with ``lo``. Tests make links
+    appear with `add_link` (as OVS creating a tap would) or `appear_on_wait`,
+    and read them back with `state`.
+    """
+
+    def __init__(self):
+        self._links = {"lo": _Link(mtu=65536, mac="00:00:00:00:00:00")}
+        self._appearing = set()
+        self._next_mac = 1
+        self.started = False
+
+    # -- helpers for tests ---------------------------------------------------
+
+    def add_link(self, name, mtu=1500, mac=None):
+        """Make a link exist, down and without addresses (e.g. an OVS tap)."""
+        check_ifname(name)
+        self._links[name] = _Link(mtu=mtu, mac=mac or self._new_mac())
+
+    def appear_on_wait(self, name):
+        """Make *name* appear while something waits for it with wait_for_link."""
+        self._appearing.add(name)
+
+    def state(self, name):
+        """A `FakeLinkState` snapshot of *name*, or None if it does not exist."""
+        link = self._links.get(name)
+        if link is None:
+            return None
+        return FakeLinkState(
+            name=name,
+            mtu=link.mtu,
+            mac=link.mac,
+            up=link.up,
+            addresses=frozenset(str(a) for a in link.addresses),
+            peer=link.peer,
+            tx_checksum=link.tx_checksum,
+        )
+
+    def _new_mac(self):
+        n = self._next_mac
+        self._next_mac += 1
+        return "02:00:00:" + ":".join(f"{b:02x}" for b in n.to_bytes(3, "big"))
+
+    # -- the port --------------------------------------------------------------
+
+    def start(self):
+        self.started = True
+
+    def stop(self):
+        self.started = False
+
+    def link_exists(self, ifname):
+        return defer.succeed(ifname in self._links)
+
+    def links(self):
+        return defer.succeed(frozenset(self._links))
+
+    def wait_for_link(self, ifname, timeout=5.0):
+        if ifname in self._appearing:
+            self._appearing.discard(ifname)
+            self.add_link(ifname)
+        if ifname in self._links:
+            return defer.succeed(None)
+        return defer.fail(
+            LinkError(f"interface {ifname} did not appear within {timeout:g} seconds")
+        )
+
+    def add_addresses(self, ifname, addresses):
+        try:
+            parsed = parse_addresses(ifname, addresses, "add")
+            link = self._links.get(ifname)
+            if link is None:
+                raise LinkError(f"cannot add addresses to {ifname}: no such interface")
+        except LinkError:
+            return defer.fail()
+        link.addresses.update(parsed)
+        link.up = True
+        return defer.succeed(None)
+
+    def remove_addresses(self, ifname, addresses):
+        try:
+            parsed = parse_addresses(ifname, addresses, "remove")
+        except LinkError:
+            return defer.fail()
+        link = self._links.get(ifname)
+        if link is not None:
+            link.addresses.difference_update(parsed)
+        return defer.succeed(None)
+
+    def set_link(self, ifname, mtu=None, mac=None, up=None):
+        try:
+            if mac is not None:
+                check_mac(ifname, mac)
+            link = self._links.get(ifname)
+            if link is None:
+                raise LinkError(f"cannot configure {ifname}: no such interface")
+            self._set(ifname, link, mtu=mtu, mac=mac, up=up)
+        except LinkError:
+            return defer.fail()
+        return defer.succeed(None)
+
+    def _set(self, ifname, link, mtu=None, mac=None, up=None):
+        if mtu is not None and not _MIN_MTU <= mtu <= _MAX_MTU:
+            raise LinkError(f"cannot set MTU {mtu} on {ifname}: Invalid argument")
+        if mac is not None and int(mac.split(":")[0], 16) & 1:
+            raise LinkError(
+                f"cannot set MAC address {mac} on {ifname}: Cannot assign requested address"
+            )
+        if mtu is not None:
+            link.mtu = mtu
+        if mac is not None:
+            link.mac = mac.lower()
+        if up is not None:
+            link.up = up
+
+    def create_veth(self, host_name, peer_name, mtu, peer_mac=None):
+        what = f"cannot create veth pair {host_name}/{peer_name}"
+        try:
+            check_ifname(host_name)
+            check_ifname(peer_name)
+            if peer_mac is not None:
+                check_mac(peer_name, peer_mac)
+            host = self._links.get(host_name)
+            peer = self._links.get(peer_name)
+            if host is None and peer is None:
+                # Check first, as the real one deletes a pair it cannot set up.
+                self._set(peer_name, _Link(), mtu=mtu, mac=peer_mac)
+                host = _Link(mac=self._new_mac(), peer=peer_name)
+                peer = _Link(mac=self._new_mac(), peer=host_name)
+                self._links[host_name] = host
+                self._links[peer_name] = peer
+            elif host is None or peer is None:
+                present, absent = (host_name, peer_name) if peer is None else (peer_name, host_name)
+                raise LinkError(
+                    f"{what}: {present} already exists but {absent} does not;"
+                    f" delete {present} first"
+                )
+            self._set(peer_name, peer, mtu=mtu, mac=peer_mac)
+            self._set(host_name, host, mtu=mtu, up=True)
+        except LinkError:
+            return defer.fail()
+        peer.tx_checksum = False
+        return defer.succeed(None)
+
+    def delete_link(self, ifname):
+        link = self._links.pop(ifname, None)
+        if link is not None and link.peer is not None:
+            self._links.pop(link.peer, None)
+        return defer.succeed(None)
+
+
+# ---------------------------------------------------------------------------
+# FakeVSwitch: the OVSDB port (ovsdriver.vswitch.VSwitch) in memory.
+# ---------------------------------------------------------------------------
+
+
+@attr.s(slots=True)
+class _FakeBridge:
+    owned = attr.ib()
+    networks = attr.ib(factory=dict)  # network id -> Network
+    ports = attr.ib(factory=dict)  # port name -> Endpoint or None (other ports)
+
+
+class FakeVSwitch:
+    """`ovsdriver.vswitch.VSwitch` in memory: bridges holding networks and ports.
+
+    Tests can add a bridge the driver does not own (`add_foreign_bridge`) and make
+    ovs-vswitchd fail to create a port (`break_port`), as a missing veth does
+    for real. Given a `FakeNetlink` as ``kernel``, it makes and removes the links
+    of internal ports there, as ovs-vswitchd does.
+    """
+
+    def __init__(self, kernel=None):
+        self.bridges = {}
+        self.kernel = kernel
+        self._broken = set()
+
+    def _plug(self, name, mtu=1500):
+        if self.kernel is not None and self.kernel.state(name) is None:
+            self.kernel.add_link(name, mtu=mtu)
+
+    def _unplug(self, name, endpoint=None):
+        if self.kernel is not None and (endpoint is None or endpoint.port_type == "internal"):
+            self.kernel.delete_link(name)
+
+    # -- helpers for tests ---------------------------------------------------
+
+    def add_foreign_bridge(self, name):
+        self.bridges[name] = _FakeBridge(owned=False, ports={name: None})
+
+    def break_port(self, name):
+        self._broken.add(name)
+
+    def bridge_exists(self, name):
+        return name in self.bridges
+
+    def port_exists(self, name):
+        return any(name in b.ports for b in self.bridges.values())
+
+    # -- the port --------------------------------------------------------------
+
+    def networks(self):
+        return defer.succeed(
+            {nid: n for b in self.bridges.values() for nid, n in b.networks.items()}
+        )
+
+    def network(self, network_id):
+        return self.networks().addCallback(lambda nets: nets.get(network_id))
+
+    def endpoints(self):
+        return defer.succeed(
+            [ep for b in self.bridges.values() for ep in b.ports.values() if ep is not None]
+        )
+
+    def endpoint(self, endpoint_id):
+        found = [ep for ep in self.endpoints().result if ep.endpoint_id == endpoint_id]
+        return defer.succeed(found[0] if found else None)
+
+    def add_network(self, network):
+        bridge = self.bridges.get(network.bridge)
+        if bridge is None:
+            bridge = self.bridges[network.bridge] = _FakeBridge(owned=True)
+            bridge.ports[network.bridge] = None
+            self._plug(network.bridge, 1500 if network.shared_bridge else network.mtu)
+        elif network.network_id not in bridge.networks:
+            try:
+                check_shareable(network.bridge, list(bridge.networks.values()), network)
+            except VSwitchError as e:
+                return defer.fail(e)
+        bridge.networks[network.network_id] = network
+        if network.shared_bridge and network.gateways:
+            bridge.ports.setdefault(gateway_port_name(network.network_id), None)
+            self._plug(gateway_port_name(network.network_id))
+        return defer.succeed(None)
+
+    def remove_network(self, network_id):
+        for name, bridge in list(self.bridges.items()):
+            if bridge.networks.pop(network_id, None) is None:
+                continue
+            if gateway_port_name(network_id) in bridge.ports:
+                del bridge.ports[gateway_port_name(network_id)]
+                self._unplug(gateway_port_name(network_id))
+            if bridge.owned and not bridge.networks:
+                for port in bridge.ports:
+                    self._unplug(port, bridge.ports[port])
+                del self.bridges[name]
+        return defer.succeed(None)
+
+    def add_endpoint(self, endpoint):
+        if self.port_exists(endpoint.port):
+            return defer.succeed(endpoint)
+        bridge = self.bridges.get(endpoint.bridge)
+        if bridge is None:
+            return defer.fail(VSwitchError(f"bridge {endpoint.bridge} is missing"))
+        bridge.ports[endpoint.port] = endpoint
+        if endpoint.port_type == "internal":
+            self._plug(endpoint.port, endpoint.mtu)
+        if endpoint.port in self._broken:
+            return defer.fail(VSwitchError(f"Open vSwitch could not add port {endpoint.port}"))
+        return defer.succeed(endpoint)
+
+    def remove_endpoint(self, endpoint_id):
+        for bridge in self.bridges.values():
+            for name, ep in list(bridge.ports.items()):
+                if ep is not None and ep.endpoint_id == endpoint_id:
+                    del bridge.ports[name]
+                    self._unplug(name, ep)
+        return defer.succeed(None)
+
+    def set_sandbox(self, endpoint_id, sandbox):
+        for bridge in self.bridges.values():
+            for name, ep in bridge.ports.items():
+                if ep is not None and ep.endpoint_id == endpoint_id:
+                    bridge.ports[name] = attr.evolve(ep, sandbox=sandbox)
+        return defer.succeed(None)

@@ -1,0 +1,249 @@
+"""The behaviour every implementation of the netlink port must have.
+
+`NetlinkContract` is mixed into one test class per implementation (the real
+`ovsdriver.netlink.Netlink` in a throwaway network namespace, and
+`ovsdriver.testing.FakeNetlink`), so the fake cannot drift from the real thing.
+"""
+
+import ipaddress
+import time
+
+import attr
+import pytest
+
+from ovsdriver.netlink import LinkError
+
+
+@attr.s(frozen=True, slots=True)
+class LinkView:
+    """What a test can see of a link from outside the port."""
+
+    mtu = attr.ib()
+    mac = attr.ib()
+    up = attr.ib()  # administratively up
+    addresses = attr.ib()  # frozenset of normalized CIDR strings
+    tx_checksum = attr.ib()  # TX checksum offload on? None: cannot tell
+
+
+def cidr(text):
+    """Normalized CIDR text, as `LinkView.addresses` holds it."""
+    return str(ipaddress.ip_interface(text))
+
+
+class NetlinkContract:
+    """Contract tests; a subclass provides ``self.netlink`` and the hooks."""
+
+    netlink = None
+
+    def call(self, method, *args, **kwargs):
+        """Call ``method(*args, **kwargs)`` and return its Deferred's result.
+
+        Raises the Deferred's failure. The method is passed, not its Deferred,
+        so a real implementation can call it on the reactor thread.
+        """
+        raise NotImplementedError
+
+    def make_link(self, name):
+        """Make a link called *name* appear, outside the port (like OVS would)."""
+        raise NotImplementedError
+
+    def make_link_while_waiting(self, name):
+        """Make *name* appear a little later, while wait_for_link waits for it."""
+        raise NotImplementedError
+
+    def observe(self, name):
+        """A `LinkView` of *name*, or None if there is no such link."""
+        raise NotImplementedError
+
+    def fails(self, method, *args, **kwargs):
+        """Call like `call`; return the LinkError the call must fail with."""
+        with pytest.raises(LinkError) as caught:
+            self.call(method, *args, **kwargs)
+        return caught.value
+
+    # -- link_exists, links ----------------------------------------------------
+
+    def test_link_exists_is_true_for_an_existing_link(self):
+        self.make_link("nlc-a")
+        assert self.call(self.netlink.link_exists, "nlc-a") is True
+
+    def test_link_exists_is_false_for_a_missing_link(self):
+        assert self.call(self.netlink.link_exists, "nlc-none") is False
+
+    def test_links_lists_every_link_including_loopback(self):
+        self.make_link("nlc-a")
+        self.make_link("nlc-b")
+        links = self.call(self.netlink.links)
+        assert isinstance(links, frozenset)
+        assert {"lo", "nlc-a", "nlc-b"} <= links
+        assert "nlc-none" not in links
+
+    # -- add_addresses / remove_addresses ------------------------------------
+
+    def test_add_addresses_assigns_each_address_and_sets_the_link_up(self):
+        self.make_link("nlc-a")
+        self.call(self.netlink.add_addresses, "nlc-a", ["10.9.0.1/24", "fd09::1/64"])
+        view = self.observe("nlc-a")
+        assert {cidr("10.9.0.1/24"), cidr("fd09::1/64")} <= view.addresses
+        assert view.up is True
+
+    def test_add_addresses_twice_is_fine(self):
+        self.make_link("nlc-a")
+        addresses = ["10.9.0.1/24", "fd09::1/64"]
+        self.call(self.netlink.add_addresses, "nlc-a", addresses)
+        self.call(self.netlink.add_addresses, "nlc-a", addresses)
+        view = self.observe("nlc-a")
+        assert {cidr("10.9.0.1/24"), cidr("fd09::1/64")} <= view.addresses
+        assert view.up is True
+
+    def test_add_addresses_to_a_missing_link_fails_naming_it(self):
+        error = self.fails(self.netlink.add_addresses, "nlc-none", ["10.9.0.1/24"])
+        assert "nlc-none" in str(error)
+
+    def test_add_addresses_refuses_a_malformed_address_naming_it(self):
+        self.make_link("nlc-a")
+        error = self.fails(self.netlink.add_addresses, "nlc-a", ["10.9.0.300/24"])
+        assert "10.9.0.300/24" in str(error)
+        assert "nlc-a" in str(error)
+
+    def test_remove_addresses_removes_only_the_given_addresses(self):
+        self.make_link("nlc-a")
+        self.call(self.netlink.add_addresses, "nlc-a", ["10.9.0.1/24", "10.9.1.1/24"])
+        self.call(self.netlink.remove_addresses, "nlc-a", ["10.9.0.1/24"])
+        addresses = self.observe("nlc-a").addresses
+        assert cidr("10.9.0.1/24") not in addresses
+        assert cidr("10.9.1.1/24") in addresses
+
+    def test_remove_addresses_twice_is_fine(self):
+        self.make_link("nlc-a")
+        self.call(self.netlink.add_addresses, "nlc-a", ["10.9.0.1/24", "fd09::1/64"])
+        for _ in range(2):
+            self.call(self.netlink.remove_addresses, "nlc-a", ["10.9.0.1/24", "fd09::1/64"])
+        addresses = self.observe("nlc-a").addresses
+        assert not {cidr("10.9.0.1/24"), cidr("fd09::1/64")} & addresses
+
+    def test_remove_addresses_from_a_missing_link_is_fine(self):
+        self.call(self.netlink.remove_addresses, "nlc-none", ["10.9.0.1/24"])
+
+    # -- set_link -----------------------------------------------------------------
+
+    def test_set_link_changes_mtu_and_mac(self):
+        self.make_link("nlc-a")
+        self.call(self.netlink.set_link, "nlc-a", mtu=1400, mac="02:00:5e:10:20:30")
+        view = self.observe("nlc-a")
+        assert (view.mtu, view.mac) == (1400, "02:00:5e:10:20:30")
+
+    def test_set_link_twice_is_fine(self):
+        self.make_link("nlc-a")
+        for _ in range(2):
+            self.call(self.netlink.set_link, "nlc-a", mtu=1400, up=True)
+        view = self.observe("nlc-a")
+        assert (view.mtu, view.up) == (1400, True)
+
+    def test_set_link_sets_the_link_up_and_down(self):
+        self.make_link("nlc-a")
+        self.call(self.netlink.set_link, "nlc-a", up=True)
+        assert self.observe("nlc-a").up is True
+        self.call(self.netlink.set_link, "nlc-a", up=False)
+        assert self.observe("nlc-a").up is False
+
+    def test_set_link_leaves_what_is_not_given_alone(self):
+        self.make_link("nlc-a")
+        before = self.observe("nlc-a")
+        self.call(self.netlink.set_link, "nlc-a", mtu=1400)
+        after = self.observe("nlc-a")
+        assert (after.mac, after.up) == (before.mac, before.up)
+
+    def test_set_link_on_a_missing_link_fails_naming_it(self):
+        error = self.fails(self.netlink.set_link, "nlc-none", mtu=1400)
+        assert "nlc-none" in str(error)
+
+    def test_set_link_refuses_an_impossible_mtu_naming_the_link(self):
+        self.make_link("nlc-a")
+        error = self.fails(self.netlink.set_link, "nlc-a", mtu=10)
+        assert "nlc-a" in str(error)
+        assert "MTU 10" in str(error)
+
+    def test_set_link_refuses_a_malformed_mac_naming_it(self):
+        self.make_link("nlc-a")
+        error = self.fails(self.netlink.set_link, "nlc-a", mac="02:00:5e:10:20")
+        assert "02:00:5e:10:20" in str(error)
+        assert "nlc-a" in str(error)
+
+    # -- create_veth / delete_link -------------------------------------------------
+
+    def test_create_veth_makes_both_ends_with_the_mtu(self):
+        self.call(self.netlink.create_veth, "nlc-h", "nlc-p", 1450)
+        assert {"nlc-h", "nlc-p"} <= self.call(self.netlink.links)
+        assert self.observe("nlc-h").mtu == 1450
+        assert self.observe("nlc-p").mtu == 1450
+
+    def test_create_veth_sets_the_host_end_up(self):
+        self.call(self.netlink.create_veth, "nlc-h", "nlc-p", 1500)
+        assert self.observe("nlc-h").up is True
+
+    def test_create_veth_gives_the_peer_its_mac(self):
+        self.call(self.netlink.create_veth, "nlc-h", "nlc-p", 1500, peer_mac="02:42:0a:00:00:07")
+        assert self.observe("nlc-p").mac == "02:42:0a:00:00:07"
+
+    def test_create_veth_turns_tx_checksum_offload_off_on_the_peer(self):
+        self.call(self.netlink.create_veth, "nlc-h", "nlc-p", 1500)
+        assert self.observe("nlc-p").tx_checksum in (False, None)
+
+    def test_create_veth_for_an_existing_pair_is_fine(self):
+        for _ in range(2):
+            self.call(
+                self.netlink.create_veth, "nlc-h", "nlc-p", 1400, peer_mac="02:42:0a:00:00:07"
+            )
+        host, peer = self.observe("nlc-h"), self.observe("nlc-p")
+        assert (host.mtu, host.up) == (1400, True)
+        assert (peer.mtu, peer.mac) == (1400, "02:42:0a:00:00:07")
+
+    def test_create_veth_when_only_one_end_exists_fails_naming_both(self):
+        self.make_link("nlc-h")
+        error = self.fails(self.netlink.create_veth, "nlc-h", "nlc-p", 1500)
+        assert "nlc-h" in str(error)
+        assert "nlc-p" in str(error)
+
+    def test_create_veth_with_an_impossible_mtu_fails_and_leaves_no_link(self):
+        error = self.fails(self.netlink.create_veth, "nlc-h", "nlc-p", 10)
+        assert "MTU 10" in str(error)
+        assert not {"nlc-h", "nlc-p"} & self.call(self.netlink.links)
+
+    def test_create_veth_refuses_a_name_longer_than_the_kernel_allows(self):
+        error = self.fails(self.netlink.create_veth, "nlc-h", "x" * 16, 1500)
+        assert "x" * 16 in str(error)
+
+    def test_delete_link_removes_both_ends_of_a_veth(self):
+        self.call(self.netlink.create_veth, "nlc-h", "nlc-p", 1500)
+        self.call(self.netlink.delete_link, "nlc-h")
+        links = self.call(self.netlink.links)
+        assert not {"nlc-h", "nlc-p"} & links
+        assert self.call(self.netlink.link_exists, "nlc-p") is False
+
+    def test_delete_link_removes_a_link(self):
+        self.make_link("nlc-a")
+        self.call(self.netlink.delete_link, "nlc-a")
+        assert self.observe("nlc-a") is None
+
+    def test_delete_link_of_a_missing_link_is_fine(self):
+        self.call(self.netlink.delete_link, "nlc-none")
+
+    # -- wait_for_link ------------------------------------------------------------
+
+    def test_wait_for_link_succeeds_at_once_for_an_existing_link(self):
+        self.make_link("nlc-a")
+        started = time.monotonic()
+        assert self.call(self.netlink.wait_for_link, "nlc-a", timeout=5.0) is None
+        assert time.monotonic() - started < 1.0
+
+    def test_wait_for_link_succeeds_when_the_link_appears_meanwhile(self):
+        self.make_link_while_waiting("nlc-late")
+        assert self.call(self.netlink.wait_for_link, "nlc-late", timeout=5.0) is None
+        assert self.observe("nlc-late") is not None
+
+    def test_wait_for_link_fails_within_its_timeout_naming_the_link(self):
+        started = time.monotonic()
+        error = self.fails(self.netlink.wait_for_link, "nlc-none", timeout=0.3)
+        assert time.monotonic() - started < 0.3 + 1.0
+        assert "nlc-none" in str(error)

@@ -1,0 +1,180 @@
+"""The netlink contract, run against the real Netlink in a throwaway namespace.
+
+Each test gets a fresh network namespace (``ovsdnl-<random>``) that only the
+Netlink worker thread enters; it is deleted afterwards, also when a test fails,
+and takes every link made in it along. Needs root and iproute2's ``ip``.
+"""
+
+import functools
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import threading
+import time
+
+import pytest
+from twisted.internet import defer
+
+from ovsdriver.netlink import Netlink
+from tests.contract_netlink import LinkView, NetlinkContract, cidr
+from tests.reactor_thread import get_reactor, run_in_reactor
+
+pytestmark = pytest.mark.integration
+
+
+def ip(*args, check=True):
+    """Run iproute2's ``ip``; its stdout, or raise with its stderr."""
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10, check=False)
+    if check and done.returncode:
+        raise AssertionError(f"ip {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+#: Link kinds for "a link appears"; the first the kernel has is used (some
+#: kernels, e.g. in microVMs, lack the dummy driver but have the bridge one).
+STANDALONE_KINDS = ["dummy", "bridge"]
+
+
+def make_standalone_link(namespace, name):
+    """Add a link that needs no peer or lower device, like a tap OVS made."""
+    for kind in list(STANDALONE_KINDS):
+        done = subprocess.run(
+            ["ip", "-n", namespace, "link", "add", name, "type", kind],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        if done.returncode == 0:
+            return
+        if "Unknown device type" not in done.stderr or len(STANDALONE_KINDS) == 1:
+            raise AssertionError(f"cannot add link {name}: {done.stderr.strip()}")
+        STANDALONE_KINDS.remove(kind)
+
+
+@pytest.fixture
+def namespace():
+    """A fresh network namespace's name, deleted after the test."""
+    if os.geteuid() != 0:
+        pytest.skip("creating network namespaces needs root")
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2's ip command is not installed")
+    name = f"ovsdnl-{secrets.token_hex(4)}"
+    ip("netns", "add", name)
+    try:
+        yield name
+    finally:
+        ip("netns", "del", name, check=False)
+
+
+@pytest.fixture
+def netlink(namespace):
+    """A started Netlink whose worker thread lives in *namespace*."""
+    netlink = Netlink(get_reactor(), netns=f"/run/netns/{namespace}")
+    run_in_reactor(netlink.start)
+    try:
+        yield netlink
+    finally:
+        run_in_reactor(netlink.stop)
+
+
+class TestRealNetlink(NetlinkContract):
+    @pytest.fixture(autouse=True)
+    def _real(self, namespace, netlink):
+        self.namespace = namespace
+        self.netlink = netlink
+        self._timers = []
+        yield
+        for timer in self._timers:
+            timer.cancel()
+            timer.join(10)
+
+    def call(self, method, *args, **kwargs):
+        # partial: run_in_reactor's own timeout would swallow the method's
+        return run_in_reactor(functools.partial(method, *args, **kwargs), timeout=30)
+
+    def make_link(self, name):
+        make_standalone_link(self.namespace, name)
+
+    def make_link_while_waiting(self, name):
+        timer = threading.Timer(0.3, self.make_link, (name,))
+        self._timers.append(timer)
+        timer.start()
+
+    def observe(self, name):
+        shown = ip("-n", self.namespace, "-j", "addr", "show", "dev", name, check=False)
+        if not shown.strip():
+            return None
+        (link,) = json.loads(shown)
+        return LinkView(
+            mtu=link["mtu"],
+            mac=link["address"],
+            up="UP" in link["flags"],
+            addresses=frozenset(cidr(f"{a['local']}/{a['prefixlen']}") for a in link["addr_info"]),
+            tx_checksum=self._tx_checksum(name),
+        )
+
+    def _tx_checksum(self, name):
+        if shutil.which("ethtool") is None:
+            return None
+        shown = subprocess.run(
+            ["ip", "netns", "exec", self.namespace, "ethtool", "-k", name],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+        for line in shown.splitlines():
+            if line.startswith("tx-checksumming:"):
+                return line.split(":")[1].split()[0] == "on"
+        return None
+
+
+# -- properties of the real implementation only ------------------------------
+
+
+def test_links_are_made_in_the_namespace_not_the_tests_own(netlink, namespace):
+    run_in_reactor(netlink.create_veth, "nlr-h", "nlr-p", 1500)
+    assert "nlr-h" in ip("-n", namespace, "-o", "link", "show")
+    assert ip("link", "show", "nlr-h", check=False) == ""
+
+
+def test_wait_for_link_keeps_polling_until_its_timeout(netlink):
+    started = time.monotonic()
+    with pytest.raises(Exception, match="nlr-none"):
+        run_in_reactor(netlink.wait_for_link, "nlr-none", 0.5)
+    assert 0.5 <= time.monotonic() - started < 1.5
+
+
+def test_kernel_work_does_not_block_the_reactor(netlink):
+    """A reactor timer fires promptly while the worker is busy with the kernel."""
+    pairs = [(f"nlr-h{i}", f"nlr-p{i}") for i in range(40)]
+
+    def scenario():
+        reactor = get_reactor()
+        started = time.monotonic()
+        work = defer.gatherResults(
+            [netlink.create_veth(host, peer, 1500) for host, peer in pairs]
+            + [netlink.delete_link(host) for host, _ in pairs],
+            consumeErrors=True,
+        )
+        work.addCallback(lambda _: time.monotonic())
+        tick = defer.Deferred()
+        reactor.callLater(0, lambda: tick.callback(time.monotonic()))
+        both = defer.gatherResults([tick, work], consumeErrors=True)
+        return both.addCallback(lambda times: (started, *times))
+
+    started, ticked, finished = run_in_reactor(scenario, timeout=60)
+    assert ticked < finished, "the timer waited for the kernel work: reactor blocked"
+    assert ticked - started < 0.1
+
+
+@pytest.mark.skipif(shutil.which("ethtool") is None, reason="ethtool is not installed")
+def test_create_veth_peer_has_tx_checksumming_off_as_ethtool_reports(netlink, namespace):
+    run_in_reactor(netlink.create_veth, "nlr-h", "nlr-p", 1500)
+    shown = ip("netns", "exec", namespace, "ethtool", "-k", "nlr-p")
+    assert "tx-checksumming: off" in shown
+    shown = ip("netns", "exec", namespace, "ethtool", "-k", "nlr-h")
+    assert "tx-checksumming: on" in shown
