@@ -296,8 +296,12 @@ class FakeVSwitch:
         return defer.succeed(None)
 
     def add_endpoint(self, endpoint):
-        if self.port_exists(endpoint.port):
-            return defer.succeed(endpoint)
+        for bridge in self.bridges.values():
+            held = bridge.ports.get(endpoint.port, endpoint)
+            if held is None or held.endpoint_id != endpoint.endpoint_id:
+                return defer.fail(VSwitchError(f"port {endpoint.port} already exists"))
+            if endpoint.port in bridge.ports:
+                return defer.succeed(endpoint)
         bridge = self.bridges.get(endpoint.bridge)
         if bridge is None:
             return defer.fail(VSwitchError(f"bridge {endpoint.bridge} is missing"))

@@ -169,7 +169,14 @@ class VSwitch:
         """Plug an endpoint's port into its bridge; fail if ovs-vswitchd can't."""
 
         def build(ctx):
-            if ctx.find("Port", endpoint.port) is not None:
+            existing = ctx.find("Port", endpoint.port)
+            if existing is not None:
+                owner = _ids(existing).get(ENDPOINT_ID)
+                if owner != endpoint.endpoint_id:
+                    raise VSwitchError(
+                        f"port {endpoint.port} already exists and belongs to "
+                        f"{'endpoint ' + owner[:12] if owner else 'something else'}"
+                    )
                 return lambda idl: _checked_endpoint(idl, endpoint)
             bridge = ctx.find("Bridge", endpoint.bridge)
             if bridge is None:
@@ -207,6 +214,9 @@ class VSwitch:
             port = _endpoint_port(ctx.find, endpoint_id)
             if port is not None:
                 _delete_port(ctx, _bridge_of(ctx, port), port)
+                # Nothing waits for the port to be gone from the datapath (and
+                # ovs-vswitchd takes its time closing a tap): don't wait either.
+                ctx.wait_for_vswitchd = False
 
         return self.ovsdb.transact(build)
 

@@ -158,3 +158,14 @@ def test_a_bridge_the_driver_did_not_make_is_never_removed(harness):
     harness.call(harness.vswitch.add_network, net)
     harness.call(harness.vswitch.remove_network, NET_C)
     assert harness.bridge_exists("theirs0")
+
+
+def test_a_port_name_held_by_another_endpoint_is_refused(harness):
+    net = network()
+    harness.call(harness.vswitch.add_network, net)
+    harness.call(harness.vswitch.add_endpoint, endpoint(net))
+    # Same first 11 digits, so the same derived port name.
+    twin = endpoint(net, endpoint_id=EP_1[:11] + "0" * 53)
+    with pytest.raises(VSwitchError, match="already exists"):
+        harness.call(harness.vswitch.add_endpoint, twin)
+    assert harness.call(harness.vswitch.endpoint, EP_1) is not None

@@ -1,0 +1,167 @@
+"""End to end: the docker CLI against a private dockerd, with the driver and
+Open vSwitch (userspace datapath) all in one network namespace of their own."""
+
+import json
+import re
+import signal
+
+import pytest
+
+IMAGE = "ovsdriver-test/busybox"
+
+
+class E2E:
+    """Shortcuts over a docker world with the driver running in it."""
+
+    def __init__(self, world, driver):
+        self.world = world
+        self.driver = driver
+        self.name = driver.name
+
+    def docker(self, *args, check=True):
+        return self.world.dockerd.docker(*args, check=check)
+
+    def vsctl(self, *args):
+        return self.world.ovs.vsctl(*args)
+
+    def host(self, *argv):
+        return self.world.netns.run(list(argv)).stdout
+
+    def network(self, name, subnet, *options, check=True):
+        args = ["network", "create", "-d", self.name, "--subnet", subnet]
+        for option in options:
+            args += ["-o", option]
+        return self.docker(*args, name, check=check)
+
+    def run(self, name, network, *extra):
+        args = ["run", "-d", "--name", name, "--network", network, *extra]
+        return self.docker(*args, IMAGE, "sleep", "600").stdout.strip()
+
+    def exec(self, container, *argv, check=True):
+        return self.docker("exec", container, *argv, check=check)
+
+    def ping(self, container, address, count=2):
+        result = self.exec(container, "ping", "-c", str(count), "-W", "2", address, check=False)
+        return result.returncode == 0
+
+    def network_id(self, name):
+        return self.docker("network", "inspect", "-f", "{{.Id}}", name).stdout.strip()
+
+    def container_net(self, container, network):
+        out = self.docker("inspect", container).stdout
+        return json.loads(out)[0]["NetworkSettings"]["Networks"][network]
+
+
+@pytest.fixture(scope="module")
+def e2e(docker_world, plugin_driver):
+    return E2E(docker_world, plugin_driver)
+
+
+@pytest.fixture
+def cleanup(e2e):
+    """Remove the containers and networks a test made, also when it fails."""
+    made = {"containers": [], "networks": []}
+    yield made
+    for container in made["containers"]:
+        e2e.docker("rm", "-f", container, check=False)
+    for network in made["networks"]:
+        e2e.docker("network", "rm", network, check=False)
+
+
+def test_containers_talk_to_each_other_and_the_gateway(e2e, cleanup):
+    cleanup["networks"].append("blue")
+    e2e.network("blue", "10.51.0.0/24")
+    bridge = "obr-" + e2e.network_id("blue")[:11]
+    assert "10.51.0.1/24" in e2e.host("ip", "-o", "addr", "show", "dev", bridge)
+    cleanup["containers"] += ["a1", "a2"]
+    e2e.run("a1", "blue")
+    e2e.run("a2", "blue")
+    a2 = e2e.container_net("a2", "blue")["IPAddress"]
+    assert e2e.ping("a1", a2)
+    assert e2e.ping("a1", "10.51.0.1")
+    # The default route goes through the host; no docker_gwbridge leg.
+    routes = e2e.exec("a1", "ip", "route").stdout
+    assert re.search(r"default via 10\.51\.0\.1 dev eth0", routes), routes
+    links = e2e.exec("a1", "ip", "-o", "link").stdout
+    assert "eth1" not in links
+    # The container's MAC is docker's and is recorded as attached-mac.
+    mac = e2e.container_net("a1", "blue")["MacAddress"]
+    assert mac in e2e.exec("a1", "cat", "/sys/class/net/eth0/address").stdout
+    endpoint = e2e.container_net("a1", "blue")["EndpointID"]
+    found = e2e.vsctl(
+        "--bare",
+        "--columns=name",
+        "find",
+        "Interface",
+        f"external_ids:attached-mac={mac}",
+        f"external_ids:iface-id={endpoint}",
+    )
+    assert found == "oep-" + endpoint[:11]
+
+
+def test_mtu_option_reaches_the_container(e2e, cleanup):
+    cleanup["networks"].append("jumbo")
+    e2e.network("jumbo", "10.52.0.0/24", "com.docker.network.driver.mtu=1400")
+    cleanup["containers"].append("m1")
+    e2e.run("m1", "jumbo")
+    assert e2e.exec("m1", "cat", "/sys/class/net/eth0/mtu").stdout.strip() == "1400"
+
+
+def test_connect_and_disconnect_a_running_container(e2e, cleanup):
+    cleanup["networks"] += ["left", "right"]
+    e2e.network("left", "10.53.0.0/24")
+    e2e.network("right", "10.54.0.0/24")
+    cleanup["containers"] += ["c1", "c2"]
+    e2e.run("c1", "left")
+    e2e.run("c2", "right")
+    e2e.docker("network", "connect", "right", "c1")
+    endpoint = e2e.container_net("c1", "right")["EndpointID"]
+    assert e2e.vsctl("--bare", "--columns=name", "list", "Port", "oep-" + endpoint[:11])
+    assert e2e.ping("c1", e2e.container_net("c2", "right")["IPAddress"])
+    e2e.docker("network", "disconnect", "right", "c1")
+    assert "eth1" not in e2e.exec("c1", "ip", "-o", "link").stdout
+    ports = e2e.vsctl("--bare", "--columns=name", "list", "Port")
+    assert "oep-" + endpoint[:11] not in ports
+
+
+def test_a_bad_option_is_refused_by_name_and_leaves_nothing(e2e):
+    bridges = e2e.vsctl("list-br")
+    result = e2e.network("bad", "10.55.0.0/24", "ovs.vlan=9999", check=False)
+    assert result.returncode != 0
+    assert "ovs.vlan" in result.stderr and "4094" in result.stderr
+    result = e2e.network("bad", "10.55.0.0/24", "ovs.bogus=1", check=False)
+    assert result.returncode != 0 and "ovs.bogus" in result.stderr
+    assert e2e.vsctl("list-br") == bridges
+    assert e2e.docker("network", "ls", "-q", "-f", "name=^bad$").stdout.strip() == ""
+
+
+def test_driver_kill_and_restart_while_containers_run(e2e, cleanup):
+    cleanup["networks"].append("sturdy")
+    e2e.network("sturdy", "10.56.0.0/24")
+    cleanup["containers"] += ["k1", "k2", "k3"]
+    e2e.run("k1", "sturdy")
+    e2e.run("k2", "sturdy")
+    k2 = e2e.container_net("k2", "sturdy")["IPAddress"]
+    e2e.driver.kill(signal.SIGKILL)
+    assert e2e.ping("k1", k2)  # the data path does not need the driver
+    e2e.driver.start()
+    assert e2e.ping("k1", k2)
+    e2e.run("k3", "sturdy")
+    assert e2e.ping("k3", k2)
+    assert e2e.ping("k3", "10.56.0.1")
+    e2e.docker("rm", "-f", "k1")  # Leave and DeleteEndpoint of an old endpoint
+    assert e2e.ping("k3", k2)
+
+
+def test_teardown_leaves_nothing_behind(e2e):
+    e2e.network("gone", "10.57.0.0/24")
+    bridge = "obr-" + e2e.network_id("gone")[:11]
+    e2e.run("g1", "gone")
+    endpoint = e2e.container_net("g1", "gone")["EndpointID"]
+    e2e.docker("rm", "-f", "g1")
+    e2e.docker("network", "rm", "gone")
+    assert bridge not in e2e.vsctl("list-br")
+    assert "oep-" + endpoint[:11] not in e2e.vsctl("--bare", "--columns=name", "list", "Port")
+    links = e2e.host("ip", "-o", "link")
+    assert bridge not in links and "oep-" + endpoint[:11] not in links
+    assert "10.57.0.1" not in e2e.host("ip", "-o", "addr")
