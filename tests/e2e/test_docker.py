@@ -52,28 +52,17 @@ class E2E:
         return json.loads(out)[0]["NetworkSettings"]["Networks"][network]
 
 
-@pytest.fixture(scope="module")
-def e2e(docker_world, plugin_driver):
-    return E2E(docker_world, plugin_driver)
-
-
 @pytest.fixture
-def cleanup(e2e):
-    """Remove the containers and networks a test made, also when it fails."""
-    made = {"containers": [], "networks": []}
-    yield made
-    for container in made["containers"]:
-        e2e.docker("rm", "-f", container, check=False)
-    for network in made["networks"]:
-        e2e.docker("network", "rm", network, check=False)
+def e2e(docker_world, driver):
+    """A fresh driver in the module's docker world (the ``driver`` fixture
+    removes every container, network and bridge after the test)."""
+    return E2E(docker_world, driver)
 
 
-def test_containers_talk_to_each_other_and_the_gateway(e2e, cleanup):
-    cleanup["networks"].append("blue")
+def test_containers_talk_to_each_other_and_the_gateway(e2e):
     e2e.network("blue", "10.51.0.0/24")
     bridge = "obr-" + e2e.network_id("blue")[:11]
     assert "10.51.0.1/24" in e2e.host("ip", "-o", "addr", "show", "dev", bridge)
-    cleanup["containers"] += ["a1", "a2"]
     e2e.run("a1", "blue")
     e2e.run("a2", "blue")
     a2 = e2e.container_net("a2", "blue")["IPAddress"]
@@ -93,25 +82,21 @@ def test_containers_talk_to_each_other_and_the_gateway(e2e, cleanup):
         "--columns=name",
         "find",
         "Interface",
-        f"external_ids:attached-mac={mac}",
+        f'external_ids:attached-mac="{mac}"',
         f"external_ids:iface-id={endpoint}",
     )
     assert found == "oep-" + endpoint[:11]
 
 
-def test_mtu_option_reaches_the_container(e2e, cleanup):
-    cleanup["networks"].append("jumbo")
+def test_mtu_option_reaches_the_container(e2e):
     e2e.network("jumbo", "10.52.0.0/24", "com.docker.network.driver.mtu=1400")
-    cleanup["containers"].append("m1")
     e2e.run("m1", "jumbo")
     assert e2e.exec("m1", "cat", "/sys/class/net/eth0/mtu").stdout.strip() == "1400"
 
 
-def test_connect_and_disconnect_a_running_container(e2e, cleanup):
-    cleanup["networks"] += ["left", "right"]
+def test_connect_and_disconnect_a_running_container(e2e):
     e2e.network("left", "10.53.0.0/24")
     e2e.network("right", "10.54.0.0/24")
-    cleanup["containers"] += ["c1", "c2"]
     e2e.run("c1", "left")
     e2e.run("c2", "right")
     e2e.docker("network", "connect", "right", "c1")
@@ -135,10 +120,8 @@ def test_a_bad_option_is_refused_by_name_and_leaves_nothing(e2e):
     assert e2e.docker("network", "ls", "-q", "-f", "name=^bad$").stdout.strip() == ""
 
 
-def test_driver_kill_and_restart_while_containers_run(e2e, cleanup):
-    cleanup["networks"].append("sturdy")
+def test_driver_kill_and_restart_while_containers_run(e2e):
     e2e.network("sturdy", "10.56.0.0/24")
-    cleanup["containers"] += ["k1", "k2", "k3"]
     e2e.run("k1", "sturdy")
     e2e.run("k2", "sturdy")
     k2 = e2e.container_net("k2", "sturdy")["IPAddress"]
