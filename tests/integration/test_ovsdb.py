@@ -1,0 +1,124 @@
+"""The reactor-driven OVSDB connection against a real ovsdb-server and
+ovs-vswitchd: batching, outages, restarts and vswitchd failures."""
+
+import time
+
+import pytest
+from twisted.internet import defer
+
+from ovsdriver.options import Network
+from ovsdriver.ovsdb import OVSDB, OVSDBUnavailable
+from ovsdriver.vswitch import Endpoint, VSwitch
+from tests.reactor_thread import get_reactor, run_in_reactor
+from tests.world import wait_until
+
+NET = "0d" * 32
+
+
+def start(remote, **kwargs):
+    service = OVSDB(get_reactor(), remote, **kwargs)
+    run_in_reactor(service.startService)
+    return service
+
+
+@pytest.fixture
+def services():
+    started = []
+    yield started
+    for service in started:
+        run_in_reactor(service.stopService)
+
+
+def network():
+    return Network(network_id=NET, bridge="obr-" + NET[:11])
+
+
+def endpoint(n):
+    eid = f"{n:02x}" * 32
+    return Endpoint(
+        endpoint_id=eid,
+        network_id=NET,
+        bridge="obr-" + NET[:11],
+        port="oep-" + eid[:11],
+        ifname="oep-" + eid[:11],
+        mac=f"02:00:00:00:00:{n:02x}",
+    )
+
+
+def next_cfg(world):
+    return int(world.ovs.vsctl("get", "Open_vSwitch", ".", "next_cfg"))
+
+
+def test_concurrent_operations_share_transactions(ovs_world, services):
+    ovsdb = start(ovs_world.ovs.remote)
+    services.append(ovsdb)
+    vswitch = VSwitch(ovsdb)
+    run_in_reactor(vswitch.add_network, network())
+    before = next_cfg(ovs_world)
+    run_in_reactor(
+        lambda: defer.gatherResults([vswitch.add_endpoint(endpoint(n)) for n in range(16)])
+    )
+    reconfigurations = next_cfg(ovs_world) - before
+    assert 1 <= reconfigurations < 16
+    ports = ovs_world.ovs.vsctl("list-ports", "obr-" + NET[:11]).split()
+    assert len(ports) == 16
+    # Each port really exists in the datapath.
+    links = ovs_world.netns.links()
+    assert all(endpoint(n).port in links for n in range(16))
+
+
+def test_one_bad_operation_does_not_fail_its_batch(ovs_world, services):
+    ovsdb = start(ovs_world.ovs.remote)
+    services.append(ovsdb)
+    vswitch = VSwitch(ovsdb)
+    run_in_reactor(vswitch.add_network, network())
+
+    def both():
+        good = vswitch.add_endpoint(endpoint(1))
+        bad = ovsdb.transact(lambda ctx: ctx.insert("Port", "no-interfaces"))  # violates the schema
+        return defer.DeferredList([good, bad], consumeErrors=True)
+
+    (ok_good, _), (ok_bad, failure) = run_in_reactor(both)
+    assert ok_good and not ok_bad
+    assert isinstance(failure.value, OVSDBUnavailable)
+    assert "OVSDB refused" in str(failure.value)
+
+
+def test_an_unreachable_ovsdb_fails_fast_and_names_itself(tmp_path, services):
+    remote = f"unix:{tmp_path}/nothing.sock"
+    ovsdb = start(remote, unavailable_timeout=1.0)
+    services.append(ovsdb)
+    began = time.monotonic()
+    with pytest.raises(OVSDBUnavailable, match="OVSDB at " + remote):
+        run_in_reactor(VSwitch(ovsdb).networks)
+    assert time.monotonic() - began < 5
+
+
+def test_driver_starts_before_ovsdb_and_serves_once_it_is_up(ovs_world, services):
+    ovs_world.ovs.stop_ovsdb()
+    ovsdb = start(ovs_world.ovs.remote, unavailable_timeout=1.0)
+    services.append(ovsdb)
+    with pytest.raises(OVSDBUnavailable):
+        run_in_reactor(VSwitch(ovsdb).networks)
+    ovs_world.ovs.start_ovsdb()
+    wait_until(lambda: ovsdb.connected, timeout=15)
+    assert run_in_reactor(VSwitch(ovsdb).networks) == {}
+
+
+def test_ovsdb_restart_is_transparent(ovs_world, services):
+    ovsdb = start(ovs_world.ovs.remote)
+    services.append(ovsdb)
+    vswitch = VSwitch(ovsdb)
+    run_in_reactor(vswitch.add_network, network())
+    ovs_world.ovs.restart_ovsdb()
+    # The first operation may wait for the reconnection but must not fail.
+    run_in_reactor(vswitch.add_endpoint, endpoint(7), timeout=20)
+    assert run_in_reactor(vswitch.endpoint, endpoint(7).endpoint_id) == endpoint(7)
+
+
+def test_a_stopped_vswitchd_is_reported(ovs_world, services):
+    ovsdb = start(ovs_world.ovs.remote, apply_timeout=2.0)
+    services.append(ovsdb)
+    ovs_world.ovs.stop_vswitchd()
+    with pytest.raises(OVSDBUnavailable, match="ovs-vswitchd did not apply"):
+        run_in_reactor(VSwitch(ovsdb).add_network, network())
