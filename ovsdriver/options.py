@@ -203,3 +203,63 @@ def parse_network(network_id, options, ipv4_data, ipv6_data, default_datapath):
     if fields["internal"]:
         fields["nat"] = False
     return Network(**fields)
+
+
+PROTOCOLS = {6: "tcp", 17: "udp", 132: "sctp"}
+PORTMAP_KEY = "com.docker.network.portmap"
+
+
+@attr.s(frozen=True, slots=True)
+class PublishedPort:
+    """One ``-p [HOST_IP:]HOST_PORT:CONTAINER_PORT[/PROTO]`` of an endpoint."""
+
+    proto = attr.ib()  # "tcp", "udp" or "sctp"
+    host_port = attr.ib()
+    container_ip = attr.ib()  # plain IP
+    container_port = attr.ib()
+    host_ip = attr.ib(default=None)  # None: every address of the host
+
+    @staticmethod
+    def list_to_json(published):
+        return json.dumps([attr.asdict(p) for p in published], separators=(",", ":"))
+
+    @classmethod
+    def list_from_json(cls, text):
+        return tuple(cls(**entry) for entry in json.loads(text))
+
+
+def parse_portmap(options, container_ip):
+    """The engine's portmap (ProgramExternalConnectivity's Options) as
+    `PublishedPort` values; raise OptionError for what cannot be published."""
+    entries = (options or {}).get(PORTMAP_KEY) or []
+    if not isinstance(entries, list):
+        raise OptionError(f"{PORTMAP_KEY} must be a list")
+    published = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise OptionError(f"{PORTMAP_KEY} entries must be objects")
+        proto = PROTOCOLS.get(entry.get("Proto"))
+        port, host_port = entry.get("Port"), entry.get("HostPort")
+        if proto is None:
+            raise OptionError(
+                f"cannot publish protocol {entry.get('Proto')!r}: use tcp, udp or sctp"
+            )
+        if not isinstance(port, int) or not 1 <= port <= 65535:
+            raise OptionError(f"cannot publish container port {port!r}")
+        if not host_port:
+            raise OptionError(
+                f"publish {port}/{proto} with an explicit host port (-p HOST_PORT:{port}): "
+                "the ovs driver does not pick host ports"
+            )
+        if not isinstance(host_port, int) or not 1 <= host_port <= 65535:
+            raise OptionError(f"cannot publish on host port {host_port!r}")
+        host_ip = entry.get("HostIP") or None
+        if host_ip is not None:
+            try:
+                host_ip = str(ipaddress.ip_address(host_ip))
+            except ValueError:
+                raise OptionError(f"HostIP {host_ip!r} is not an IP address") from None
+            if ipaddress.ip_address(host_ip).is_unspecified:
+                host_ip = None
+        published.append(PublishedPort(proto, host_port, container_ip, port, host_ip))
+    return published

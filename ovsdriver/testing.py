@@ -321,8 +321,14 @@ class FakeVSwitch:
         return defer.succeed(None)
 
     def set_sandbox(self, endpoint_id, sandbox):
+        return self._evolve(endpoint_id, sandbox=sandbox)
+
+    def set_published(self, endpoint_id, published):
+        return self._evolve(endpoint_id, published=tuple(published or ()))
+
+    def _evolve(self, endpoint_id, **changes):
         for bridge in self.bridges.values():
             for name, ep in bridge.ports.items():
                 if ep is not None and ep.endpoint_id == endpoint_id:
-                    bridge.ports[name] = attr.evolve(ep, sandbox=sandbox)
+                    bridge.ports[name] = attr.evolve(ep, **changes)
         return defer.succeed(None)

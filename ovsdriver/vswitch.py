@@ -7,9 +7,11 @@ IDL rows. Everything the driver knows is in external_ids, so a restarted driver
 finds it all again.
 """
 
+import time
+
 import attr
 
-from ovsdriver.options import Network
+from ovsdriver.options import Network, PublishedPort
 from ovsdriver.ovsdb import by_name
 
 OWNER = "owner"
@@ -21,6 +23,9 @@ SANDBOX = "ovsdriver-sandbox"
 IPV4 = "ovsdriver-ipv4"
 IPV6 = "ovsdriver-ipv6"
 PEER = "ovsdriver-peer"  # the container end of a veth port
+CREATED = "ovsdriver-created"  # when CreateEndpoint made it (seconds since the epoch)
+PORTMAP = "ovsdriver-portmap"  # published ports (JSON) while connectivity is programmed
+UPLINK = "ovsdriver-uplink"  # on an uplink port the driver added
 
 
 class VSwitchError(Exception):
@@ -43,6 +48,8 @@ class Endpoint:
     ipv4 = attr.ib(default=None)  # CIDR
     ipv6 = attr.ib(default=None)
     sandbox = attr.ib(default=None)  # Join's SandboxKey while joined
+    created = attr.ib(default=None, eq=False)  # seconds since the epoch
+    published = attr.ib(default=(), converter=tuple)  # PublishedPort values
 
 
 def port_name(endpoint_id):
@@ -89,6 +96,8 @@ def _endpoint_from_rows(bridge_name, port, iface):
         ipv4=ids.get(IPV4),
         ipv6=ids.get(IPV6),
         sandbox=ids.get(SANDBOX),
+        created=float(ids[CREATED]) if CREATED in ids else None,
+        published=PublishedPort.list_from_json(ids.get(PORTMAP, "[]")),
     )
 
 
@@ -141,7 +150,10 @@ class VSwitch:
                 name = gateway_port_name(network.network_id)
                 if ctx.find("Port", name) is None:
                     ids = {NETWORK_ID: network.network_id, OWNER: OWNER_VALUE}
-                    _add_port(ctx, bridge, name, "internal", network.vlan, ids, ids)
+                    gateway = _add_port(ctx, bridge, name, "internal", network.vlan, ids, ids)
+                    gateway.mtu_request = [network.mtu]
+            if network.uplink:
+                _add_uplink(ctx, bridge, network.uplink)
             return lambda idl: _check_interfaces(idl, network.bridge)
 
         return self.ovsdb.transact(build)
@@ -159,9 +171,17 @@ class VSwitch:
                 gateway = ctx.find("Port", gateway_port_name(network_id))
                 if gateway is not None:
                     _delete_port(ctx, bridge, gateway)
-                others = [k for k in ids if k.startswith(NETWORK_RECORD) and k != key]
+                others = [
+                    Network.from_json(v)
+                    for k, v in ids.items()
+                    if k.startswith(NETWORK_RECORD) and k != key
+                ]
                 if ids.get(OWNER) == OWNER_VALUE and not others:
                     _delete_bridge(ctx, bridge)
+                    continue
+                uplink = Network.from_json(ids[key]).uplink
+                if uplink and all(other.uplink != uplink for other in others):
+                    _remove_uplink(ctx, bridge, uplink)
 
         return self.ovsdb.transact(build)
 
@@ -191,6 +211,7 @@ class VSwitch:
             }
             iface_ids = dict(port_ids)
             iface_ids.update({"attached-mac": endpoint.mac, "iface-id": endpoint.endpoint_id})
+            iface_ids[CREATED] = f"{endpoint.created or time.time():.0f}"
             if endpoint.ipv4:
                 iface_ids[IPV4] = endpoint.ipv4
             if endpoint.ipv6:
@@ -222,17 +243,24 @@ class VSwitch:
 
     def set_sandbox(self, endpoint_id, sandbox):
         """Remember (or forget, with None) the sandbox an endpoint joined."""
+        return self._set_endpoint_key(endpoint_id, SANDBOX, sandbox)
 
+    def set_published(self, endpoint_id, published):
+        """Remember (or forget, with an empty list) an endpoint's published ports."""
+        value = PublishedPort.list_to_json(published) if published else None
+        return self._set_endpoint_key(endpoint_id, PORTMAP, value)
+
+    def _set_endpoint_key(self, endpoint_id, key, value):
         def build(ctx):
             port = _endpoint_port(ctx.find, endpoint_id)
             if port is None:
                 return None
             iface = port.interfaces[0]
-            if sandbox is None:
-                if SANDBOX in _ids(iface):
-                    iface.delkey("external_ids", SANDBOX)
-            elif _ids(iface).get(SANDBOX) != sandbox:
-                iface.setkey("external_ids", SANDBOX, sandbox)
+            if value is None:
+                if key in _ids(iface):
+                    iface.delkey("external_ids", key)
+            elif _ids(iface).get(key) != value:
+                iface.setkey("external_ids", key, value)
 
         return self.ovsdb.transact(build)
 
@@ -297,6 +325,23 @@ def _add_port(ctx, bridge, name, kind, vlan, port_ids, iface_ids):
         port.tag = [vlan]
     bridge.addvalue("ports", port.uuid)
     return iface
+
+
+def _add_uplink(ctx, bridge, name):
+    """Make host interface `name` a trunk port of `bridge` (once)."""
+    port = ctx.find("Port", name)
+    if port is None:
+        ids = {OWNER: OWNER_VALUE, UPLINK: "true"}
+        _add_port(ctx, bridge, name, "", None, ids, ids)
+    elif not any(p.uuid == port.uuid for p in bridge.ports):
+        raise VSwitchError(f"uplink {name} is already a port of another bridge")
+
+
+def _remove_uplink(ctx, bridge, name):
+    """Take an uplink the driver added off `bridge`; the interface stays."""
+    port = ctx.find("Port", name)
+    if port is not None and _ids(port).get(UPLINK) == "true":
+        _delete_port(ctx, bridge, port)
 
 
 def _delete_port(ctx, bridge, port):

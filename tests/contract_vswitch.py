@@ -169,3 +169,19 @@ def test_a_port_name_held_by_another_endpoint_is_refused(harness):
     with pytest.raises(VSwitchError, match="already exists"):
         harness.call(harness.vswitch.add_endpoint, twin)
     assert harness.call(harness.vswitch.endpoint, EP_1) is not None
+
+
+def test_published_ports_are_remembered_and_forgotten(harness):
+    from ovsdriver.options import PublishedPort
+
+    net = network()
+    harness.call(harness.vswitch.add_network, net)
+    harness.call(harness.vswitch.add_endpoint, endpoint(net))
+    published = [
+        PublishedPort("tcp", 8080, "10.9.0.2", 80),
+        PublishedPort("udp", 53, "10.9.0.2", 53),
+    ]
+    harness.call(harness.vswitch.set_published, EP_1, published)
+    assert harness.call(harness.vswitch.endpoint, EP_1).published == tuple(published)
+    harness.call(harness.vswitch.set_published, EP_1, [])
+    assert harness.call(harness.vswitch.endpoint, EP_1).published == ()
