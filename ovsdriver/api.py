@@ -129,9 +129,13 @@ class Handlers:
         return {}
 
     async def program_external(self, body):
+        await self.driver.program_external_connectivity(
+            body["NetworkID"], body["EndpointID"], body.get("Options")
+        )
         return {}
 
     async def revoke_external(self, body):
+        await self.driver.revoke_external_connectivity(body["NetworkID"], body["EndpointID"])
         return {}
 
     async def nothing(self, body):

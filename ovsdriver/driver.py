@@ -8,9 +8,11 @@ made is undone again when a later step of it fails.
 
 import os
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
-from ovsdriver.options import OptionError, check_id, parse_network
+from ovsdriver.firewall import NetworkRules
+from ovsdriver.options import OptionError, check_id, parse_network, parse_portmap
 from ovsdriver.vswitch import Endpoint, gateway_ifname, port_name, veth_host_name
 
 log = Logger()
@@ -43,10 +45,12 @@ def _check_mac(mac):
 class Driver:
     """The network driver, over a vswitch and a netlink port."""
 
-    def __init__(self, vswitch, netlink, datapath_type="netdev"):
+    def __init__(self, vswitch, netlink, firewall, datapath_type="netdev"):
         self.vswitch = vswitch
         self.netlink = netlink
+        self.firewall = firewall
         self.datapath_type = datapath_type
+        self._firewall_lock = defer.DeferredLock()
 
     async def _network(self, network_id):
         network = await self.vswitch.network(check_id("NetworkID", network_id))
@@ -67,6 +71,7 @@ class Driver:
                 ifname = gateway_ifname(network)
                 await self.netlink.wait_for_link(ifname)
                 await self.netlink.add_addresses(ifname, list(network.gateways))
+            await self.sync_firewall()
         except Exception:
             await self._undo(self.delete_network(network_id))
             raise
@@ -80,6 +85,7 @@ class Driver:
             # not ours): take the addresses off explicitly.
             await self.netlink.remove_addresses(gateway_ifname(network), list(network.gateways))
         await self.vswitch.remove_network(network_id)
+        await self.sync_firewall()
 
     # -- endpoints -------------------------------------------------------------
 
@@ -166,6 +172,52 @@ class Driver:
 
     async def leave(self, network_id, endpoint_id):
         await self.vswitch.set_sandbox(check_id("EndpointID", endpoint_id), None)
+
+    async def program_external_connectivity(self, network_id, endpoint_id, options):
+        endpoint = await self._endpoint(network_id, endpoint_id)
+        network = await self._network(network_id)
+        if network.internal or not endpoint.ipv4:
+            return
+        published = parse_portmap(options, endpoint.ipv4.split("/")[0])
+        await self.vswitch.set_published(endpoint_id, published)
+        try:
+            await self.sync_firewall()
+        except Exception:
+            await self._undo(self.revoke_external_connectivity(network_id, endpoint_id))
+            raise
+
+    async def revoke_external_connectivity(self, network_id, endpoint_id):
+        endpoint = await self.vswitch.endpoint(check_id("EndpointID", endpoint_id))
+        if endpoint is not None and endpoint.published:
+            await self.vswitch.set_published(endpoint_id, [])
+            await self.sync_firewall()
+
+    async def sync_firewall(self):
+        """Make the firewall match the networks and published ports in OVSDB."""
+        await self._firewall_lock.acquire()
+        try:
+            networks = await self.vswitch.networks()
+            endpoints = await self.vswitch.endpoints()
+            rules = [
+                NetworkRules(
+                    network_id=network.network_id,
+                    ifname=gateway_ifname(network),
+                    ipv4=[s.pool for s in network.ipv4],
+                    ipv6=[s.pool for s in network.ipv6],
+                    nat=network.nat,
+                    internal=network.internal,
+                    published=[
+                        p
+                        for ep in endpoints
+                        if ep.network_id == network.network_id
+                        for p in ep.published
+                    ],
+                )
+                for network in sorted(networks.values(), key=lambda n: n.network_id)
+            ]
+            await self.firewall.apply(rules)
+        finally:
+            self._firewall_lock.release()
 
     async def _undo(self, d):
         """Run a clean-up step of a failed operation, keeping the first error."""

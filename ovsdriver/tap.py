@@ -12,6 +12,7 @@ from twisted.web import server
 
 from ovsdriver.api import Handlers, PluginResource
 from ovsdriver.driver import Driver
+from ovsdriver.firewall import Firewall
 from ovsdriver.netlink import Netlink
 from ovsdriver.ovsdb import OVSDB
 from ovsdriver.vswitch import VSwitch
@@ -105,7 +106,7 @@ def makeService(options, reactor=None):
     ovsdb.setServiceParent(top)
     netlink = Netlink(reactor)
     NetlinkService(netlink).setServiceParent(top)
-    driver = Driver(VSwitch(ovsdb), netlink, options["datapath-type"])
+    driver = Driver(VSwitch(ovsdb), netlink, Firewall(reactor), options["datapath-type"])
     site = server.Site(PluginResource(Handlers(driver)))
     site.displayTracebacks = False
     ListenerService(options["listen"], site, reactor).setServiceParent(top)

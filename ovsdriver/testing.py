@@ -332,3 +332,19 @@ class FakeVSwitch:
                 if ep is not None and ep.endpoint_id == endpoint_id:
                     bridge.ports[name] = attr.evolve(ep, **changes)
         return defer.succeed(None)
+
+
+# ---------------------------------------------------------------------------
+# FakeFirewall: the packet filter port (ovsdriver.firewall.Firewall) in memory.
+# ---------------------------------------------------------------------------
+
+
+class FakeFirewall:
+    """`ovsdriver.firewall.Firewall` in memory: remembers the applied rules."""
+
+    def __init__(self):
+        self.networks = ()
+
+    def apply(self, networks):
+        self.networks = tuple(networks)
+        return defer.succeed(None)

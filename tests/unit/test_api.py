@@ -9,7 +9,7 @@ from treq.testing import StubTreq
 from ovsdriver.api import MAX_BODY, Handlers, PluginResource
 from ovsdriver.driver import Driver
 from ovsdriver.ovsdb import OVSDBUnavailable
-from ovsdriver.testing import FakeNetlink, FakeVSwitch
+from ovsdriver.testing import FakeFirewall, FakeNetlink, FakeVSwitch
 
 NET = "4e" * 32
 EP = "e9" * 32
@@ -23,7 +23,8 @@ class World:
     def __init__(self):
         self.kernel = FakeNetlink()
         self.vswitch = FakeVSwitch(kernel=self.kernel)
-        self.driver = Driver(self.vswitch, self.kernel, "netdev")
+        self.firewall = FakeFirewall()
+        self.driver = Driver(self.vswitch, self.kernel, self.firewall, "netdev")
         self.http = StubTreq(PluginResource(Handlers(self.driver)))
 
     def raw(self, method, data):
