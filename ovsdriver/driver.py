@@ -65,8 +65,8 @@ class Driver:
         existing = await self.vswitch.network(network_id)
         if existing is not None:
             return
-        await self.vswitch.add_network(network)
         try:
+            await self.vswitch.add_network(network)
             if network.gateways:
                 ifname = gateway_ifname(network)
                 await self.netlink.wait_for_link(ifname)

@@ -1,62 +1,8 @@
 """End to end: the docker CLI against a private dockerd, with the driver and
 Open vSwitch (userspace datapath) all in one network namespace of their own."""
 
-import json
 import re
 import signal
-
-import pytest
-
-IMAGE = "ovsdriver-test/busybox"
-
-
-class E2E:
-    """Shortcuts over a docker world with the driver running in it."""
-
-    def __init__(self, world, driver):
-        self.world = world
-        self.driver = driver
-        self.name = driver.name
-
-    def docker(self, *args, check=True):
-        return self.world.dockerd.docker(*args, check=check)
-
-    def vsctl(self, *args):
-        return self.world.ovs.vsctl(*args)
-
-    def host(self, *argv):
-        return self.world.netns.run(list(argv)).stdout
-
-    def network(self, name, subnet, *options, check=True):
-        args = ["network", "create", "-d", self.name, "--subnet", subnet]
-        for option in options:
-            args += ["-o", option]
-        return self.docker(*args, name, check=check)
-
-    def run(self, name, network, *extra):
-        args = ["run", "-d", "--name", name, "--network", network, *extra]
-        return self.docker(*args, IMAGE, "sleep", "600").stdout.strip()
-
-    def exec(self, container, *argv, check=True):
-        return self.docker("exec", container, *argv, check=check)
-
-    def ping(self, container, address, count=2):
-        result = self.exec(container, "ping", "-c", str(count), "-W", "2", address, check=False)
-        return result.returncode == 0
-
-    def network_id(self, name):
-        return self.docker("network", "inspect", "-f", "{{.Id}}", name).stdout.strip()
-
-    def container_net(self, container, network):
-        out = self.docker("inspect", container).stdout
-        return json.loads(out)[0]["NetworkSettings"]["Networks"][network]
-
-
-@pytest.fixture
-def e2e(docker_world, driver):
-    """A fresh driver in the module's docker world (the ``driver`` fixture
-    removes every container, network and bridge after the test)."""
-    return E2E(docker_world, driver)
 
 
 def test_containers_talk_to_each_other_and_the_gateway(e2e):
