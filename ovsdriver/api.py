@@ -74,8 +74,9 @@ def parse_body(method, raw):
             continue
         if not isinstance(value, kind):
             raise BadRequest(f"{method}: field {name} must be a {_json_type(kind)}")
+    interface = body.get("Interface") if "Interface" in fields else None
     for name in _INTERFACE_FIELDS:
-        value = (body.get("Interface") or {}).get(name)
+        value = (interface or {}).get(name)
         if value is not None and not isinstance(value, str):
             raise BadRequest(f"{method}: field Interface.{name} must be a string")
     return body

@@ -12,7 +12,13 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from ovsdriver.firewall import NetworkRules
-from ovsdriver.options import OptionError, check_id, parse_network, parse_portmap
+from ovsdriver.options import (
+    OptionError,
+    check_address,
+    check_id,
+    parse_network,
+    parse_portmap,
+)
 from ovsdriver.vswitch import Endpoint, gateway_ifname, port_name, veth_host_name
 
 log = Logger()
@@ -105,8 +111,8 @@ class Driver:
             mtu=network.mtu,
             vlan=network.vlan,
             port_type=network.port_type,
-            ipv4=interface.get("Address") or None,
-            ipv6=interface.get("AddressIPv6") or None,
+            ipv4=check_address("Interface.Address", interface.get("Address"), 4),
+            ipv6=check_address("Interface.AddressIPv6", interface.get("AddressIPv6"), 6),
         )
         existing = await self.vswitch.endpoint(endpoint_id)
         if existing is None:

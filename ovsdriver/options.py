@@ -135,6 +135,8 @@ def _subnets(name, data, version):
         if not isinstance(entry, dict):
             raise OptionError(f"{name} entries must be objects")
         pool, gateway = entry.get("Pool"), entry.get("Gateway") or None
+        if not isinstance(pool, str) or not isinstance(gateway, (str, type(None))):
+            raise OptionError(f"{name} Pool and Gateway must be strings")
         try:
             net = ipaddress.ip_network(pool, strict=False)
             if gateway is not None:
@@ -263,3 +265,16 @@ def parse_portmap(options, container_ip):
                 host_ip = None
         published.append(PublishedPort(proto, host_port, container_ip, port, host_ip))
     return published
+
+
+def check_address(field, value, version):
+    """An endpoint address from the engine: CIDR of the right family, or None."""
+    if not value:
+        return None
+    try:
+        address = ipaddress.ip_interface(value)
+    except ValueError:
+        address = None
+    if address is None or address.version != version or "/" not in value:
+        raise OptionError(f"{field} {value!r} is not an IPv{version} address in CIDR form")
+    return str(address)
