@@ -220,6 +220,7 @@ class OVSDB(service.Service):
         self._timer = None
         self._seqno = None
         self._last_error = "not connected yet"
+        self._down_since = None
         self._ticking = False
 
     # -- lifecycle ---------------------------------------------------------
@@ -273,7 +274,9 @@ class OVSDB(service.Service):
     @property
     def connected(self):
         """True while the replica is live (monitoring), so reads are current."""
-        return self.idl is not None and self.idl.state == self.idl.IDL_S_MONITORING
+        idl = self.idl
+        # The IDL's state stays "monitoring" while its session is down.
+        return idl is not None and idl.state == idl.IDL_S_MONITORING and idl._session.is_connected()
 
     def unavailable(self):
         return OVSDBUnavailable(
@@ -336,8 +339,19 @@ class OVSDB(service.Service):
     def _run_idl(self):
         idl = self.idl
         idl.run()
-        if not self.connected:
-            self._last_error = "connection lost or not established"
+        if self.connected:
+            self._down_since = None
+        else:
+            if self._down_since is None:
+                self._down_since = self.reactor.seconds()
+                self._last_error = "connection lost or not established"
+            if self._txn is not None:
+                # python-ovs only gives up on it once it reconnects: rebuild it
+                # then (builders are idempotent), or fail it if that takes long.
+                for op in self._in_flight:
+                    op.phase = "queued"
+                self._queue[:0] = self._in_flight
+                self._txn, self._in_flight = None, []
         if self._txn is not None:
             self._advance(self._txn.commit())
         if idl.change_seqno != self._seqno:
@@ -477,11 +491,13 @@ class OVSDB(service.Service):
         op.deferred.errback(error)
 
     def _expire_unconnected(self):
-        if self.connected or not self._queue:
+        """Fail what has waited `unavailable_timeout` for a connection."""
+        if self.connected:
             return
         now = self.reactor.seconds()
-        for op in self._queue:
-            if now - op.queued_at >= self.unavailable_timeout:
+        down_since = self._down_since if self._down_since is not None else 0
+        for op in self._queue + [op for _, op in self._waiting_cfg]:
+            if now - max(op.queued_at, down_since) >= self.unavailable_timeout:
                 self._fail(op, self.unavailable())
         self._queue = [op for op in self._queue if not op.done]
 

@@ -5,6 +5,7 @@ them. The HTTP listener is added last so it stops first.
 """
 
 import os
+import re
 
 from twisted.application import internet, service
 from twisted.python import usage
@@ -47,6 +48,7 @@ class Options(usage.Options):
     ]
 
     def postOptions(self):
+        self["listen"] = private_listen(self["listen"])
         kind = self["datapath-type"]
         if kind == "auto":
             self["datapath-type"] = detect_datapath_type()
@@ -87,6 +89,22 @@ class ListenerService(internet.StreamServerEndpointService):
         if self.socket_path:
             os.makedirs(os.path.dirname(self.socket_path), mode=0o755, exist_ok=True)
         super().privilegedStartService()
+
+
+def private_listen(description):
+    """A ``unix:`` endpoint description with a mode that keeps others out
+    (660 when none is given); refuse a mode that lets others in."""
+    if not description.startswith("unix:"):
+        return description
+    mode = re.search(r":mode=([0-7]+)(?::|$)", description)
+    if mode is None:
+        return description + ":mode=660"
+    if int(mode.group(1), 8) & 0o007:
+        raise usage.UsageError(
+            f"--listen mode={mode.group(1)} lets every user drive the network "
+            "driver; use a mode without access for others, such as 660"
+        )
+    return description
 
 
 def _unix_path(description):
