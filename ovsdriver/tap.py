@@ -13,9 +13,10 @@ from twisted.web import server
 
 from ovsdriver.api import Handlers, PluginResource
 from ovsdriver.driver import Driver
-from ovsdriver.firewall import Firewall
+from ovsdriver.firewall import Firewall, FirewallRestorer
 from ovsdriver.netlink import Netlink
 from ovsdriver.ovsdb import OVSDB
+from ovsdriver.reconcile import Reconciler
 from ovsdriver.vswitch import VSwitch
 
 DEFAULT_LISTEN = "unix:/run/docker/plugins/ovs.sock:mode=660"
@@ -125,6 +126,11 @@ def makeService(options, reactor=None):
     netlink = Netlink(reactor)
     NetlinkService(netlink).setServiceParent(top)
     driver = Driver(VSwitch(ovsdb), netlink, Firewall(reactor), options["datapath-type"])
+    # The firewall lives in the kernel only: rebuild it from OVSDB at start.
+    FirewallRestorer(reactor, driver.sync_firewall).setServiceParent(top)
+    # Orphan collection and repair after ovs-vswitchd restarts (see ovsdriver.reconcile).
+    reconciler = Reconciler(reactor, driver.vswitch, netlink, after_collect=driver.sync_firewall)
+    reconciler.setServiceParent(top)
     site = server.Site(PluginResource(Handlers(driver)))
     site.displayTracebacks = False
     ListenerService(options["listen"], site, reactor).setServiceParent(top)

@@ -10,7 +10,8 @@ threads, no root.
 import attr
 from twisted.internet import defer
 
-from ovsdriver.netlink import LinkError, check_ifname, check_mac, parse_addresses
+from ovsdriver.firewall import FirewallError, check_networks, forwarding_families, needs
+from ovsdriver.netlink import LinkError, LinkInfo, check_ifname, check_mac, parse_addresses
 from ovsdriver.vswitch import VSwitchError, check_shareable, gateway_port_name
 
 # ---------------------------------------------------------------------------
@@ -43,6 +44,24 @@ class _Link:
     addresses = attr.ib(factory=set)
     peer = attr.ib(default=None)
     tx_checksum = attr.ib(default=True)
+    carrier = attr.ib(default=True)
+
+
+@attr.s(slots=True)
+class _Sandbox:
+    """A fake container network namespace: its links and routes."""
+
+    links = attr.ib(factory=lambda: {"lo": _Link(mtu=65536, mac="00:00:00:00:00:00", up=True)})
+    routes = attr.ib(factory=set)  # FakeRoute values
+
+
+@attr.s(frozen=True, slots=True)
+class FakeRoute:
+    """A route in a fake sandbox: *dst* is a CIDR or "default"."""
+
+    dst = attr.ib()
+    gateway = attr.ib()
+    dev = attr.ib()
 
 
 class FakeNetlink:
@@ -50,14 +69,19 @@ class FakeNetlink:
 
     Like a fresh network namespace it starts with ``lo``. Tests make links
     appear with `add_link` (as OVS creating a tap would) or `appear_on_wait`,
-    and read them back with `state`.
+    and read them back with `state`. Containers' namespaces (sandboxes, by
+    path) are made with `add_sandbox`, filled with `add_sandbox_link` and
+    `add_sandbox_route` or by `move_to_sandbox` (as the engine moves a link
+    at Join), and read back with `sandbox_state` and `sandbox_routes`.
     """
 
     def __init__(self):
         self._links = {"lo": _Link(mtu=65536, mac="00:00:00:00:00:00")}
+        self._sandboxes = {}  # path -> _Sandbox
         self._appearing = set()
         self._next_mac = 1
         self.started = False
+        self.repairs = []  # (sandbox, fresh name) of each repair that was done
 
     # -- helpers for tests ---------------------------------------------------
 
@@ -89,6 +113,49 @@ class FakeNetlink:
         n = self._next_mac
         self._next_mac += 1
         return "02:00:00:" + ":".join(f"{b:02x}" for b in n.to_bytes(3, "big"))
+
+    def add_sandbox(self, path):
+        """Make a sandbox (a container's namespace) exist at *path*, with ``lo``."""
+        self._sandboxes.setdefault(str(path), _Sandbox())
+
+    def remove_sandbox(self, path):
+        """Make the sandbox at *path* go away with everything in it."""
+        self._sandboxes.pop(str(path), None)
+
+    def add_sandbox_link(self, sandbox, name, mac, mtu=1500, addresses=(), up=True, carrier=True):
+        """Put a link in a sandbox; ``carrier=False`` makes it a dead tap."""
+        check_ifname(name)
+        link = _Link(mtu=mtu, mac=mac.lower(), up=up, carrier=carrier)
+        link.addresses.update(parse_addresses(name, addresses, "add"))
+        self._sandboxes[str(sandbox)].links[name] = link
+
+    def add_sandbox_route(self, sandbox, dst, gateway, dev):
+        """Add a route through *dev* (*dst*: a CIDR or "default")."""
+        self._sandboxes[str(sandbox)].routes.add(FakeRoute(dst, gateway, dev))
+
+    def move_to_sandbox(self, name, sandbox, new_name=None):
+        """Move a link into a sandbox (renamed), as the engine does at Join."""
+        link = self._links.pop(name)
+        self._sandboxes[str(sandbox)].links[new_name or name] = link
+
+    def sandbox_state(self, sandbox, name):
+        """A `FakeLinkState` of link *name* in a sandbox, or None."""
+        link = self._sandboxes[str(sandbox)].links.get(name)
+        if link is None:
+            return None
+        return FakeLinkState(
+            name=name,
+            mtu=link.mtu,
+            mac=link.mac,
+            up=link.up,
+            addresses=frozenset(str(a) for a in link.addresses),
+            peer=link.peer,
+            tx_checksum=link.tx_checksum,
+        )
+
+    def sandbox_routes(self, sandbox):
+        """The routes of a sandbox, a frozenset of `FakeRoute`."""
+        return frozenset(self._sandboxes[str(sandbox)].routes)
 
     # -- the port --------------------------------------------------------------
 
@@ -196,6 +263,63 @@ class FakeNetlink:
         if link is not None and link.peer is not None:
             self._links.pop(link.peer, None)
         return defer.succeed(None)
+
+    def _sandbox(self, sandbox):
+        found = self._sandboxes.get(str(sandbox))
+        if found is None:
+            raise LinkError(f"cannot enter sandbox {sandbox}: No such file or directory")
+        return found
+
+    def sandbox_links(self, sandbox):
+        try:
+            links = self._sandbox(sandbox).links
+        except LinkError:
+            return defer.fail()
+        return defer.succeed(
+            tuple(
+                LinkInfo(
+                    name=name,
+                    mac=link.mac,
+                    mtu=link.mtu,
+                    up=link.up,
+                    carrier=link.carrier,
+                    addresses=[str(a) for a in link.addresses],
+                )
+                for name, link in links.items()
+            )
+        )
+
+    def repair_endpoint(self, sandbox, fresh_name, mac, mtu, addresses=()):
+        try:
+            check_mac(fresh_name, mac)
+            parsed = parse_addresses(fresh_name, addresses, "restore")
+            fresh = self._links.get(fresh_name)
+            if fresh is None:
+                return defer.succeed(None)
+            target = self._sandbox(sandbox)
+        except LinkError:
+            return defer.fail()
+        mac = mac.lower()
+        dead_name = next(
+            (
+                name
+                for name, link in target.links.items()
+                if link.mac == mac and name != fresh_name and not link.carrier
+            ),
+            None,
+        )
+        if dead_name is None:
+            return defer.succeed(None)
+        dead = target.links.pop(dead_name)
+        routes = {r for r in target.routes if r.dev == dead_name}
+        del self._links[fresh_name]
+        target.links[dead_name] = fresh
+        fresh.mac, fresh.mtu, fresh.up = mac, int(mtu or dead.mtu), True
+        fresh.addresses = {a for a in dead.addresses if not (a.version == 6 and a.is_link_local)}
+        fresh.addresses.update(parsed)
+        self.repairs.append((str(sandbox), fresh_name))
+        target.routes |= routes
+        return defer.succeed(dead_name)
 
 
 # ---------------------------------------------------------------------------
@@ -340,11 +464,71 @@ class FakeVSwitch:
 
 
 class FakeFirewall:
-    """`ovsdriver.firewall.Firewall` in memory: remembers the applied rules."""
+    """`ovsdriver.firewall.Firewall` in memory: remembers the applied rules.
+
+    It validates like the real one (the same `check_networks`) and answers
+    what the real one's chains would do: `isolated`, `masqueraded`,
+    `blocked`, `published`, `forwarding`. Tests make the next applies fail
+    with `fail_next`, as a failing iptables-restore would (nothing changes).
+    """
 
     def __init__(self):
-        self.networks = ()
+        self.networks = ()  # the last applied state, validated and normalized
+        self.forwarding = set()  # families whose IP forwarding was turned on
+        self.applied = 0  # successful applies
+        self._failures = []
+
+    # -- helpers for tests ---------------------------------------------------
+
+    def fail_next(self, message="iptables-restore failed: simulated failure"):
+        """Make the next `apply` fail with FirewallError(*message*)."""
+        self._failures.append(message)
+
+    def network(self, network_id):
+        """The applied `NetworkRules` of *network_id*, or None."""
+        return next((n for n in self.networks if n.network_id == network_id), None)
+
+    @property
+    def owned(self):
+        """Whether the real firewall would have chains in place."""
+        return any(needs(self.networks, family) for family in (4, 6))
+
+    def isolated(self):
+        """{(family, ifname, "nat" | "routed" | "internal")} of every network."""
+        return {
+            (family, n.ifname, "internal" if n.internal else "nat" if n.nat else "routed")
+            for n in self.networks
+            for family in (4, 6)
+            if n.pools(family)
+        }
+
+    def masqueraded(self):
+        """{(pool, ifname)} whose traffic leaving the network is masqueraded."""
+        return {(pool, n.ifname) for n in self.networks if n.nat for pool in n.ipv4 + n.ipv6}
+
+    def blocked(self):
+        """{pool} of internal networks: nothing is routed to or from them."""
+        return {pool for n in self.networks if n.internal for pool in n.ipv4 + n.ipv6}
+
+    def published(self):
+        """{(proto, host_ip, host_port, container_ip, container_port)} DNATed."""
+        return {
+            (p.proto, p.host_ip, p.host_port, p.container_ip, p.container_port)
+            for n in self.networks
+            if n.ipv4 and not n.internal
+            for p in n.published
+        }
+
+    # -- the port --------------------------------------------------------------
 
     def apply(self, networks):
-        self.networks = tuple(networks)
+        try:
+            checked = check_networks(networks)
+            if self._failures:
+                raise FirewallError(self._failures.pop(0))
+        except FirewallError:
+            return defer.fail()
+        self.networks = tuple(checked)
+        self.forwarding |= forwarding_families(checked)
+        self.applied += 1
         return defer.succeed(None)

@@ -201,7 +201,7 @@ def test_driver_class_starts_kills_and_cleans_up_a_twistd_server() -> None:
             assert d.accepting()
             d.restart(signal.SIGTERM)
             assert d.accepting()
-            assert "Starting factory" in d.log() or d.log()
+            assert d.log().count(f"{name}.sock") >= 3  # one start per run, in one log
         finally:
             pid = d.pid
             d.close()

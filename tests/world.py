@@ -70,7 +70,7 @@ BUSYBOX_IMAGE = "ovsdriver-test/busybox"
 BUSYBOX_APPLETS = (
     *("sh", "ip", "ping", "ping6", "ifconfig", "sleep", "cat", "nc", "wget"),
     *("httpd", "route", "ls", "grep", "awk"),
-    *("true", "false", "echo", "hostname"),
+    *("true", "false", "echo", "hostname", "timeout", "mkdir"),
 )
 OVS_SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -1,0 +1,393 @@
+"""End to end: external connectivity, isolation, internal networks and
+published ports, with the real firewall in the world's namespace.
+
+Every test builds an "outside" host of its own: a namespace ``ovsw-out-*``
+behind a veth from the world (192.0.2.1 on the world's side, 192.0.2.2
+outside) with no route to the container subnets, so only masquerading and
+DNAT can connect it with containers. Servers are small Python programs the
+test starts with nsenter (in the outside namespace, or in a container's) and
+stops by PID; each also ends by itself after a bounded time.
+"""
+
+import os
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests import world
+
+IMAGE = world.BUSYBOX_IMAGE
+WORLD_IP, OUTSIDE_IP = "192.0.2.1", "192.0.2.2"
+LIFETIME = 120  # seconds a helper server lives at most
+
+#: An HTTP server answering every GET with the client's address.
+HTTP_PEER_SERVER = """
+import http.server, sys, threading
+class Peer(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("peer=%s\\n" % self.client_address[0]).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), Peer)
+threading.Timer(float(sys.argv[3]), server.shutdown).start()
+print("ready", flush=True)
+server.serve_forever()
+"""
+
+#: A UDP server answering every datagram with "echo:<data>:<sender address>".
+UDP_ECHO_SERVER = """
+import socket, sys, time
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind((sys.argv[1], int(sys.argv[2])))
+sock.settimeout(0.5)
+print("ready", flush=True)
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    try:
+        data, peer = sock.recvfrom(2048)
+    except socket.timeout:
+        continue
+    sock.sendto(b"echo:" + data + b":" + peer[0].encode(), peer)
+"""
+
+#: Fetch a URL (bounded): print the body, or exit 1 with the error.
+HTTP_GET = """
+import sys, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])) as r:
+        sys.stdout.write(r.read().decode())
+except Exception as e:
+    sys.exit("%s: %s" % (type(e).__name__, e))
+"""
+
+#: Send one UDP datagram and print the answer (bounded), or exit 1.
+UDP_ASK = """
+import socket, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.settimeout(float(sys.argv[4]))
+for attempt in range(3):
+    sock.sendto(sys.argv[3].encode(), (sys.argv[1], int(sys.argv[2])))
+    try:
+        print(sock.recv(2048).decode())
+        break
+    except socket.timeout:
+        continue
+else:
+    sys.exit("no answer")
+"""
+
+
+def nsenter(path, *argv):
+    return ["nsenter", f"--net={path}", "--", *argv]
+
+
+class Outside:
+    """A namespace behind a veth from the world, with no route to containers."""
+
+    def __init__(self, docker_world):
+        self.world = docker_world
+        self.name = f"{world.PREFIX}-out-{secrets.token_hex(3)}"
+        self.path = f"/run/netns/{self.name}"
+        self.processes = []
+        world.run(["ip", "netns", "add", self.name])
+        try:
+            wn = docker_world.netns.name
+            for argv in (
+                ["ip", "-n", self.name, "link", "set", "lo", "up"],
+                ["ip", "-n", wn, "link", "add", "ovx0", "type", "veth"]
+                + ["peer", "name", "ovx1", "netns", self.name],
+                ["ip", "-n", wn, "addr", "add", f"{WORLD_IP}/24", "dev", "ovx0"],
+                ["ip", "-n", wn, "link", "set", "ovx0", "up"],
+                ["ip", "-n", self.name, "addr", "add", f"{OUTSIDE_IP}/24", "dev", "ovx1"],
+                ["ip", "-n", self.name, "link", "set", "ovx1", "up"],
+            ):
+                world.run(argv)
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self, netns_path, script, *args):
+        """Start a helper server in *netns_path*; wait until it says ready."""
+        argv = nsenter(netns_path, sys.executable, "-c", script, *map(str, args), str(LIFETIME))
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.processes.append(process)
+        ready = []
+
+        def started():
+            if process.poll() is not None:
+                return True
+            if select.select([process.stdout], [], [], 0.1)[0]:
+                ready.append(process.stdout.readline().strip())
+            return bool(ready)
+
+        world.wait_until(started, 10, 0)
+        if ready != ["ready"]:
+            raise AssertionError(f"helper did not start: {process.stderr.read()}")
+        return process
+
+    def get(self, url, netns_path=None, timeout=3):
+        """GET *url* from the outside (or *netns_path*): (ok, body or error)."""
+        done = world.run(
+            nsenter(netns_path or self.path, sys.executable, "-c", HTTP_GET, url, str(timeout)),
+            check=False,
+            timeout=timeout + 20,
+        )
+        return done.returncode == 0, (done.stdout if done.returncode == 0 else done.stderr)
+
+    def udp(self, host, port, message, timeout=2):
+        done = world.run(
+            nsenter(
+                self.path, sys.executable, "-c", UDP_ASK, host, str(port), message, str(timeout)
+            ),
+            check=False,
+            timeout=3 * timeout + 20,
+        )
+        return done.returncode == 0, done.stdout.strip() or done.stderr.strip()
+
+    def close(self):
+        for process in self.processes:
+            world.stop_process(process.pid, popen=process, timeout=5)
+            for stream in (process.stdout, process.stderr):
+                if stream:
+                    stream.close()
+        if os.path.lexists(self.path):
+            world.run(["ip", "netns", "delete", self.name])  # takes the veth along
+
+
+class External:
+    """Shortcuts for one test: the engine, the driver, the outside."""
+
+    def __init__(self, docker_world, driver, outside):
+        self.world = docker_world
+        self.driver = driver
+        self.outside = outside
+
+    def docker(self, *args, check=True):
+        return self.world.dockerd.docker(*args, check=check)
+
+    def host(self, *argv):
+        return self.world.netns.run(list(argv)).stdout
+
+    def network(self, name, subnet, *args):
+        self.docker("network", "create", "-d", self.driver.name, "--subnet", subnet, *args, name)
+        return self.docker("network", "inspect", "-f", "{{.Id}}", name).stdout.strip()
+
+    def run(self, name, network, *args, command=("sleep", "600")):
+        self.docker("run", "-d", "--name", name, "--network", network, *args, IMAGE, *command)
+
+    def web(self, name, network, *args):
+        """A container serving /www/index.html ("hello from NAME") on port 80."""
+        script = f"mkdir -p /www && echo hello from {name} > /www/index.html"
+        self.run(
+            name, network, *args, command=("sh", "-c", f"{script} && exec httpd -f -p 80 -h /www")
+        )
+
+    def ip(self, container, network):
+        template = f'{{{{(index .NetworkSettings.Networks "{network}").IPAddress}}}}'
+        return self.docker("inspect", "-f", template, container).stdout.strip()
+
+    def pid(self, container):
+        return self.docker("inspect", "-f", "{{.State.Pid}}", container).stdout.strip()
+
+    def exec(self, container, *argv):
+        return self.docker("exec", container, *argv, check=False)
+
+    def ping(self, container, address):
+        return self.exec(container, "ping", "-c", "2", "-W", "2", address).returncode == 0
+
+    def wget(self, container, url):
+        """(ok, output) of a bounded busybox wget inside *container*."""
+        # (Debian's busybox wget crashes with -T: bound it with timeout instead.)
+        done = self.exec(container, "timeout", "8", "wget", "-q", "-O", "-", url)
+        return done.returncode == 0, done.stdout + done.stderr
+
+    def nat_rules(self):
+        return self.host("iptables-save", "-t", "nat")
+
+    def peer_server(self):
+        self.outside.start(self.outside.path, HTTP_PEER_SERVER, OUTSIDE_IP, 8000)
+        return f"http://{OUTSIDE_IP}:8000/"
+
+
+@pytest.fixture(params=["iptables", "plain"])
+def ext(request):
+    """External-connectivity shortcuts, with dockerd's iptables on ("iptables":
+    FORWARD policy DROP) and off ("plain": FORWARD policy ACCEPT)."""
+    kind = request.param
+    docker_world = request.getfixturevalue(
+        "docker_world_iptables" if kind == "iptables" else "docker_world"
+    )
+    driver = request.getfixturevalue("driver_iptables" if kind == "iptables" else "driver")
+    outside = Outside(docker_world)
+    try:
+        yield External(docker_world, driver, outside)
+    finally:
+        outside.close()
+
+
+@pytest.fixture
+def ext_iptables(docker_world_iptables, driver_iptables):
+    outside = Outside(docker_world_iptables)
+    try:
+        yield External(docker_world_iptables, driver_iptables, outside)
+    finally:
+        outside.close()
+
+
+def test_the_outside_has_no_route_to_containers(ext_iptables):
+    routes = world.run(["ip", "-n", ext_iptables.outside.name, "route"]).stdout
+    assert routes.split() == ["192.0.2.0/24", "dev", "ovx1", "proto", "kernel"] + [
+        "scope",
+        "link",
+        "src",
+        OUTSIDE_IP,
+    ]
+
+
+def test_a_container_reaches_the_outside_masqueraded(ext):
+    ext.network("ext", "10.71.0.0/24")
+    ext.run("c1", "ext")
+    url = ext.peer_server()
+    assert ext.ping("c1", OUTSIDE_IP)
+    ok, body = ext.wget("c1", url)
+    assert ok, body
+    assert body.strip() == f"peer={WORLD_IP}"  # the host's address, not 10.71.0.x
+
+
+def test_networks_of_the_driver_cannot_reach_each_other(ext):
+    ext.network("left", "10.72.0.0/24")
+    ext.network("right", "10.73.0.0/24")
+    ext.run("l1", "left")
+    ext.run("r1", "right")
+    url = ext.peer_server()
+    assert ext.wget("l1", url)[0] and ext.wget("r1", url)[0]  # both do get out
+    assert not ext.ping("l1", ext.ip("r1", "right"))
+    assert not ext.ping("r1", ext.ip("l1", "left"))
+    assert ext.ping("l1", "10.72.0.1")
+
+
+def test_internal_network_talks_inside_only(ext_iptables):
+    ext = ext_iptables
+    ext.network("inner", "10.74.0.0/24", "--internal")
+    ext.run("i1", "inner")
+    ext.run("i2", "inner")
+    ext.peer_server()
+    assert ext.ping("i1", ext.ip("i2", "inner"))
+    assert "default" not in ext.exec("i1", "ip", "route").stdout
+    assert not ext.ping("i1", OUTSIDE_IP)
+    assert not ext.wget("i1", f"http://{OUTSIDE_IP}:8000/")[0]
+    # Nothing is masqueraded nor published for it; no gateway on the host.
+    assert "10.74.0.0/24" not in ext.nat_rules()
+    assert "10.74.0." not in ext.host("ip", "-o", "addr")
+    # Even a route to it from the world goes nowhere.
+    assert "10.74.0.0/24 -m comment" in ext.host("iptables-save", "-t", "filter")
+
+
+def test_published_tcp_port_is_reachable_from_outside_until_removed(ext):
+    ext.network("pub", "10.75.0.0/24")
+    ext.web("web", "pub", "-p", "8080:80")
+    cip = ext.ip("web", "pub")
+    url = f"http://{WORLD_IP}:8080/index.html"
+    ok, body = world.wait_until(lambda: _ok(ext.outside.get(url)), 15, 0.5)
+    assert body.strip() == "hello from web"
+    assert f"--to-destination {cip}:80" in ext.nat_rules()
+    # From the host itself (OUTPUT), and hairpin from a container of the network.
+    assert ext.outside.get(url, ext.world.netns.path)[0]
+    ext.run("neighbour", "pub")
+    ok, body = ext.wget("neighbour", url)
+    assert ok and "hello from web" in body, body
+    # The container port is not reachable without the DNAT (no route anyway,
+    # and nothing but published ports comes in).
+    ext.docker("rm", "-f", "web")
+    assert f"{cip}:80" not in ext.nat_rules()
+    assert cip not in ext.host("iptables-save")
+    assert not ext.outside.get(url)[0]
+
+
+def test_published_udp_port_is_reachable_from_outside_until_removed(ext_iptables):
+    ext = ext_iptables
+    ext.network("dns", "10.76.0.0/24")
+    ext.run("udp1", "dns", "-p", "5353:53/udp")
+    cip = ext.ip("udp1", "dns")
+    ext.outside.start(f"/proc/{ext.pid('udp1')}/ns/net", UDP_ECHO_SERVER, "0.0.0.0", 53)
+    ok, answer = ext.outside.udp(WORLD_IP, 5353, "hi")
+    assert ok, answer
+    assert answer == f"echo:hi:{OUTSIDE_IP}"  # DNAT only: the container sees the client
+    assert "-p udp -m udp --dport 5353" in ext.nat_rules()
+    ext.docker("rm", "-f", "udp1")
+    assert f"{cip}:53" not in ext.nat_rules()
+
+
+def test_published_port_on_one_host_address_only(ext_iptables):
+    ext = ext_iptables
+    ext.network("pin", "10.77.0.0/24")
+    ext.host("ip", "addr", "add", "192.0.2.11/24", "dev", "ovx0")
+    ext.web("pinned", "pin", "-p", "192.0.2.11:8081:80")
+    url = "http://{}:8081/index.html"
+    ok, body = world.wait_until(lambda: _ok(ext.outside.get(url.format("192.0.2.11"))), 15, 0.5)
+    assert "hello from pinned" in body
+    assert not ext.outside.get(url.format(WORLD_IP))[0]
+
+
+def test_routed_network_is_not_masqueraded_and_reachable(ext_iptables):
+    ext = ext_iptables
+    ext.network("routed", "10.78.0.0/24", "-o", "ovs.nat=false")
+    ext.web("r1", "routed")
+    world.run(["ip", "-n", ext.outside.name, "route", "add", "10.78.0.0/24", "via", WORLD_IP])
+    url = ext.peer_server()
+    ok, body = ext.wget("r1", url)
+    assert ok and body.strip() == f"peer={ext.ip('r1', 'routed')}", body
+    assert ext.outside.get(f"http://{ext.ip('r1', 'routed')}/index.html")[0]
+
+
+def test_nat_network_is_not_reachable_by_route_even_with_forward_accept(ext):
+    ext.network("hidden", "10.79.0.0/24")
+    ext.web("h1", "hidden")
+    world.run(["ip", "-n", ext.outside.name, "route", "add", "10.79.0.0/24", "via", WORLD_IP])
+    assert not ext.outside.get(f"http://{ext.ip('h1', 'hidden')}/index.html", timeout=2)[0]
+
+
+def test_rules_are_restored_when_the_driver_restarts(ext_iptables):
+    ext = ext_iptables
+    ext.network("sturdy", "10.80.0.0/24")
+    ext.web("web2", "sturdy", "-p", "8082:80")
+    url = f"http://{WORLD_IP}:8082/index.html"
+    assert world.wait_until(lambda: _ok(ext.outside.get(url)), 15, 0.5)
+    ext.driver.kill(signal.SIGKILL)
+    # As after a reboot: none of the driver's rules are left.
+    for table, builtin, chain in (
+        ("filter", "FORWARD", "OVSDRIVER-FORWARD"),
+        ("nat", "PREROUTING", "OVSDRIVER-DNAT"),
+        ("nat", "POSTROUTING", "OVSDRIVER-POSTROUTING"),
+    ):
+        rules = ext.host("iptables", "-t", table, "-S", builtin)
+        for rule in rules.splitlines():
+            if rule.endswith(f"-j {chain}"):
+                ext.host("iptables", "-t", table, *rule.replace("-A", "-D", 1).split())
+    ext.host("iptables", "-t", "nat", "-F", "OVSDRIVER-DNAT")
+    assert not ext.outside.get(url, timeout=2)[0]
+    started = time.monotonic()
+    ext.driver.start()
+    assert world.wait_until(lambda: _ok(ext.outside.get(url)), 15, 0.5)
+    assert time.monotonic() - started < 15
+    assert "firewall rules restored" in ext.driver.log()
+
+
+def _ok(result):
+    ok, body = result
+    return (ok, body) if ok else None

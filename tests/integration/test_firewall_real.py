@@ -1,0 +1,360 @@
+"""The firewall contract, run against the real Firewall on iptables.
+
+Each test gets a fresh network namespace (``ovsw-fw-<random>``: the prefix
+``.ci/run`` sweeps) whose iptables and sysctls the firewall manages through
+``nsenter``; it is deleted afterwards, also when a test fails, and takes every
+rule along. The `FirewallView` is read back from ``iptables-save`` and
+``ip6tables-save``: a fact counts only when every rule it needs is there, in
+a chain that is reachable from the built-in one.
+"""
+
+import ipaddress
+import os
+import re
+import secrets
+import shlex
+import shutil
+import subprocess
+
+import pytest
+from twisted.internet import defer
+
+from ovsdriver.firewall import (
+    DNAT,
+    FORWARD,
+    ISOLATION_1,
+    ISOLATION_2,
+    POSTROUTING,
+    Firewall,
+    FirewallError,
+)
+from tests.contract_firewall import (
+    INTERNAL,
+    NAT,
+    ROUTED,
+    FirewallContract,
+    FirewallView,
+    network,
+    tcp,
+)
+from tests.reactor_thread import get_reactor, run_in_reactor
+
+pytestmark = pytest.mark.integration
+
+
+def in_ns(namespace, *argv, check=True, input=None):
+    """Run *argv* inside *namespace*; its stdout, or raise with its stderr."""
+    done = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{namespace}", "--", *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        input=input,
+    )
+    if check and done.returncode:
+        raise AssertionError(f"{shlex.join(argv)} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+@pytest.fixture
+def namespace():
+    """A fresh network namespace's name, deleted after the test."""
+    if os.geteuid() != 0:
+        pytest.skip("creating network namespaces needs root")
+    for tool in ("ip", "nsenter", "iptables-save", "iptables-restore", "ip6tables-save"):
+        if shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None:
+            pytest.skip(f"{tool} is not installed")
+    name = f"ovsw-fw-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=True, timeout=30)
+
+
+# -- reading iptables-save ------------------------------------------------------
+
+
+def parse_save(text):
+    """{table: [(chain, {option: value})]} of every rule, in order.
+
+    Options keep their leading dashes; a negated one's value starts with
+    ``!``; ``-m MODULE`` and comments are dropped, so rules compare by meaning.
+    """
+    tables, table = {}, None
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = tables.setdefault(line[1:].strip(), [])
+        elif line.startswith("-A "):
+            tokens = shlex.split(line)
+            options, negate, i = {}, False, 2
+            while i < len(tokens):
+                token = tokens[i]
+                if token == "!":
+                    negate = True
+                    i += 1
+                    continue
+                if token == "-m":
+                    i += 2
+                    continue
+                value = tokens[i + 1]
+                if token != "--comment":
+                    options[token] = f"!{value}" if negate else value
+                negate = False
+                i += 2
+            table.append((tokens[1], options))
+    return tables
+
+
+def chain(tables, table, name):
+    """The rules (option dicts) of one chain, in order."""
+    return [options for c, options in tables.get(table, []) if c == name]
+
+
+def index(rules, **expected):
+    """Where the rule with exactly these options is, or None."""
+    want = {
+        "-" + k.replace("_", "-") if len(k) == 1 else "--" + k.replace("_", "-"): v
+        for k, v in expected.items()
+    }
+    return next((i for i, rule in enumerate(rules) if rule == want), None)
+
+
+def jumped_once(tables, table, builtin, target, **match):
+    """Whether *builtin* jumps to *target* exactly once, with *match*."""
+    jumps = [r for r in chain(tables, table, builtin) if r.get("-j") == target]
+    return len(jumps) == 1 and all(jumps[0].get(k) == v for k, v in match.items())
+
+
+def family_view(tables, family):
+    """The facts of one family: (networks, masqueraded, blocked, published)."""
+    networks, masqueraded, blocked, published = set(), set(), set(), set()
+    forward = chain(tables, "filter", FORWARD)
+    iso1 = chain(tables, "filter", ISOLATION_1)
+    iso2 = chain(tables, "filter", ISOLATION_2)
+    post = chain(tables, "nat", POSTROUTING)
+    filtering = jumped_once(tables, "filter", "FORWARD", FORWARD) and forward[:1] == [
+        {"-j": ISOLATION_1}
+    ]
+    nat = jumped_once(tables, "nat", "POSTROUTING", POSTROUTING)
+    rules = forward + iso1 + iso2 + post
+    ifnames = {r[k].lstrip("!") for r in rules for k in ("-i", "-o") if k in r}
+    modes = {}
+    for x in sorted(ifnames) if filtering else ():
+        isolated = (
+            index(iso1, i=x, o=f"!{x}", j=ISOLATION_2) is not None
+            and index(iso2, o=x, j="DROP") is not None
+        )
+        out = (
+            index(forward, o=x, ctstate="RELATED,ESTABLISHED", j="ACCEPT") is not None
+            and index(forward, i=x, j="ACCEPT") is not None
+        )
+        drop_in = index(forward, o=x, j="DROP")
+        accept_in = index(forward, o=x, j="ACCEPT")
+        internal = index(iso1, i=x, j="DROP") is not None and index(iso1, o=x, j="DROP") is not None
+        if isolated and out and drop_in is not None and accept_in is None and not internal:
+            modes[x] = NAT
+        elif isolated and out and accept_in is not None and drop_in is None and not internal:
+            modes[x] = ROUTED
+        elif internal and not isolated and not out and drop_in is None and accept_in is None:
+            modes[x] = INTERNAL
+        else:
+            modes[x] = "broken"
+        networks.add((family, x, modes[x]))
+    for rule in iso1 if filtering else ():
+        pool = rule.get("-s")
+        if rule == {"-s": pool, "-j": "DROP"} and index(iso1, d=pool, j="DROP") is not None:
+            blocked.add(pool)
+    for rule in post if nat else ():
+        out = rule.get("-o", "")
+        masquerade = rule == {"-s": rule.get("-s"), "-o": out, "-j": "MASQUERADE"}
+        if masquerade and out.startswith("!") and modes.get(out[1:]) == NAT:
+            masqueraded.add((rule["-s"], out[1:]))
+    dnat = (
+        family == 4
+        and filtering
+        and nat
+        and jumped_once(tables, "nat", "PREROUTING", DNAT, **{"--dst-type": "LOCAL"})
+        and jumped_once(
+            tables, "nat", "OUTPUT", DNAT, **{"-d": "!127.0.0.0/8", "--dst-type": "LOCAL"}
+        )
+    )
+    for rule in chain(tables, "nat", DNAT) if dnat else ():
+        cip, _, cport = rule["--to-destination"].partition(":")
+        proto, host_ip = rule["-p"], rule.get("-d")
+        if host_ip is not None:
+            host_ip = str(ipaddress.ip_interface(host_ip).ip)
+        for x, mode in modes.items():
+            allowed = index(
+                forward,
+                d=f"{cip}/32",
+                o=x,
+                p=proto,
+                dport=cport,
+                ctstate="DNAT",
+                j="ACCEPT",
+            )
+            pools = [r["-s"] for r in post if r.get("-o") == x and r.get("--ctstate") == "DNAT"]
+            hairpin = any(ipaddress.ip_address(cip) in ipaddress.ip_network(p) for p in pools)
+            before_drop = (
+                mode == ROUTED
+                or allowed is not None
+                and allowed < (index(forward, o=x, j="DROP") or 0)
+            )
+            if allowed is not None and hairpin and before_drop:
+                published.add((proto, host_ip, int(rule["--dport"]), cip, int(cport)))
+    return networks, masqueraded, blocked, published
+
+
+_OURS = re.compile(r"OVSDRIVER-")
+
+
+class TestRealFirewall(FirewallContract):
+    @pytest.fixture(autouse=True)
+    def _real(self, namespace):
+        self.namespace = namespace
+        self.firewall = Firewall(get_reactor(), netns=namespace)
+        self.planted = []
+
+    def call(self, method, *args):
+        return run_in_reactor(method, *args, timeout=60)
+
+    def save(self, family):
+        return in_ns(self.namespace, "iptables-save" if family == 4 else "ip6tables-save")
+
+    def view(self):
+        facts = [set(), set(), set(), set()]
+        owned = False
+        for family in (4, 6):
+            text = self.save(family)
+            owned = owned or bool(_OURS.search(text))
+            for whole, part in zip(facts, family_view(parse_save(text), family)):
+                whole |= part
+        forwarding = set()
+        for family, key in ((4, "net.ipv4.ip_forward"), (6, "net.ipv6.conf.all.forwarding")):
+            if in_ns(self.namespace, "sysctl", "-n", key).strip() == "1":
+                forwarding.add(family)
+        return FirewallView(*map(frozenset, facts), frozenset(forwarding), owned)
+
+    def plant_foreign_rules(self):
+        ns = self.namespace
+        for argv in (
+            ["iptables", "-P", "FORWARD", "DROP"],
+            ["iptables", "-N", "DOCKER-USER"],
+            ["iptables", "-A", "FORWARD", "-j", "DOCKER-USER"],
+            ["iptables", "-A", "FORWARD", "-i", "fgn0", "-o", "fgn1", "-j", "ACCEPT"],
+            ["iptables", "-N", "FOREIGN"],
+            ["iptables", "-A", "FOREIGN", "-s", "198.51.100.0/24", "-j", "DROP"],
+            ["iptables", "-A", "FORWARD", "-j", "FOREIGN"],
+            ["iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "198.51.100.0/24"]
+            + ["!", "-o", "fgn0", "-j", "MASQUERADE"],
+            ["iptables", "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", "8080"]
+            + ["-j", "DNAT", "--to-destination", "198.51.100.9:80"],
+            ["ip6tables", "-A", "FORWARD", "-i", "fgn0", "-j", "ACCEPT"],
+            ["ip6tables", "-t", "nat", "-A", "POSTROUTING", "-s", "2001:db8::/64"]
+            + ["-j", "MASQUERADE"],
+        ):
+            in_ns(ns, *argv)
+        self.planted = self.foreign_lines()
+        assert len(self.planted) == 11, self.planted
+
+    def foreign_lines(self):
+        """Every line of iptables-save that is not ours, in order."""
+        lines = []
+        for family in (4, 6):
+            for line in self.save(family).splitlines():
+                if line.startswith("#") or _OURS.search(line):
+                    continue
+                if line.startswith(("-A", ":DOCKER", ":FOREIGN")) or "DROP" in line:
+                    lines.append(line)
+        return lines
+
+    def foreign_rules_intact(self):
+        return self.foreign_lines() == self.planted
+
+    def snapshot(self):
+        def clean(text):
+            lines = [line for line in text.splitlines() if not line.startswith("#")]
+            return [re.sub(r"\[\d+:\d+\]", "", line) for line in lines]
+
+        return clean(self.save(4)), clean(self.save(6)), self.view().forwarding
+
+    # -- what only the real one shows ----------------------------------------
+
+    def rules_of(self, family, table, name):
+        return chain(parse_save(self.save(family)), table, name)
+
+    def test_jumps_go_after_docker_user_and_exist_once(self):
+        self.plant_foreign_rules()
+        for _ in range(3):
+            self.apply(network(1, published=[tcp(8080, "10.91.0.2", 80)]))
+        forward = self.rules_of(4, "filter", "FORWARD")
+        assert forward[:2] == [{"-j": "DOCKER-USER"}, {"-j": FORWARD}]
+        assert [r.get("-j") for r in forward].count(FORWARD) == 1
+        for builtin in ("PREROUTING", "OUTPUT", "POSTROUTING"):
+            rules = self.rules_of(4, "nat", builtin)
+            assert rules[0]["-j"] in (DNAT, POSTROUTING)
+            assert [r.get("-j") for r in rules].count(rules[0]["-j"]) == 1
+
+    def test_jumps_go_first_without_docker_user(self):
+        in_ns(self.namespace, "iptables", "-A", "FORWARD", "-i", "fgn0", "-j", "ACCEPT")
+        self.apply(network(1))
+        assert self.rules_of(4, "filter", "FORWARD")[0] == {"-j": FORWARD}
+
+    def test_rules_flushed_from_outside_come_back_on_the_next_apply(self):
+        networks = [network(1, published=[tcp(8080, "10.91.0.2", 80)]), network(2)]
+        self.apply(*networks)
+        before, view = self.snapshot(), self.view()
+        in_ns(self.namespace, "iptables", "-D", "FORWARD", "-j", FORWARD)
+        in_ns(self.namespace, "iptables", "-F", ISOLATION_2)
+        in_ns(self.namespace, "iptables", "-t", "nat", "-F", "POSTROUTING")
+        broken = self.view()
+        assert broken.networks == set() and broken.masqueraded == set()
+        assert broken.published == set()
+        self.apply(*networks)
+        assert self.snapshot() == before
+        assert self.view() == view
+
+    def test_iptables_failure_names_the_command_and_keeps_the_rules(self):
+        self.apply(network(1))
+        before = self.snapshot()
+        # A foreign rule pointing into our chains: they cannot be deleted.
+        in_ns(self.namespace, "iptables", "-A", "FORWARD", "-j", ISOLATION_2)
+        with pytest.raises(FirewallError) as caught:
+            self.apply()
+        message = str(caught.value)
+        assert "iptables-restore failed" in message and ISOLATION_2 in message
+        assert "IPv4" in message
+        in_ns(self.namespace, "iptables", "-D", "FORWARD", "-j", ISOLATION_2)
+        assert self.snapshot() == before
+        self.apply()
+        assert not self.view().owned
+
+    def test_missing_namespace_fails_clearly(self):
+        firewall = Firewall(get_reactor(), netns="ovsw-fw-does-not-exist")
+        with pytest.raises(FirewallError, match="iptables-save failed: .*does-not-exist"):
+            self.call(firewall.apply, [network(1)])
+        # With nothing to do, a missing tool or namespace is not an error.
+        self.call(firewall.apply, [])
+
+    def test_concurrent_applies_are_serialised_and_the_last_one_wins(self):
+        states = [[network(n), network(n % 3 + 4, internal=True)] for n in (1, 2, 3, 1, 2)]
+
+        def all_at_once():
+            return defer.gatherResults([self.firewall.apply(s) for s in states])
+
+        self.call(all_at_once)
+        assert self.view().networks == {(4, "fwc-2", NAT), (4, "fwc-6", INTERNAL)}
+        forward = self.rules_of(4, "filter", "FORWARD")
+        assert [r.get("-j") for r in forward].count(FORWARD) == 1
+
+    def test_forwarding_already_on_is_left_alone(self):
+        in_ns(self.namespace, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        self.apply(network(1))
+        assert self.view().forwarding == {4}
+
+    def test_a_hanging_command_is_ended_and_named(self):
+        self.firewall.timeout = 0.5
+        with pytest.raises(FirewallError, match="sleep did not finish within 0.5 seconds"):
+            self.call(self.firewall.run, ["sleep", "10"])
