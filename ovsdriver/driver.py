@@ -48,6 +48,20 @@ def _check_mac(mac):
     return mac.lower()
 
 
+def _check_port_clash(published, other):
+    """Refuse a host port another endpoint already publishes on an overlapping
+    host address: its DNAT rule would silently win."""
+    for mine in published:
+        for theirs in other.published:
+            if (mine.proto, mine.host_port) != (theirs.proto, theirs.host_port):
+                continue
+            if None in (mine.host_ip, theirs.host_ip) or mine.host_ip == theirs.host_ip:
+                raise DriverError(
+                    f"host port {mine.host_port}/{mine.proto} is already published by "
+                    f"endpoint {other.endpoint_id[:12]}"
+                )
+
+
 class Driver:
     """The network driver, over a vswitch and a netlink port."""
 
@@ -185,6 +199,9 @@ class Driver:
         if network.internal or not endpoint.ipv4:
             return
         published = parse_portmap(options, endpoint.ipv4.split("/")[0])
+        for other in await self.vswitch.endpoints():
+            if other.endpoint_id != endpoint_id:
+                _check_port_clash(published, other)
         await self.vswitch.set_published(endpoint_id, published)
         try:
             await self.sync_firewall()

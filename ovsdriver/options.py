@@ -263,6 +263,11 @@ def parse_portmap(options, container_ip):
                 raise OptionError(f"HostIP {host_ip!r} is not an IP address") from None
             if ipaddress.ip_address(host_ip).is_unspecified:
                 host_ip = None
+            elif ipaddress.ip_address(host_ip).version == 6:
+                raise OptionError(
+                    f"cannot publish on the IPv6 address {host_ip}: the ovs driver "
+                    "publishes ports on IPv4 addresses only"
+                )
         published.append(PublishedPort(proto, host_port, container_ip, port, host_ip))
     return published
 

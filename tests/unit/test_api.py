@@ -233,3 +233,46 @@ def test_an_unexpected_error_is_a_sentence_without_traceback(world):
     world.driver.vswitch.endpoint = boom
     err = world.post("NetworkDriver.EndpointOperInfo", world.ids())["Err"]
     assert "kaboom" in err and "Traceback" not in err
+
+
+def program(world, endpoint_id, *portmap):
+    options = {"com.docker.network.portmap": list(portmap)}
+    body = dict(world.ids(endpoint_id), Options=options)
+    return world.post("NetworkDriver.ProgramExternalConnectivity", body)
+
+
+def test_published_ports_reach_the_firewall_and_go_with_revoke(world):
+    world.create_network()
+    world.create_endpoint()
+    assert program(world, EP, {"Proto": 6, "Port": 80, "HostPort": 8080}) == {}
+    (rules,) = world.firewall.networks
+    assert [(p.proto, p.host_port, p.container_ip, p.container_port) for p in rules.published] == [
+        ("tcp", 8080, "10.30.0.2", 80)
+    ]
+    world.post("NetworkDriver.RevokeExternalConnectivity", world.ids())
+    assert world.firewall.networks[0].published == ()
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"Proto": 6, "Port": 80, "HostPort": 0}, "explicit host port"),
+        ({"Proto": 1, "Port": 80, "HostPort": 80}, "protocol"),
+        ({"Proto": 6, "Port": 80, "HostPort": 80, "HostIP": "::1"}, "IPv4 addresses only"),
+    ],
+)
+def test_unpublishable_ports_are_refused(world, entry, message):
+    world.create_network()
+    world.create_endpoint()
+    assert message in program(world, EP, entry)["Err"]
+    assert world.firewall.networks[0].published == ()
+
+
+def test_a_host_port_is_published_once(world):
+    world.create_network()
+    world.create_endpoint()
+    world.create_endpoint(EP2, Address="10.30.0.3/24")
+    program(world, EP, {"Proto": 17, "Port": 53, "HostPort": 5353})
+    err = program(world, EP2, {"Proto": 17, "Port": 53, "HostPort": 5353, "HostIP": "10.0.0.1"})
+    assert "5353/udp is already published" in err["Err"]
+    assert program(world, EP2, {"Proto": 6, "Port": 53, "HostPort": 5353}) == {}
