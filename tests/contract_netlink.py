@@ -55,6 +55,38 @@ class NetlinkContract:
         """A `LinkView` of *name*, or None if there is no such link."""
         raise NotImplementedError
 
+    # -- hooks for sandboxes (containers' network namespaces) ------------------
+
+    def make_sandbox(self):
+        """Make an empty sandbox (``lo`` only); return its path."""
+        raise NotImplementedError
+
+    def make_tap(self, name, mac):
+        """Make a tap called *name* with *mac* in the port's namespace, down,
+        as ovs-vswitchd makes an internal port with the userspace datapath."""
+        raise NotImplementedError
+
+    def make_sandbox_link(self, sandbox, name, mac, addresses=(), live=False):
+        """Put a link *name* in *sandbox*: up, with *mac* and *addresses*.
+
+        ``live=False``: a tap without carrier (the dead copy an ovs-vswitchd
+        restart leaves in a container); ``live=True``: a link with carrier.
+        """
+        raise NotImplementedError
+
+    def add_sandbox_route(self, sandbox, dst, gateway, dev):
+        """Add a route to *dst* (CIDR or "default") via *gateway* on *dev*."""
+        raise NotImplementedError
+
+    def observe_in_sandbox(self, sandbox, name):
+        """A `LinkView` of link *name* in *sandbox*, or None."""
+        raise NotImplementedError
+
+    def sandbox_routes(self, sandbox):
+        """The routes in *sandbox* the kernel did not make itself: a frozenset
+        of (dst, gateway, dev) with dst a normalized CIDR or "default"."""
+        raise NotImplementedError
+
     def fails(self, method, *args, **kwargs):
         """Call like `call`; return the LinkError the call must fail with."""
         with pytest.raises(LinkError) as caught:
@@ -247,3 +279,122 @@ class NetlinkContract:
         error = self.fails(self.netlink.wait_for_link, "nlc-none", timeout=0.3)
         assert time.monotonic() - started < 0.3 + 1.0
         assert "nlc-none" in str(error)
+
+    # -- sandbox_links ----------------------------------------------------------
+
+    def test_sandbox_links_lists_the_links_inside_a_sandbox(self):
+        sandbox = self.make_sandbox()
+        self.make_sandbox_link(sandbox, "eth0", "02:00:5e:00:00:01", ["10.9.0.2/24"])
+        links = {link.name: link for link in self.call(self.netlink.sandbox_links, sandbox)}
+        assert {"lo", "eth0"} <= set(links)
+        eth0 = links["eth0"]
+        assert (eth0.mac, eth0.mtu, eth0.up, eth0.carrier) == (
+            "02:00:5e:00:00:01",
+            1500,
+            True,
+            False,
+        )
+        assert cidr("10.9.0.2/24") in eth0.addresses
+        assert "eth0" not in self.call(self.netlink.links)
+
+    def test_sandbox_links_tells_a_live_link_by_its_carrier(self):
+        sandbox = self.make_sandbox()
+        self.make_sandbox_link(sandbox, "eth1", "02:00:5e:00:00:02", live=True)
+        links = {link.name: link for link in self.call(self.netlink.sandbox_links, sandbox)}
+        assert links["eth1"].carrier is True
+
+    def test_sandbox_links_of_a_missing_sandbox_fails_naming_it(self):
+        missing = self.make_sandbox() + "-gone"
+        error = self.fails(self.netlink.sandbox_links, missing)
+        assert missing in str(error)
+
+    # -- repair_endpoint -----------------------------------------------------------
+
+    MAC = "02:00:5e:10:20:30"
+
+    def _restart_scene(self):
+        """A sandbox with the dead copy of an endpoint's link (eth0: addresses,
+        routes) and the fresh tap that a restarted ovs-vswitchd made."""
+        sandbox = self.make_sandbox()
+        self.make_sandbox_link(sandbox, "eth0", self.MAC, ["10.9.0.2/24", "fd09::2/64"])
+        self.add_sandbox_route(sandbox, "default", "10.9.0.1", "eth0")
+        self.add_sandbox_route(sandbox, "10.77.0.0/16", "10.9.0.1", "eth0")
+        self.add_sandbox_route(sandbox, "default", "fd09::1", "eth0")
+        self.make_tap("nlc-f", self.MAC)
+        return sandbox
+
+    def test_repair_endpoint_puts_the_fresh_link_in_the_dead_copys_place(self):
+        sandbox = self._restart_scene()
+        routes = self.sandbox_routes(sandbox)
+        name = self.call(
+            self.netlink.repair_endpoint, sandbox, "nlc-f", self.MAC, 1400, ["10.9.0.2/24"]
+        )
+        assert name == "eth0"
+        assert "nlc-f" not in self.call(self.netlink.links)
+        view = self.observe_in_sandbox(sandbox, "eth0")
+        assert (view.mac, view.mtu, view.up) == (self.MAC, 1400, True)
+        assert {cidr("10.9.0.2/24"), cidr("fd09::2/64")} <= view.addresses
+        assert self.observe_in_sandbox(sandbox, "nlc-f") is None
+        assert self.sandbox_routes(sandbox) == routes
+        assert ("default", "10.9.0.1", "eth0") in routes
+        same_mac = [
+            link.name
+            for link in self.call(self.netlink.sandbox_links, sandbox)
+            if link.mac == self.MAC
+        ]
+        assert same_mac == ["eth0"]
+
+    def test_repair_endpoint_adds_the_given_addresses_the_dead_copy_lacked(self):
+        sandbox = self.make_sandbox()
+        self.make_sandbox_link(sandbox, "eth1", self.MAC)
+        self.make_tap("nlc-f", self.MAC)
+        name = self.call(
+            self.netlink.repair_endpoint,
+            sandbox,
+            "nlc-f",
+            self.MAC,
+            1500,
+            ["10.9.0.3/24", "fd09::3/64"],
+        )
+        assert name == "eth1"
+        addresses = self.observe_in_sandbox(sandbox, "eth1").addresses
+        assert {cidr("10.9.0.3/24"), cidr("fd09::3/64")} <= addresses
+
+    def test_repair_endpoint_leaves_a_link_the_engine_has_not_moved_yet(self):
+        sandbox = self.make_sandbox()
+        self.make_tap("nlc-f", self.MAC)
+        assert self.call(self.netlink.repair_endpoint, sandbox, "nlc-f", self.MAC, 1500) is None
+        assert "nlc-f" in self.call(self.netlink.links)
+        assert [link.name for link in self.call(self.netlink.sandbox_links, sandbox)] == ["lo"]
+
+    def test_repair_endpoint_never_touches_a_live_link(self):
+        sandbox = self.make_sandbox()
+        self.make_sandbox_link(sandbox, "eth0", self.MAC, ["10.9.0.2/24"], live=True)
+        self.make_tap("nlc-f", self.MAC)
+        assert self.call(self.netlink.repair_endpoint, sandbox, "nlc-f", self.MAC, 1500) is None
+        assert "nlc-f" in self.call(self.netlink.links)
+        assert cidr("10.9.0.2/24") in self.observe_in_sandbox(sandbox, "eth0").addresses
+
+    def test_repair_endpoint_without_a_fresh_link_does_nothing(self):
+        sandbox = self.make_sandbox()
+        self.make_sandbox_link(sandbox, "eth0", self.MAC, ["10.9.0.2/24"])
+        assert self.call(self.netlink.repair_endpoint, sandbox, "nlc-f", self.MAC, 1500) is None
+        assert self.observe_in_sandbox(sandbox, "eth0") is not None
+
+    def test_repair_endpoint_twice_is_fine(self):
+        sandbox = self._restart_scene()
+        self.call(self.netlink.repair_endpoint, sandbox, "nlc-f", self.MAC, 1500)
+        assert self.call(self.netlink.repair_endpoint, sandbox, "nlc-f", self.MAC, 1500) is None
+        assert self.observe_in_sandbox(sandbox, "eth0").up is True
+
+    def test_repair_endpoint_in_a_missing_sandbox_fails_naming_it(self):
+        missing = self.make_sandbox() + "-gone"
+        self.make_tap("nlc-f", self.MAC)
+        error = self.fails(self.netlink.repair_endpoint, missing, "nlc-f", self.MAC, 1500)
+        assert missing in str(error)
+        assert "nlc-f" in self.call(self.netlink.links)
+
+    def test_repair_endpoint_refuses_a_malformed_mac_naming_it(self):
+        sandbox = self.make_sandbox()
+        error = self.fails(self.netlink.repair_endpoint, sandbox, "nlc-f", "02:00", 1500)
+        assert "02:00" in str(error)

@@ -86,10 +86,13 @@ class TestRealNetlink(NetlinkContract):
         self.namespace = namespace
         self.netlink = netlink
         self._timers = []
+        self._sandboxes = []
         yield
         for timer in self._timers:
             timer.cancel()
             timer.join(10)
+        for sandbox in self._sandboxes:
+            ip("netns", "del", sandbox, check=False)
 
     def call(self, method, *args, **kwargs):
         # partial: run_in_reactor's own timeout would swallow the method's
@@ -103,8 +106,9 @@ class TestRealNetlink(NetlinkContract):
         self._timers.append(timer)
         timer.start()
 
-    def observe(self, name):
-        shown = ip("-n", self.namespace, "-j", "addr", "show", "dev", name, check=False)
+    def observe(self, name, namespace=None):
+        namespace = namespace or self.namespace
+        shown = ip("-n", namespace, "-j", "addr", "show", "dev", name, check=False)
         if not shown.strip():
             return None
         (link,) = json.loads(shown)
@@ -113,14 +117,59 @@ class TestRealNetlink(NetlinkContract):
             mac=link["address"],
             up="UP" in link["flags"],
             addresses=frozenset(cidr(f"{a['local']}/{a['prefixlen']}") for a in link["addr_info"]),
-            tx_checksum=self._tx_checksum(name),
+            tx_checksum=self._tx_checksum(name, namespace),
         )
 
-    def _tx_checksum(self, name):
+    # -- sandboxes: namespaces of their own, as containers have -----------------
+
+    def make_sandbox(self):
+        name = f"ovsdsb-{secrets.token_hex(4)}"
+        ip("netns", "add", name)
+        self._sandboxes.append(name)
+        return f"/run/netns/{name}"
+
+    def make_tap(self, name, mac):
+        ip("-n", self.namespace, "tuntap", "add", "name", name, "mode", "tap")
+        ip("-n", self.namespace, "link", "set", name, "address", mac)
+
+    def make_sandbox_link(self, sandbox, name, mac, addresses=(), live=False):
+        namespace = os.path.basename(sandbox)
+        if live:  # a veth pair with both ends up has carrier
+            peer = name + "p"
+            ip("-n", namespace, "link", "add", name, "type", "veth", "peer", "name", peer)
+            ip("-n", namespace, "link", "set", peer, "up")
+        else:  # a tap nobody holds open has none
+            ip("-n", namespace, "tuntap", "add", "name", name, "mode", "tap")
+        ip("-n", namespace, "link", "set", name, "address", mac, "up")
+        for address in addresses:
+            extra = ["nodad"] if ":" in address else []
+            ip("-n", namespace, "addr", "add", address, "dev", name, *extra)
+
+    def add_sandbox_route(self, sandbox, dst, gateway, dev):
+        family = "-6" if ":" in gateway else "-4"
+        ip("-n", os.path.basename(sandbox), family, "route", "add", dst, "via", gateway, "dev", dev)
+
+    def observe_in_sandbox(self, sandbox, name):
+        return self.observe(name, os.path.basename(sandbox))
+
+    def sandbox_routes(self, sandbox):
+        found = set()
+        for family in ("-4", "-6"):
+            shown = ip("-n", os.path.basename(sandbox), family, "-j", "route", "show")
+            for route in json.loads(shown or "[]"):
+                if route.get("protocol") == "kernel":
+                    continue
+                dst = route["dst"]
+                found.add(
+                    (dst if dst == "default" else cidr(dst), route.get("gateway"), route["dev"])
+                )
+        return frozenset(found)
+
+    def _tx_checksum(self, name, namespace=None):
         if shutil.which("ethtool") is None:
             return None
         shown = subprocess.run(
-            ["ip", "netns", "exec", self.namespace, "ethtool", "-k", name],
+            ["ip", "netns", "exec", namespace or self.namespace, "ethtool", "-k", name],
             capture_output=True,
             text=True,
             timeout=10,
@@ -178,3 +227,19 @@ def test_create_veth_peer_has_tx_checksumming_off_as_ethtool_reports(netlink, na
     assert "tx-checksumming: off" in shown
     shown = ip("netns", "exec", namespace, "ethtool", "-k", "nlr-h")
     assert "tx-checksumming: on" in shown
+
+
+def test_the_worker_comes_back_from_a_sandbox(netlink, namespace):
+    """After looking into a sandbox (or failing to), work happens at home again."""
+    sandbox = f"ovsdsb-{secrets.token_hex(4)}"
+    ip("netns", "add", sandbox)
+    try:
+        links = run_in_reactor(netlink.sandbox_links, f"/run/netns/{sandbox}")
+        assert [link.name for link in links] == ["lo"]
+        with pytest.raises(Exception, match="gone"):
+            run_in_reactor(netlink.sandbox_links, f"/run/netns/{sandbox}-gone")
+        run_in_reactor(netlink.create_veth, "nlr-h", "nlr-p", 1500)
+        assert "nlr-h" in ip("-n", namespace, "-o", "link", "show")
+        assert "nlr-h" not in ip("-n", sandbox, "-o", "link", "show")
+    finally:
+        ip("netns", "del", sandbox, check=False)

@@ -1,10 +1,14 @@
 """The netlink contract, run against the in-memory FakeNetlink."""
 
+import itertools
+
 import pytest
 from twisted.python.failure import Failure
 
 from ovsdriver.testing import FakeNetlink
-from tests.contract_netlink import LinkView, NetlinkContract
+from tests.contract_netlink import LinkView, NetlinkContract, cidr
+
+_sandbox_numbers = itertools.count()
 
 
 def result_of(deferred):
@@ -35,16 +39,42 @@ class TestFakeNetlink(NetlinkContract):
         self.netlink.appear_on_wait(name)
 
     def observe(self, name):
-        state = self.netlink.state(name)
-        if state is None:
-            return None
-        return LinkView(
-            mtu=state.mtu,
-            mac=state.mac,
-            up=state.up,
-            addresses=state.addresses,
-            tx_checksum=state.tx_checksum,
+        return _view(self.netlink.state(name))
+
+    def make_sandbox(self):
+        path = f"/fake/netns/sandbox-{next(_sandbox_numbers)}"
+        self.netlink.add_sandbox(path)
+        return path
+
+    def make_tap(self, name, mac):
+        self.netlink.add_link(name, mac=mac)
+
+    def make_sandbox_link(self, sandbox, name, mac, addresses=(), live=False):
+        self.netlink.add_sandbox_link(sandbox, name, mac, addresses=addresses, carrier=live)
+
+    def add_sandbox_route(self, sandbox, dst, gateway, dev):
+        self.netlink.add_sandbox_route(sandbox, dst, gateway, dev)
+
+    def observe_in_sandbox(self, sandbox, name):
+        return _view(self.netlink.sandbox_state(sandbox, name))
+
+    def sandbox_routes(self, sandbox):
+        return frozenset(
+            (r.dst if r.dst == "default" else cidr(r.dst), r.gateway, r.dev)
+            for r in self.netlink.sandbox_routes(sandbox)
         )
+
+
+def _view(state):
+    if state is None:
+        return None
+    return LinkView(
+        mtu=state.mtu,
+        mac=state.mac,
+        up=state.up,
+        addresses=state.addresses,
+        tx_checksum=state.tx_checksum,
+    )
 
 
 def test_fake_state_remembers_the_veth_peer():
