@@ -59,10 +59,13 @@ def measure(socket, cycles, prefix):
     return statistics.median(times), times[int(len(times) * 0.9) - 1]
 
 
-def fill(socket, count, workers):
+def fill(socket, count, workers, prefix="f111", first=0):
+    """Create `count` endpoints with `workers` concurrent clients; seconds taken."""
+
     def one(n):
+        n += first
         address = f"10.99.{n // 250}.{n % 250 + 2}/16"
-        create_endpoint(socket, endpoint_id("f111", n), address)
+        create_endpoint(socket, endpoint_id(prefix, n), address)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
@@ -101,6 +104,11 @@ def main():
         print(f"{'endpoints on bridge':>20} {'median ms':>10} {'p90 ms':>10}")
         for existing, median, p90 in rows:
             print(f"{existing:>20} {median * 1000:>10.1f} {p90 * 1000:>10.1f}")
+        # Batching: the same 50 CreateEndpoints one at a time, then concurrently.
+        one_by_one = fill(driver.socket, 50, 1, "b1", first=args.fill)
+        together = fill(driver.socket, 50, args.workers, "b2", first=args.fill + 50)
+        print(f"\n50 CreateEndpoint on {args.fill}+ endpoints, in one run:")
+        print(f"  one at a time: {one_by_one:.2f} s; {args.workers} concurrent: {together:.2f} s")
 
 
 if __name__ == "__main__":

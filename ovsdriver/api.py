@@ -22,29 +22,39 @@ log = Logger()
 MAX_BODY = 1024 * 1024
 USER_ERRORS = (DriverError, OptionError, OVSDBUnavailable, VSwitchError)
 
-# The fields each method reads: name -> (type, required).
+# Each method: the Handlers coroutine that serves it, and the fields it reads
+# (name -> (type, required)).
 _IDS = {"NetworkID": (str, True), "EndpointID": (str, True)}
-FIELDS = {
-    "Plugin.Activate": {},
-    "NetworkDriver.GetCapabilities": {},
-    "NetworkDriver.CreateNetwork": {
-        "NetworkID": (str, True),
-        "Options": (dict, False),
-        "IPv4Data": (list, False),
-        "IPv6Data": (list, False),
-    },
-    "NetworkDriver.DeleteNetwork": {"NetworkID": (str, True)},
-    "NetworkDriver.CreateEndpoint": dict(_IDS, Interface=(dict, False), Options=(dict, False)),
-    "NetworkDriver.DeleteEndpoint": _IDS,
-    "NetworkDriver.EndpointOperInfo": _IDS,
-    "NetworkDriver.Join": dict(_IDS, SandboxKey=(str, True), Options=(dict, False)),
-    "NetworkDriver.Leave": _IDS,
-    "NetworkDriver.ProgramExternalConnectivity": dict(_IDS, Options=(dict, False)),
-    "NetworkDriver.RevokeExternalConnectivity": _IDS,
-    "NetworkDriver.DiscoverNew": {},
-    "NetworkDriver.DiscoverDelete": {},
-    "NetworkDriver.AllocateNetwork": {},
-    "NetworkDriver.FreeNetwork": {},
+METHODS = {
+    "Plugin.Activate": ("activate", {}),
+    "NetworkDriver.GetCapabilities": ("capabilities", {}),
+    "NetworkDriver.CreateNetwork": (
+        "create_network",
+        {
+            "NetworkID": (str, True),
+            "Options": (dict, False),
+            "IPv4Data": (list, False),
+            "IPv6Data": (list, False),
+        },
+    ),
+    "NetworkDriver.DeleteNetwork": ("delete_network", {"NetworkID": (str, True)}),
+    "NetworkDriver.CreateEndpoint": (
+        "create_endpoint",
+        dict(_IDS, Interface=(dict, False), Options=(dict, False)),
+    ),
+    "NetworkDriver.DeleteEndpoint": ("delete_endpoint", _IDS),
+    "NetworkDriver.EndpointOperInfo": ("endpoint_info", _IDS),
+    "NetworkDriver.Join": ("join", dict(_IDS, SandboxKey=(str, True), Options=(dict, False))),
+    "NetworkDriver.Leave": ("leave", _IDS),
+    "NetworkDriver.ProgramExternalConnectivity": (
+        "program_external",
+        dict(_IDS, Options=(dict, False)),
+    ),
+    "NetworkDriver.RevokeExternalConnectivity": ("revoke_external", _IDS),
+    "NetworkDriver.DiscoverNew": ("nothing", {}),
+    "NetworkDriver.DiscoverDelete": ("nothing", {}),
+    "NetworkDriver.AllocateNetwork": ("allocate_network", {}),
+    "NetworkDriver.FreeNetwork": ("nothing", {}),
 }
 _INTERFACE_FIELDS = ("Address", "AddressIPv6", "MacAddress")
 
@@ -55,7 +65,7 @@ class BadRequest(Exception):
 
 def parse_body(method, raw):
     """The request body as a dict with correctly typed fields, or BadRequest."""
-    fields = FIELDS[method]
+    fields = METHODS[method][1]
     if not raw.strip():
         if any(required for _, required in fields.values()):
             raise BadRequest(f"{method} needs a JSON object body, got an empty body")
@@ -146,23 +156,9 @@ class Handlers:
         return {"Options": {}}
 
     def route(self, method):
-        return {
-            "Plugin.Activate": self.activate,
-            "NetworkDriver.GetCapabilities": self.capabilities,
-            "NetworkDriver.CreateNetwork": self.create_network,
-            "NetworkDriver.DeleteNetwork": self.delete_network,
-            "NetworkDriver.CreateEndpoint": self.create_endpoint,
-            "NetworkDriver.DeleteEndpoint": self.delete_endpoint,
-            "NetworkDriver.EndpointOperInfo": self.endpoint_info,
-            "NetworkDriver.Join": self.join,
-            "NetworkDriver.Leave": self.leave,
-            "NetworkDriver.ProgramExternalConnectivity": self.program_external,
-            "NetworkDriver.RevokeExternalConnectivity": self.revoke_external,
-            "NetworkDriver.DiscoverNew": self.nothing,
-            "NetworkDriver.DiscoverDelete": self.nothing,
-            "NetworkDriver.AllocateNetwork": self.allocate_network,
-            "NetworkDriver.FreeNetwork": self.nothing,
-        }.get(method)
+        """The coroutine serving `method`, or None for an unknown one."""
+        entry = METHODS.get(method)
+        return getattr(self, entry[0]) if entry else None
 
 
 class PluginResource(resource.Resource):

@@ -129,7 +129,9 @@ class Driver:
             ipv6=check_address("Interface.AddressIPv6", interface.get("AddressIPv6"), 6),
         )
         existing = await self.vswitch.endpoint(endpoint_id)
-        if existing is None:
+        if existing is not None:  # a repeated CreateEndpoint: same answer
+            endpoint = existing
+        else:
             try:
                 if endpoint.port_type == "veth":
                     await self.netlink.create_veth(
@@ -139,16 +141,14 @@ class Driver:
             except Exception:
                 await self._undo(self.delete_endpoint(network_id, endpoint_id))
                 raise
-        return {} if given_mac else {"MacAddress": mac}
+        return {} if given_mac else {"MacAddress": endpoint.mac}
 
     async def delete_endpoint(self, network_id, endpoint_id):
         check_id("EndpointID", endpoint_id)
         endpoint = await self.vswitch.endpoint(endpoint_id)
         await self.vswitch.remove_endpoint(endpoint_id)
-        if endpoint is not None and endpoint.port_type == "veth":
-            await self.netlink.delete_link(endpoint.port)
-        elif endpoint is None:
-            # A veth made by a CreateEndpoint that failed half-way.
+        if endpoint is None or endpoint.port_type == "veth":
+            # The veth's host end, also one a half-done CreateEndpoint left.
             await self.netlink.delete_link(veth_host_name(endpoint_id))
 
     async def _endpoint(self, network_id, endpoint_id):

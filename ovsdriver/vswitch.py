@@ -366,9 +366,9 @@ def _bridge_of(ctx, port):
     """The bridge holding `port`: the one its network names, else a search."""
     network = _networks(ctx.idl).get(_ids(port).get(NETWORK_ID))
     bridge = ctx.find("Bridge", network.bridge) if network else None
-    if bridge is not None and any(p.uuid == port.uuid for p in bridge.ports):
+    if bridge is not None:
         return bridge
-    return next((b for b in ctx.rows("Bridge") if port in b.ports), None)
+    return next((b for b in ctx.rows("Bridge") if port.uuid in {p.uuid for p in b.ports}), None)
 
 
 # -- reads of the replica ----------------------------------------------------------

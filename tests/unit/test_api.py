@@ -276,3 +276,9 @@ def test_a_host_port_is_published_once(world):
     err = program(world, EP2, {"Proto": 17, "Port": 53, "HostPort": 5353, "HostIP": "10.0.0.1"})
     assert "5353/udp is already published" in err["Err"]
     assert program(world, EP2, {"Proto": 6, "Port": 53, "HostPort": 5353}) == {}
+
+
+def test_a_repeated_create_endpoint_gives_the_same_answer(world):
+    world.create_network()
+    first = world.create_endpoint()
+    assert world.create_endpoint() == first
