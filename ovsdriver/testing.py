@@ -64,6 +64,20 @@ class FakeRoute:
     dev = attr.ib()
 
 
+def _snapshot(name, link):
+    if link is None:
+        return None
+    return FakeLinkState(
+        name=name,
+        mtu=link.mtu,
+        mac=link.mac,
+        up=link.up,
+        addresses=frozenset(str(a) for a in link.addresses),
+        peer=link.peer,
+        tx_checksum=link.tx_checksum,
+    )
+
+
 class FakeNetlink:
     """`ovsdriver.netlink.Netlink` in memory: a dict of links.
 
@@ -96,18 +110,7 @@ class FakeNetlink:
 
     def state(self, name):
         """A `FakeLinkState` snapshot of *name*, or None if it does not exist."""
-        link = self._links.get(name)
-        if link is None:
-            return None
-        return FakeLinkState(
-            name=name,
-            mtu=link.mtu,
-            mac=link.mac,
-            up=link.up,
-            addresses=frozenset(str(a) for a in link.addresses),
-            peer=link.peer,
-            tx_checksum=link.tx_checksum,
-        )
+        return _snapshot(name, self._links.get(name))
 
     def _new_mac(self):
         n = self._next_mac
@@ -140,18 +143,7 @@ class FakeNetlink:
 
     def sandbox_state(self, sandbox, name):
         """A `FakeLinkState` of link *name* in a sandbox, or None."""
-        link = self._sandboxes[str(sandbox)].links.get(name)
-        if link is None:
-            return None
-        return FakeLinkState(
-            name=name,
-            mtu=link.mtu,
-            mac=link.mac,
-            up=link.up,
-            addresses=frozenset(str(a) for a in link.addresses),
-            peer=link.peer,
-            tx_checksum=link.tx_checksum,
-        )
+        return _snapshot(name, self._sandboxes[str(sandbox)].links.get(name))
 
     def sandbox_routes(self, sandbox):
         """The routes of a sandbox, a frozenset of `FakeRoute`."""
