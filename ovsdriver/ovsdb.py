@@ -87,8 +87,11 @@ class _SchemaFetcher(protocol.Protocol):
 def fetch_schema(reactor, remote, database="Open_vSwitch", timeout=5.0):
     """Fetch a database schema from the server, as JSON."""
     point = endpoints.clientFromString(reactor, endpoint_description(remote))
-    d = endpoints.connectProtocol(point, _SchemaFetcher(database))
-    d.addCallback(lambda fetcher: fetcher.result)
+    fetcher = _SchemaFetcher(database)
+    factory = protocol.Factory.forProtocol(lambda: fetcher)
+    factory.noisy = False
+    d = point.connect(factory)
+    d.addCallback(lambda _: fetcher.result)
     return d.addTimeout(timeout, reactor)
 
 
@@ -250,12 +253,14 @@ class OVSDB(service.Service):
     def _schema_failed(self, failure):
         if not self.running:
             return
-        self._last_error = failure.getErrorMessage() or failure.type.__name__
-        log.warn(
-            "cannot fetch the schema from OVSDB at {remote}: {error}; retrying",
-            remote=self.remote,
-            error=self._last_error,
-        )
+        error = failure.getErrorMessage() or failure.type.__name__
+        if error != self._last_error:  # say it once, not every second
+            log.warn(
+                "cannot fetch the schema from OVSDB at {remote}: {error}; retrying",
+                remote=self.remote,
+                error=error,
+            )
+        self._last_error = error
         self.reactor.callLater(1.0, self._fetch_schema)
 
     def _start_idl(self, schema):
