@@ -175,10 +175,6 @@ class Context:
         self._inserted.pop((row._table.name, row.name), None)
         row.delete()
 
-    def changed(self):
-        """Note that this builder wrote something ovs-vswitchd must apply."""
-        self.wait_for_vswitchd = True
-
 
 class _Operation:
     def __init__(self, build, deferred, queued_at):

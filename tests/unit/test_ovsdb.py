@@ -1,0 +1,39 @@
+"""Pure parts of the OVSDB connection (the rest runs against a real
+ovsdb-server in tests/integration/test_ovsdb.py)."""
+
+import pytest
+from twisted.internet.task import Clock
+
+from ovsdriver.ovsdb import OVSDB, OVSDBUnavailable, endpoint_description
+
+
+@pytest.mark.parametrize(
+    "remote, description",
+    [
+        ("unix:/var/run/openvswitch/db.sock", "unix:path=/var/run/openvswitch/db.sock"),
+        ("tcp:127.0.0.1:6640", "tcp:host=127.0.0.1:port=6640"),
+        ("tcp:[::1]:6640", "tcp:host=::1:port=6640"),
+    ],
+)
+def test_remotes_become_twisted_endpoints(remote, description):
+    assert endpoint_description(remote) == description
+
+
+@pytest.mark.parametrize("remote", ["ssl:1.2.3.4:6640", "unix:", "punix:/x", "tcp:6640"])
+def test_unsupported_remotes_are_named(remote):
+    with pytest.raises(ValueError, match="unsupported OVSDB remote"):
+        endpoint_description(remote)
+
+
+def test_operations_fail_after_the_unavailable_timeout_without_a_connection():
+    clock = Clock()
+    ovsdb = OVSDB(clock, "unix:/nonexistent/db.sock", unavailable_timeout=3.0)
+    ovsdb.running = True  # as if started, but nothing is ever reached
+    failures = []
+    ovsdb.query(lambda idl: None).addErrback(failures.append)
+    clock.advance(2.9)
+    assert failures == []
+    clock.advance(0.2)
+    (failure,) = failures
+    assert failure.check(OVSDBUnavailable)
+    assert "cannot reach OVSDB at unix:/nonexistent/db.sock" in str(failure.value)
