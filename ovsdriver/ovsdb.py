@@ -142,8 +142,16 @@ class _Watch:
 def by_name(idl, table, name):
     """The row of `table` called `name`, from the replica's name index."""
     rows = idl.tables[table].rows
+    index = rows.indexes.get("name")
+    if index is None:
+        # python-ovs 3.1 (Debian 12) replaces a table's rows, and so drops its
+        # indexes, whenever it resyncs after a reconnect: index them again.
+        index = rows.index_create("name")
+        index.add_column("name")
+        for row in rows.values():
+            index.add(row)
     entry = rows.IndexEntry(name=name)
-    return next(iter(rows.indexes["name"].irange(entry, entry)), None)
+    return next(iter(index.irange(entry, entry)), None)
 
 
 class Context:
@@ -266,9 +274,6 @@ class OVSDB(service.Service):
         for table, columns in self.tables.items():
             helper.register_columns(table, columns)
         self.idl = ovs.db.idl.Idl(self.remote, helper)
-        for table, columns in self.tables.items():
-            if "name" in columns:
-                self.idl.index_create(table, "name").add_column("name")
         log.info("connecting to OVSDB at {remote}", remote=self.remote)
         self._schedule(0)
 

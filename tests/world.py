@@ -1017,15 +1017,14 @@ def unique_driver_name() -> str:
     return f"{DRIVER_PREFIX}{secrets.token_hex(3)}"
 
 
-def twistd_path() -> str:
-    """The twistd of the running Python (its venv), else the one on PATH."""
+def twistd_argv() -> list[str]:
+    """twistd as the running Python has it: the script next to the interpreter
+    (a venv's), else the interpreter running twistd's entry point. Never the
+    twistd on PATH, which may belong to another Python with other libraries."""
     candidate = Path(sys.executable).parent / "twistd"
     if os.access(candidate, os.X_OK):
-        return str(candidate)
-    found = which("twistd")
-    if found is None:
-        raise WorldError("twistd not found next to sys.executable nor on PATH")
-    return found
+        return [str(candidate)]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
 class Driver:
@@ -1077,7 +1076,7 @@ class Driver:
     def argv(self) -> list[str]:
         """The command line run inside the namespace."""
         argv = [
-            twistd_path(),
+            *twistd_argv(),
             "-n",
             f"--pidfile={self.pidfile}",
             f"--logfile={self.logfile}",

@@ -68,6 +68,8 @@ def namespace():
     name = f"ovsw-fw-{secrets.token_hex(4)}"
     subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
     try:
+        # A new namespace may inherit forwarding from the host's: start from off.
+        in_ns(name, "sysctl", "-q", "-w", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0")
         yield name
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=True, timeout=30)

@@ -7,7 +7,7 @@ import stat
 import subprocess
 import time
 
-from tests.world import REPO_ROOT, plugin_post, twistd_path, unique_driver_name, wait_until
+from tests.world import REPO_ROOT, plugin_post, twistd_argv, unique_driver_name, wait_until
 
 NET = "7a" * 32
 EP = "5c" * 32
@@ -17,7 +17,7 @@ IDS = {"NetworkID": NET, "EndpointID": EP}
 def twistd(*argv):
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     return subprocess.run(
-        [twistd_path(), *argv], capture_output=True, text=True, timeout=60, env=env
+        [*twistd_argv(), *argv], capture_output=True, text=True, timeout=60, env=env
     ).stdout
 
 
@@ -110,7 +110,7 @@ def test_socket_directory_is_made_and_the_socket_is_private(ovs_world, tmp_path)
     directory = f"/run/{name}-plugins"
     socket = f"{directory}/{name}.sock"
     process = ovs_world.netns.popen(
-        [twistd_path(), "-n", f"--pidfile={tmp_path}/pid", f"--logfile={tmp_path}/log",
+        [*twistd_argv(), "-n", f"--pidfile={tmp_path}/pid", f"--logfile={tmp_path}/log",
          "ovsdriver", "--listen", f"unix:{socket}", "--ovsdb", ovs_world.ovs.remote],
         env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
     )  # fmt: skip
