@@ -12,13 +12,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from ovsdriver.firewall import NetworkRules
-from ovsdriver.options import (
-    OptionError,
-    check_address,
-    check_id,
-    parse_network,
-    parse_portmap,
-)
+from ovsdriver.options import check_address, check_id, check_mac, parse_network, parse_portmap
 from ovsdriver.vswitch import Endpoint, gateway_ifname, port_name, veth_host_name
 
 log = Logger()
@@ -33,19 +27,6 @@ def generate_mac(random_bytes=os.urandom):
     octets = bytearray(random_bytes(6))
     octets[0] = (octets[0] & 0xFC) | 0x02
     return ":".join(f"{b:02x}" for b in octets)
-
-
-def _check_mac(mac):
-    parts = mac.split(":")
-    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
-        raise OptionError(f"MacAddress {mac!r} is not a MAC address like 02:42:ac:11:00:02")
-    try:
-        octets = [int(p, 16) for p in parts]
-    except ValueError:
-        raise OptionError(f"MacAddress {mac!r} is not a MAC address") from None
-    if octets[0] & 1:
-        raise OptionError(f"MacAddress {mac!r} is a multicast address")
-    return mac.lower()
 
 
 def _check_port_clash(published, other):
@@ -113,7 +94,7 @@ class Driver:
         network = await self._network(network_id)
         check_id("EndpointID", endpoint_id)
         given_mac = interface.get("MacAddress") or ""
-        mac = _check_mac(given_mac) if given_mac else generate_mac()
+        mac = check_mac("Interface.MacAddress", given_mac) if given_mac else generate_mac()
         name = port_name(endpoint_id)
         endpoint = Endpoint(
             endpoint_id=endpoint_id,

@@ -18,6 +18,7 @@ PORT_TYPES = ("internal", "veth")
 DATAPATH_TYPES = ("system", "netdev")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
 _HEX_ID = re.compile(r"^[0-9a-f]{12,64}$")
+_MAC = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
 
 
 class OptionError(ValueError):
@@ -283,3 +284,12 @@ def check_address(field, value, version):
     if address is None or address.version != version or "/" not in value:
         raise OptionError(f"{field} {value!r} is not an IPv{version} address in CIDR form")
     return str(address)
+
+
+def check_mac(field, value):
+    """A unicast MAC address from the engine, in lower case."""
+    if not _MAC.match(value):
+        raise OptionError(f"{field} {value!r} is not a MAC address like 02:42:ac:11:00:02")
+    if int(value[:2], 16) & 1:
+        raise OptionError(f"{field} {value!r} is a multicast address")
+    return value.lower()
