@@ -54,6 +54,8 @@ from twisted.application import service
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from ovsdriver.options import HEX_ID
+
 log = Logger()
 
 FORWARD = "OVSDRIVER-FORWARD"
@@ -94,7 +96,6 @@ _SEARCH_PATH = os.pathsep.join(
     [os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"]
 )
 _IFNAME = re.compile(r"^[A-Za-z0-9_.@][A-Za-z0-9_.@-]{0,14}$")
-_HEX_ID = re.compile(r"^[0-9a-f]{12,64}$")
 #: What a token of a rule may look like; everything else is refused.
 _TOKEN = re.compile(r"^[A-Za-z0-9_.:/@!,-]+$")
 
@@ -172,10 +173,10 @@ def check_networks(networks):
     for network in networks:
         if not isinstance(network, NetworkRules):
             raise FirewallError(f"expected NetworkRules, got {network!r}")
-        if not isinstance(network.network_id, str) or not _HEX_ID.match(network.network_id):
+        if not isinstance(network.network_id, str) or not HEX_ID.fullmatch(network.network_id):
             raise FirewallError(f"network id {network.network_id!r} is not a Docker id")
         name = network.network_id[:12]
-        if not isinstance(network.ifname, str) or not _IFNAME.match(network.ifname):
+        if not isinstance(network.ifname, str) or not _IFNAME.fullmatch(network.ifname):
             raise FirewallError(f"network {name}: {network.ifname!r} is not a valid interface name")
         pools = {}
         for family in (4, 6):
@@ -313,7 +314,7 @@ def parse_save(text, family):
 
 def _line(tokens):
     for token in tokens:
-        if not _TOKEN.match(token):
+        if not _TOKEN.fullmatch(token):
             raise FirewallError(f"refusing to write the unexpected rule token {token!r}")
     return " ".join(tokens)
 

@@ -97,7 +97,7 @@ def check_ifname(ifname):
 
 def check_mac(ifname, mac):
     """Refuse a malformed MAC address with a sentence naming the interface."""
-    if not isinstance(mac, str) or not _MAC.match(mac):
+    if not isinstance(mac, str) or not _MAC.fullmatch(mac):
         raise LinkError(
             f"cannot set MAC address {mac!r} on {ifname}: a MAC address looks"
             " like 02:42:ac:11:00:02"

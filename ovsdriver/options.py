@@ -17,7 +17,7 @@ IFNAMSIZ = 15
 PORT_TYPES = ("internal", "veth")
 DATAPATH_TYPES = ("system", "netdev")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
-_HEX_ID = re.compile(r"^[0-9a-f]{12,64}$")
+HEX_ID = re.compile(r"^[0-9a-f]{12,64}$")
 _MAC = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
 
 
@@ -87,13 +87,13 @@ def bridge_name(network_id):
 
 def check_id(kind, value):
     """Docker ids are hex; anything else never reaches OVSDB or the kernel."""
-    if not isinstance(value, str) or not _HEX_ID.match(value):
+    if not isinstance(value, str) or not HEX_ID.fullmatch(value):
         raise OptionError(f"{kind} must be a hexadecimal Docker id, got {value!r}")
     return value
 
 
 def _check_ifname(key, value):
-    if not _IFNAME.match(value):
+    if not _IFNAME.fullmatch(value):
         raise OptionError(
             f"{key}={value!r} is not a valid interface name: use 1 to {IFNAMSIZ} "
             "letters, digits or '_.@-'"
@@ -288,7 +288,7 @@ def check_address(field, value, version):
 
 def check_mac(field, value):
     """A unicast MAC address from the engine, in lower case."""
-    if not _MAC.match(value):
+    if not _MAC.fullmatch(value):
         raise OptionError(f"{field} {value!r} is not a MAC address like 02:42:ac:11:00:02")
     if int(value[:2], 16) & 1:
         raise OptionError(f"{field} {value!r} is a multicast address")

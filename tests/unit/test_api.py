@@ -282,3 +282,8 @@ def test_a_repeated_create_endpoint_gives_the_same_answer(world):
     world.create_network()
     first = world.create_endpoint()
     assert world.create_endpoint() == first
+
+
+@pytest.mark.parametrize("bad", ["4e" * 32 + "\n", "4e" * 31 + "4g", "4E" * 32])
+def test_ids_are_exactly_hex(world, bad):
+    assert "hexadecimal" in world.post("NetworkDriver.CreateNetwork", {"NetworkID": bad})["Err"]
