@@ -157,17 +157,10 @@ class _Worker:
 
     def _enter_netns(self):
         """Move this thread (only this one) into the configured namespace."""
-        libc = ctypes.CDLL(None, use_errno=True)
+        what = f"cannot enter network namespace {self._netns}"
+        fd = _open_namespace(self._netns, what)
         try:
-            fd = os.open(self._netns, os.O_RDONLY)
-        except OSError as e:
-            raise LinkError(f"cannot enter network namespace {self._netns}: {_reason(e)}") from e
-        try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                code = ctypes.get_errno()
-                raise LinkError(
-                    f"cannot enter network namespace {self._netns}: {os.strerror(code)}"
-                )
+            _setns(fd, what)
         finally:
             os.close(fd)
 
@@ -414,7 +407,7 @@ class _Worker:
 
     def sandbox_links(self, sandbox):
         what = f"cannot list the links of sandbox {sandbox}"
-        fd = _open_sandbox(sandbox)
+        fd = _open_namespace(sandbox, f"cannot enter sandbox {sandbox}")
         try:
             with self._guard(what), self._inside(fd, sandbox) as ipr:
                 return _link_infos(ipr)
@@ -428,7 +421,7 @@ class _Worker:
             fresh = self._index(home, fresh_name)
             if fresh is None:
                 return None
-            fd = _open_sandbox(sandbox)
+            fd = _open_namespace(sandbox, f"cannot enter sandbox {sandbox}")
             try:
                 with self._inside(fd, sandbox) as ipr:
                     dead = _dead_copy(ipr, mac, fresh_name)
@@ -452,11 +445,12 @@ def _setns(fd, what):
         raise LinkError(f"{what}: {os.strerror(ctypes.get_errno())}")
 
 
-def _open_sandbox(sandbox):
+def _open_namespace(path, what):
+    """A descriptor of the network namespace mounted at *path*."""
     try:
-        return os.open(sandbox, os.O_RDONLY)
+        return os.open(path, os.O_RDONLY)
     except OSError as e:
-        raise LinkError(f"cannot enter sandbox {sandbox}: {_reason(e)}") from e
+        raise LinkError(f"{what}: {_reason(e)}") from e
 
 
 def _mac_of(msg):

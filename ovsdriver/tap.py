@@ -8,6 +8,7 @@ import os
 import re
 
 from twisted.application import internet, service
+from twisted.internet import endpoints
 from twisted.python import usage
 from twisted.web import server
 
@@ -81,8 +82,6 @@ class ListenerService(internet.StreamServerEndpointService):
     _raiseSynchronously = True
 
     def __init__(self, description, factory, reactor):
-        from twisted.internet import endpoints
-
         self.socket_path = _unix_path(description)
         super().__init__(endpoints.serverFromString(reactor, description), factory)
 

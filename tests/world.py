@@ -429,7 +429,20 @@ def require(docker: bool = False) -> None:
 # Network namespace
 
 
-class Netns:
+class _Closing:
+    """A context manager whose exit is ``close()``."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Netns(_Closing):
     """A fresh network namespace ``<prefix>-<random hex>`` with ``lo`` up.
 
     Everything of a world runs in here via ``nsenter --net=PATH`` (not
@@ -496,12 +509,6 @@ class Netns:
             run(["ip", "netns", "delete", self.name], timeout=30)
         self._closed = True
 
-    def __enter__(self) -> Netns:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"<Netns {self.name}>"
 
@@ -510,7 +517,7 @@ class Netns:
 # Open vSwitch
 
 
-class OVS:
+class OVS(_Closing):
     """A private ovsdb-server and userspace ovs-vswitchd inside ``netns``.
 
     All files (database, sockets, pidfiles, logs) live in ``directory``.
@@ -684,12 +691,6 @@ class OVS:
         _close_all([self.stop_vswitchd, self.stop_ovsdb])
         self._closed = True
 
-    def __enter__(self) -> OVS:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"<OVS {self.remote} in {self.netns.name}>"
 
@@ -741,7 +742,7 @@ def busybox_tar(busybox: str = "/bin/busybox", applets: Sequence[str] = BUSYBOX_
     return buf.getvalue()
 
 
-class Dockerd:
+class Dockerd(_Closing):
     """A private Docker engine inside ``netns``, with its files in ``directory``.
 
     Started with ``nsenter --net`` (not ``ip netns exec``: that remounts /sys
@@ -998,12 +999,6 @@ class Dockerd:
         )
         self._closed = True
 
-    def __enter__(self) -> Dockerd:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"<Dockerd {self.host} in {self.netns.name}>"
 
@@ -1027,7 +1022,7 @@ def twistd_argv() -> list[str]:
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
-class Driver:
+class Driver(_Closing):
     """The driver under test, ``twistd -n ovsdriver``, inside ``netns``.
 
     It listens on ``/run/docker/plugins/<name>.sock`` (the engine finds it as
@@ -1203,12 +1198,6 @@ class Driver:
         )
         self._closed = True
 
-    def __enter__(self) -> Driver:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"<Driver {self.name} in {self.netns.name}>"
 
@@ -1273,7 +1262,7 @@ def make_world_dir(prefix: str = PREFIX) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir="/tmp"))
 
 
-class OVSWorld:
+class OVSWorld(_Closing):
     """A network namespace with a private Open vSwitch: ``netns``, ``ovs``.
 
     Files live in ``directory`` (a fresh ``/tmp/ovsw-*`` unless given), which
@@ -1327,12 +1316,6 @@ class OVSWorld:
     def close(self) -> None:
         """Close everything in reverse order of creation."""
         self._stack.close()
-
-    def __enter__(self) -> OVSWorld:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.netns.name} in {self.directory}>"
