@@ -13,14 +13,14 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from ovsdriver.driver import DriverError
-from ovsdriver.options import OptionError
 from ovsdriver.ovsdb import OVSDBUnavailable
+from ovsdriver.values import InvalidValue
 from ovsdriver.vswitch import VSwitchError
 
 log = Logger()
 
 MAX_BODY = 1024 * 1024
-USER_ERRORS = (DriverError, OptionError, OVSDBUnavailable, VSwitchError)
+USER_ERRORS = (DriverError, InvalidValue, OVSDBUnavailable, VSwitchError)
 
 # Each method: the Handlers coroutine that serves it, and the fields it reads
 # (name -> (type, required)).

@@ -11,9 +11,9 @@ import os
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from ovsdriver.firewall import NetworkRules
-from ovsdriver.options import check_address, check_id, check_mac, parse_network, parse_portmap
-from ovsdriver.vswitch import Endpoint, gateway_ifname, port_name, veth_host_name
+from ovsdriver.options import check_address, check_id, parse_network, parse_portmap
+from ovsdriver.values import Endpoint, NetworkRules, check_mac
+from ovsdriver.vswitch import gateway_ifname, port_name, veth_host_name
 
 log = Logger()
 

@@ -54,7 +54,7 @@ from twisted.application import service
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from ovsdriver.options import HEX_ID
+from ovsdriver.values import HEX_ID, IFNAME, PROTOCOLS, NetworkRules
 
 log = Logger()
 
@@ -88,37 +88,18 @@ JUMPS = {
 }
 TOOLS = {4: ("iptables-save", "iptables-restore"), 6: ("ip6tables-save", "ip6tables-restore")}
 FORWARDING_SYSCTL = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
-PROTOCOLS = ("tcp", "udp", "sctp")
 #: Users' rules go in DOCKER-USER, which the engine keeps first in FORWARD.
 DOCKER_USER = "DOCKER-USER"
 
 _SEARCH_PATH = os.pathsep.join(
     [os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"]
 )
-_IFNAME = re.compile(r"^[A-Za-z0-9_.@][A-Za-z0-9_.@-]{0,14}$")
 #: What a token of a rule may look like; everything else is refused.
 _TOKEN = re.compile(r"^[A-Za-z0-9_.:/@!,-]+$")
 
 
 class FirewallError(Exception):
     """The firewall could not be set up; the message says what failed."""
-
-
-@attr.s(frozen=True, slots=True)
-class NetworkRules:
-    """What the firewall must do for one Docker network."""
-
-    network_id = attr.ib()
-    ifname = attr.ib()  # the host-side interface holding the gateway
-    ipv4 = attr.ib(converter=tuple)  # pools, CIDR
-    ipv6 = attr.ib(converter=tuple)
-    nat = attr.ib()  # masquerade traffic leaving the subnet through the host
-    internal = attr.ib()  # no traffic in or out of the subnet through the host
-    published = attr.ib(default=(), converter=tuple)  # options.PublishedPort values
-
-    def pools(self, family):
-        """The pools of one address family (4 or 6)."""
-        return self.ipv4 if family == 4 else self.ipv6
 
 
 # ---------------------------------------------------------------------------
@@ -146,8 +127,10 @@ def _ipv4(what, value):
 
 def _published(network_id, port):
     what = f"published port of network {network_id[:12]}"
-    if port.proto not in PROTOCOLS:
-        raise FirewallError(f"{what}: protocol {port.proto!r} is not one of {', '.join(PROTOCOLS)}")
+    if port.proto not in PROTOCOLS.values():
+        raise FirewallError(
+            f"{what}: protocol {port.proto!r} is not one of {', '.join(PROTOCOLS.values())}"
+        )
     host_ip = port.host_ip
     if host_ip is not None:
         host_ip = _ipv4(f"{what}: host address", host_ip)
@@ -176,7 +159,7 @@ def check_networks(networks):
         if not isinstance(network.network_id, str) or not HEX_ID.fullmatch(network.network_id):
             raise FirewallError(f"network id {network.network_id!r} is not a Docker id")
         name = network.network_id[:12]
-        if not isinstance(network.ifname, str) or not _IFNAME.fullmatch(network.ifname):
+        if not isinstance(network.ifname, str) or not IFNAME.fullmatch(network.ifname):
             raise FirewallError(f"network {name}: {network.ifname!r} is not a valid interface name")
         pools = {}
         for family in (4, 6):

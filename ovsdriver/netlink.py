@@ -23,7 +23,6 @@ import errno
 import fcntl
 import ipaddress
 import os
-import re
 import socket
 import struct
 import threading
@@ -35,16 +34,15 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from ovsdriver import values
+
 #: How often `Netlink.wait_for_link` looks for the link, in seconds.
 POLL_INTERVAL = 0.02
 
-IFNAMSIZ = 16  # including the terminating NUL: names have at most 15 bytes
 CLONE_NEWNET = 0x40000000
 SIOCETHTOOL = 0x8946
 ETHTOOL_STXCSUM = 0x17
 _IFREQ_SIZE = 40  # sizeof(struct ifreq) on 64-bit Linux
-
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$", re.IGNORECASE)
 
 IFF_UP = 0x1
 IFA_F_NODAD = 0x02
@@ -88,20 +86,18 @@ class LinkError(Exception):
 
 def check_ifname(ifname):
     """Refuse a name the kernel cannot hold, before asking the kernel."""
-    if not ifname or len(ifname.encode()) >= IFNAMSIZ or "/" in ifname:
-        raise LinkError(
-            f"{ifname!r} is not a valid interface name: use 1 to"
-            f" {IFNAMSIZ - 1} characters and no '/'"
-        )
+    try:
+        values.check_ifname("interface name", ifname)
+    except values.InvalidValue as e:
+        raise LinkError(str(e)) from None
 
 
 def check_mac(ifname, mac):
     """Refuse a malformed MAC address with a sentence naming the interface."""
-    if not isinstance(mac, str) or not _MAC.fullmatch(mac):
-        raise LinkError(
-            f"cannot set MAC address {mac!r} on {ifname}: a MAC address looks"
-            " like 02:42:ac:11:00:02"
-        )
+    try:
+        values.check_mac(f"MAC address for {ifname}", mac)
+    except values.InvalidValue as e:
+        raise LinkError(f"cannot set {e}") from None
 
 
 def parse_addresses(ifname, addresses, doing):

@@ -6,78 +6,25 @@ here once, checked, and recorded in OVSDB as a `Network`.
 """
 
 import ipaddress
-import json
-import re
 
-import attr
+from ovsdriver.values import (
+    HEX_ID,
+    PROTOCOLS,
+    InvalidValue,
+    Network,
+    PublishedPort,
+    Subnet,
+    check_ifname,
+)
 
 GENERIC = "com.docker.network.generic"
 MTU_KEY = "com.docker.network.driver.mtu"
-IFNAMSIZ = 15
 PORT_TYPES = ("internal", "veth")
 DATAPATH_TYPES = ("system", "netdev")
-_IFNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
-HEX_ID = re.compile(r"^[0-9a-f]{12,64}$")
-_MAC = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
 
 
-class OptionError(ValueError):
+class OptionError(InvalidValue):
     """A network or endpoint option is invalid; the message names it."""
-
-
-@attr.s(frozen=True, slots=True)
-class Subnet:
-    """One IP pool of a network and the gateway the host owns in it."""
-
-    pool = attr.ib()  # "10.20.0.0/24"
-    gateway = attr.ib(default=None)  # "10.20.0.1/24" (CIDR) or None
-
-    @property
-    def gateway_ip(self):
-        """The gateway as a plain IP, as Join must return it."""
-        return self.gateway.split("/")[0] if self.gateway else None
-
-
-@attr.s(frozen=True, slots=True)
-class Network:
-    """Everything the driver must remember about one Docker network."""
-
-    network_id = attr.ib()
-    bridge = attr.ib()
-    shared_bridge = attr.ib(default=False)  # the user named it with ovs.bridge
-    vlan = attr.ib(default=None)
-    uplink = attr.ib(default=None)
-    port_type = attr.ib(default="internal")
-    mtu = attr.ib(default=1500)
-    nat = attr.ib(default=True)
-    datapath_type = attr.ib(default="netdev")
-    internal = attr.ib(default=False)
-    ipv4 = attr.ib(default=(), converter=tuple)
-    ipv6 = attr.ib(default=(), converter=tuple)
-
-    @property
-    def gateways(self):
-        """Gateway addresses (CIDR) the host side of this network carries."""
-        if self.internal:
-            return ()
-        return tuple(s.gateway for s in self.ipv4 + self.ipv6 if s.gateway)
-
-    def to_json(self):
-        """A compact record for OVSDB's external_ids."""
-        record = attr.asdict(self, recurse=True)
-        record["ipv4"] = [[s.pool, s.gateway] for s in self.ipv4]
-        record["ipv6"] = [[s.pool, s.gateway] for s in self.ipv6]
-        return json.dumps(record, separators=(",", ":"), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text):
-        """Read a record written by `to_json` (unknown keys are ignored)."""
-        record = json.loads(text)
-        fields = {f.name for f in attr.fields(cls)}
-        record = {k: v for k, v in record.items() if k in fields}
-        record["ipv4"] = [Subnet(*pair) for pair in record.get("ipv4", ())]
-        record["ipv6"] = [Subnet(*pair) for pair in record.get("ipv6", ())]
-        return cls(**record)
 
 
 def bridge_name(network_id):
@@ -89,15 +36,6 @@ def check_id(kind, value):
     """Docker ids are hex; anything else never reaches OVSDB or the kernel."""
     if not isinstance(value, str) or not HEX_ID.fullmatch(value):
         raise OptionError(f"{kind} must be a hexadecimal Docker id, got {value!r}")
-    return value
-
-
-def _check_ifname(key, value):
-    if not _IFNAME.fullmatch(value):
-        raise OptionError(
-            f"{key}={value!r} is not a valid interface name: use 1 to {IFNAMSIZ} "
-            "letters, digits or '_.@-'"
-        )
     return value
 
 
@@ -182,14 +120,14 @@ def parse_network(network_id, options, ipv4_data, ipv6_data, default_datapath):
 
     fields = {"network_id": network_id, "datapath_type": default_datapath}
     if "ovs.bridge" in generic:
-        fields["bridge"] = _check_ifname("ovs.bridge", generic["ovs.bridge"])
+        fields["bridge"] = check_ifname("ovs.bridge", generic["ovs.bridge"])
         fields["shared_bridge"] = True
     else:
         fields["bridge"] = bridge_name(network_id)
     if "ovs.vlan" in generic:
         fields["vlan"] = _int_option("ovs.vlan", generic["ovs.vlan"], 1, 4094)
     if "ovs.uplink" in generic:
-        fields["uplink"] = _check_ifname("ovs.uplink", generic["ovs.uplink"])
+        fields["uplink"] = check_ifname("ovs.uplink", generic["ovs.uplink"])
     if "ovs.port_type" in generic:
         fields["port_type"] = _choice_option("ovs.port_type", generic["ovs.port_type"], PORT_TYPES)
     if MTU_KEY in generic:
@@ -208,27 +146,7 @@ def parse_network(network_id, options, ipv4_data, ipv6_data, default_datapath):
     return Network(**fields)
 
 
-PROTOCOLS = {6: "tcp", 17: "udp", 132: "sctp"}
 PORTMAP_KEY = "com.docker.network.portmap"
-
-
-@attr.s(frozen=True, slots=True)
-class PublishedPort:
-    """One ``-p [HOST_IP:]HOST_PORT:CONTAINER_PORT[/PROTO]`` of an endpoint."""
-
-    proto = attr.ib()  # "tcp", "udp" or "sctp"
-    host_port = attr.ib()
-    container_ip = attr.ib()  # plain IP
-    container_port = attr.ib()
-    host_ip = attr.ib(default=None)  # None: every address of the host
-
-    @staticmethod
-    def list_to_json(published):
-        return json.dumps([attr.asdict(p) for p in published], separators=(",", ":"))
-
-    @classmethod
-    def list_from_json(cls, text):
-        return tuple(cls(**entry) for entry in json.loads(text))
 
 
 def parse_portmap(options, container_ip):
@@ -284,12 +202,3 @@ def check_address(field, value, version):
     if address is None or address.version != version or "/" not in value:
         raise OptionError(f"{field} {value!r} is not an IPv{version} address in CIDR form")
     return str(address)
-
-
-def check_mac(field, value):
-    """A unicast MAC address from the engine, in lower case."""
-    if not _MAC.fullmatch(value):
-        raise OptionError(f"{field} {value!r} is not a MAC address like 02:42:ac:11:00:02")
-    if int(value[:2], 16) & 1:
-        raise OptionError(f"{field} {value!r} is a multicast address")
-    return value.lower()

@@ -9,10 +9,8 @@ finds it all again.
 
 import time
 
-import attr
-
-from ovsdriver.options import Network, PublishedPort
 from ovsdriver.ovsdb import by_name
+from ovsdriver.values import Endpoint, Network, PublishedPort
 
 OWNER = "owner"
 OWNER_VALUE = "ovsdriver"
@@ -30,26 +28,6 @@ UPLINK = "ovsdriver-uplink"  # on an uplink port the driver added
 
 class VSwitchError(Exception):
     """Open vSwitch refused or failed an operation; the message says which."""
-
-
-@attr.s(frozen=True, slots=True)
-class Endpoint:
-    """A Docker endpoint as plugged into Open vSwitch."""
-
-    endpoint_id = attr.ib()
-    network_id = attr.ib()
-    bridge = attr.ib()
-    port = attr.ib()  # the OVS port's name
-    ifname = attr.ib()  # the link the engine moves into the container
-    mac = attr.ib()
-    mtu = attr.ib(default=1500)
-    vlan = attr.ib(default=None)
-    port_type = attr.ib(default="internal")
-    ipv4 = attr.ib(default=None)  # CIDR
-    ipv6 = attr.ib(default=None)
-    sandbox = attr.ib(default=None)  # Join's SandboxKey while joined
-    created = attr.ib(default=None, eq=False)  # seconds since the epoch
-    published = attr.ib(default=(), converter=tuple)  # PublishedPort values
 
 
 def port_name(endpoint_id):

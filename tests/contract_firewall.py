@@ -11,8 +11,8 @@ drift from the real thing.
 import attr
 import pytest
 
-from ovsdriver.firewall import FirewallError, NetworkRules
-from ovsdriver.options import PublishedPort
+from ovsdriver.firewall import FirewallError
+from ovsdriver.values import NetworkRules, PublishedPort
 
 #: Modes of a network in `FirewallView.networks`.
 NAT = "nat"  # out through the host (masqueraded); in: replies and published ports

@@ -9,8 +9,8 @@ port method and return its result or raise), ``bridge_exists(name)``,
 
 import pytest
 
-from ovsdriver.options import Network, Subnet
-from ovsdriver.vswitch import Endpoint, VSwitchError, gateway_port_name
+from ovsdriver.values import Endpoint, Network, Subnet
+from ovsdriver.vswitch import VSwitchError, gateway_port_name
 
 NET_A = "a1" * 32
 NET_B = "b2" * 32
@@ -172,7 +172,7 @@ def test_a_port_name_held_by_another_endpoint_is_refused(harness):
 
 
 def test_published_ports_are_remembered_and_forgotten(harness):
-    from ovsdriver.options import PublishedPort
+    from ovsdriver.values import PublishedPort
 
     net = network()
     harness.call(harness.vswitch.add_network, net)

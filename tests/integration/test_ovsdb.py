@@ -6,9 +6,9 @@ import time
 import pytest
 from twisted.internet import defer
 
-from ovsdriver.options import Network
 from ovsdriver.ovsdb import OVSDB, OVSDBUnavailable
-from ovsdriver.vswitch import Endpoint, VSwitch
+from ovsdriver.values import Endpoint, Network
+from ovsdriver.vswitch import VSwitch
 from tests.reactor_thread import get_reactor, run_in_reactor
 from tests.world import wait_until
 

@@ -12,7 +12,6 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from ovsdriver.options import Network, PublishedPort, Subnet
 from ovsdriver.reconcile import (
     INVISIBLE,
     MISSING,
@@ -22,7 +21,7 @@ from ovsdriver.reconcile import (
     probe_sandbox,
 )
 from ovsdriver.testing import FakeNetlink, FakeVSwitch
-from ovsdriver.vswitch import Endpoint
+from ovsdriver.values import Endpoint, Network, PublishedPort, Subnet
 
 NET = "a1" * 32
 EP_1 = "e1" * 32
