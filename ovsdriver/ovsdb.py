@@ -204,6 +204,7 @@ class OVSDB(service.Service):
     """The driver's one connection to OVSDB, shared by every request."""
 
     fallback_tick = 0.1  # python-ovs does not always ask to be woken up
+    transaction_class = ovs.db.idl.Transaction  # unit tests script their own
 
     def __init__(
         self,
@@ -395,12 +396,38 @@ class OVSDB(service.Service):
         return batch
 
     def _start_transaction(self):
-        idl = self.idl
         batch = self._take_batch()
+        while batch:
+            txn, built = self._build(batch)
+            if len(built) == len(batch):
+                break
+            # A builder raised: its writes are in `txn` too, so throw the
+            # whole transaction away and build it again without that one.
+            txn.abort()
+            batch = built
         if not batch:
             return
-        txn = ovs.db.idl.Transaction(idl)
-        ctx = Context(txn, idl)
+        if any(op.wait for op in batch):
+            root = next(iter(self.idl.tables["Open_vSwitch"].rows.values()), None)
+            if root is None:
+                txn.abort()
+                error = OVSDBUnavailable(
+                    f"OVSDB at {self.remote} has no Open_vSwitch row; "
+                    "run 'ovs-vsctl init' or start Open vSwitch properly"
+                )
+                for op in batch:
+                    self._fail(op, error)
+                return
+            root.increment("next_cfg")
+        self._txn, self._in_flight = txn, batch
+        self._advance(txn.commit())
+
+    def _build(self, batch):
+        """Run the builders of `batch` into one new transaction: (the
+        transaction, the operations whose builders did not raise). A builder
+        that raises fails its operation."""
+        txn = self.transaction_class(self.idl)
+        ctx = Context(txn, self.idl)
         built = []
         for op in batch:
             ctx.wait_for_vswitchd = False
@@ -412,20 +439,7 @@ class OVSDB(service.Service):
             op.wait = ctx.wait_for_vswitchd
             op.phase = "committing"
             built.append(op)
-        if any(op.wait for op in built):
-            root = next(iter(idl.tables["Open_vSwitch"].rows.values()), None)
-            if root is None:
-                txn.abort()
-                error = OVSDBUnavailable(
-                    f"OVSDB at {self.remote} has no Open_vSwitch row; "
-                    "run 'ovs-vsctl init' or start Open vSwitch properly"
-                )
-                for op in built:
-                    self._fail(op, error)
-                return
-            root.increment("next_cfg")
-        self._txn, self._in_flight = txn, built
-        self._advance(txn.commit())
+        return txn, built
 
     def _advance(self, status):
         """React to a transaction's commit status."""

@@ -122,3 +122,28 @@ def test_a_stopped_vswitchd_is_reported(ovs_world, services):
     ovs_world.ovs.stop_vswitchd()
     with pytest.raises(OVSDBUnavailable, match="ovs-vswitchd did not apply"):
         run_in_reactor(VSwitch(ovsdb).add_network, network())
+
+
+def test_a_failing_builder_in_a_batch_leaves_none_of_its_writes(ovs_world, services):
+    """The real counterpart of the scripted-IDL unit test of the same name."""
+    ovsdb = start(ovs_world.ovs.remote)
+    services.append(ovsdb)
+    vswitch = VSwitch(ovsdb)
+    ovs_world.netns.run(["ip", "link", "add", "upl0", "type", "veth", "peer", "name", "upl1"])
+    first = Network(network_id=NET, bridge="obr-" + NET[:11], uplink="upl0")
+    run_in_reactor(vswitch.add_network, first)
+    clash = Network(network_id="0e" * 32, bridge="obr-" + "0e" * 5 + "0", uplink="upl0")
+    fine = Network(network_id="0f" * 32, bridge="obr-" + "0f" * 5 + "0")
+
+    def batch():
+        return defer.DeferredList(
+            [vswitch.add_network(clash), vswitch.add_network(fine)], consumeErrors=True
+        )
+
+    (ok_clash, failure), (ok_fine, _) = run_in_reactor(batch)
+    assert not ok_clash and ok_fine
+    assert "uplink upl0 is already a port of another bridge" in str(failure.value)
+    names = ovs_world.ovs.vsctl("list-br").split()
+    assert clash.bridge not in names and fine.bridge in names
+    records = ovs_world.ovs.vsctl("--columns=external_ids", "list", "Bridge")
+    assert "ovsdriver-network-" + clash.network_id not in records

@@ -1,0 +1,203 @@
+"""The OVSDB engine's paths over a scripted IDL: all or nothing per operation,
+also inside a shared transaction; TRY_AGAIN; a failed shared transaction
+retried one operation at a time; a reconnect while committing; each phase's
+timeout. Deterministic: a `Clock` and a server played by the test."""
+
+import pytest
+from twisted.internet.task import Clock
+
+from ovsdriver.ovsdb import OVSDB, OVSDBUnavailable
+from ovsdriver.values import Network
+from ovsdriver.vswitch import VSwitch, VSwitchError
+from tests.scripted_idl import ScriptedIdl, ScriptedTransaction, Txn
+
+NET_A, NET_B, NET_C = ("a1" * 32), ("b2" * 32), ("c3" * 32)
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def idl():
+    return ScriptedIdl()
+
+
+@pytest.fixture
+def ovsdb(clock, idl):
+    engine = OVSDB(clock, "unix:/scripted/db.sock", unavailable_timeout=3.0, apply_timeout=15.0)
+    engine.transaction_class = ScriptedTransaction
+    engine.idl = idl
+    engine.running = True  # started, with the scripted replica connected
+    yield engine
+    engine.running = False
+
+
+@pytest.fixture
+def vswitch(ovsdb):
+    return VSwitch(ovsdb)
+
+
+def network(network_id, **fields):
+    return Network(network_id=network_id, bridge="obr-" + network_id[:11], **fields)
+
+
+def outcome(deferred):
+    box = []
+    deferred.addBoth(box.append)
+    return box
+
+
+def serve(clock, idl, rounds=20):
+    """Play a healthy server and ovs-vswitchd until nothing is outstanding."""
+    for _ in range(rounds):
+        while len(idl.answers) < len(idl.outstanding):
+            idl.answer(Txn.SUCCESS)
+        clock.advance(0.1)
+        idl.catch_up()
+        clock.advance(0.1)
+        if not idl.outstanding:
+            return
+    raise AssertionError("the engine kept committing")
+
+
+def bridges(idl):
+    return sorted(row.name for row in idl.rows("Bridge"))
+
+
+def test_a_failing_builder_in_a_batch_leaves_none_of_its_writes(clock, idl, vswitch):
+    first = outcome(vswitch.add_network(network(NET_A, uplink="eth9")))
+    clock.advance(0)
+    serve(clock, idl)
+    assert first == [None]
+    # One tick: B (same uplink, so its builder raises after it made a bridge)
+    # and C share a transaction.
+    second = outcome(vswitch.add_network(network(NET_B, uplink="eth9")))
+    third = outcome(vswitch.add_network(network(NET_C)))
+    clock.advance(0)
+    serve(clock, idl)
+    assert second[0].check(VSwitchError)
+    assert "uplink eth9 is already a port of another bridge" in str(second[0].value)
+    assert third == [None]
+    assert bridges(idl) == ["obr-a1a1a1a1a1a", "obr-c3c3c3c3c3c"]
+    names = {row.name for row in idl.rows("Port")}
+    assert "obr-b2b2b2b2b2b" not in names
+    for writes in idl.committed:
+        inserted = {data.get("name") for _, data in writes["inserted"].values()}
+        assert "obr-b2b2b2b2b2b" not in inserted
+
+
+def test_a_lone_failing_builder_commits_nothing(clock, idl, vswitch):
+    outcome(vswitch.add_network(network(NET_A, uplink="eth9")))
+    clock.advance(0)
+    serve(clock, idl)
+    committed = len(idl.committed)
+    failed = outcome(vswitch.add_network(network(NET_B, uplink="eth9")))
+    clock.advance(0)
+    serve(clock, idl)
+    assert failed[0].check(VSwitchError)
+    assert len(idl.committed) == committed
+    assert bridges(idl) == ["obr-a1a1a1a1a1a"]
+
+
+def test_try_again_rebuilds_the_transaction(clock, idl, vswitch):
+    done = outcome(vswitch.add_network(network(NET_A)))
+    clock.advance(0)
+    idl.answer(Txn.TRY_AGAIN)
+    clock.advance(0.1)
+    assert done == []
+    serve(clock, idl)
+    assert done == [None]
+    assert bridges(idl) == ["obr-a1a1a1a1a1a"]
+    assert len(idl.committed) == 1
+
+
+def test_try_again_that_hid_a_commit_does_not_duplicate(clock, idl, vswitch):
+    done = outcome(vswitch.add_network(network(NET_A)))
+    clock.advance(0)
+    idl.answer(Txn.TRY_AGAIN, applied=True)  # it went through after all
+    clock.advance(0.1)
+    serve(clock, idl)
+    assert done == [None]
+    assert bridges(idl) == ["obr-a1a1a1a1a1a"]
+    assert len(idl.rows("Port")) == 1
+
+
+def test_a_failed_shared_transaction_is_retried_one_by_one(clock, idl, ovsdb, vswitch):
+    good = outcome(vswitch.add_network(network(NET_A)))
+    bad = outcome(vswitch.add_network(network(NET_B)))
+    clock.advance(0)
+    assert len(idl.outstanding) == 1  # one shared transaction
+    idl.answer(Txn.ERROR, error="constraint violation")
+    clock.advance(0.1)
+    assert len(idl.outstanding) == 1  # now the first alone
+    idl.answer(Txn.SUCCESS)
+    clock.advance(0.1)
+    idl.answer(Txn.ERROR, error="constraint violation")  # the second alone
+    clock.advance(0.1)
+    serve(clock, idl)
+    assert good == [None]
+    assert bad[0].check(OVSDBUnavailable)
+    assert "OVSDB refused the change: constraint violation" in str(bad[0].value)
+    assert bridges(idl) == ["obr-a1a1a1a1a1a"]
+
+
+def test_a_reconnect_while_committing_rebuilds_once(clock, idl, vswitch):
+    done = outcome(vswitch.add_network(network(NET_A)))
+    clock.advance(0)
+    assert len(idl.outstanding) == 1
+    idl.disconnect()
+    clock.advance(1.0)
+    idl.reconnect()  # the lost transaction ends as TRY_AGAIN
+    clock.advance(0.1)
+    serve(clock, idl)
+    assert done == [None]
+    assert bridges(idl) == ["obr-a1a1a1a1a1a"]
+
+
+def test_a_reconnect_after_a_hidden_commit_does_not_duplicate(clock, idl, vswitch):
+    done = outcome(vswitch.add_network(network(NET_A)))
+    clock.advance(0)
+    idl.answer(Txn.TRY_AGAIN, applied=True)
+    idl.disconnect()
+    clock.advance(1.0)
+    idl.reconnect()
+    clock.advance(0.1)
+    serve(clock, idl)
+    assert done == [None]
+    assert bridges(idl) == ["obr-a1a1a1a1a1a"]
+    assert len(idl.committed) == 1
+
+
+def test_an_operation_queued_while_disconnected_fails_after_the_unavailable_timeout(
+    clock, idl, vswitch
+):
+    idl.disconnect()
+    clock.advance(0.1)
+    failed = outcome(vswitch.add_network(network(NET_A)))
+    clock.pump([0.1] * 28)
+    assert failed == []
+    clock.pump([0.1] * 3)
+    assert failed[0].check(OVSDBUnavailable)
+    assert "cannot reach OVSDB at unix:/scripted/db.sock" in str(failed[0].value)
+    idl.reconnect()
+    clock.advance(1.0)
+    assert idl.committed == [] and bridges(idl) == []
+
+
+def test_a_commit_never_confirmed_fails_after_the_apply_timeout(clock, idl, vswitch):
+    failed = outcome(vswitch.add_network(network(NET_A)))
+    clock.advance(0)
+    clock.pump([1.0] * 15)
+    assert failed[0].check(OVSDBUnavailable)
+    assert "did not confirm the change within 15 s" in str(failed[0].value)
+
+
+def test_a_change_vswitchd_never_applies_fails_after_the_apply_timeout(clock, idl, vswitch):
+    failed = outcome(vswitch.add_network(network(NET_A)))
+    clock.advance(0)
+    idl.answer(Txn.SUCCESS)
+    clock.pump([1.0] * 15)
+    assert failed[0].check(OVSDBUnavailable)
+    assert "ovs-vswitchd did not apply the change within 15 s" in str(failed[0].value)
