@@ -13,6 +13,8 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from ovsdriver.driver import DriverError
+from ovsdriver.firewall import FirewallError
+from ovsdriver.netlink import LinkError
 from ovsdriver.ovsdb import OVSDBUnavailable
 from ovsdriver.values import InvalidValue
 from ovsdriver.vswitch import VSwitchError
@@ -20,7 +22,8 @@ from ovsdriver.vswitch import VSwitchError
 log = Logger()
 
 MAX_BODY = 1024 * 1024
-USER_ERRORS = (DriverError, InvalidValue, OVSDBUnavailable, VSwitchError)
+#: Failures whose message is a sentence for the user; anything else is a bug.
+USER_ERRORS = (DriverError, FirewallError, InvalidValue, LinkError, OVSDBUnavailable, VSwitchError)
 
 # Each method: the Handlers coroutine that serves it, and the fields it reads
 # (name -> (type, required)).

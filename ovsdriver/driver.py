@@ -8,14 +8,24 @@ made is undone again when a later step of it fails.
 
 import os
 
+import attr
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from ovsdriver.options import check_address, check_id, parse_network, parse_portmap
-from ovsdriver.values import Endpoint, NetworkRules, check_mac
-from ovsdriver.vswitch import gateway_ifname, port_name, veth_host_name
+from ovsdriver.values import Endpoint, Network, NetworkRules, check_mac
+from ovsdriver.vswitch import (
+    IPV4,
+    UnreadableRecord,
+    gateway_ifname,
+    port_name,
+    veth_host_name,
+)
 
 log = Logger()
+
+#: A network whose record cannot be read: what is known of it is its id.
+UNKNOWN = Network(network_id="", bridge="")
 
 
 class DriverError(Exception):
@@ -78,7 +88,12 @@ class Driver:
             raise
 
     async def delete_network(self, network_id):
-        network = await self.vswitch.network(check_id("NetworkID", network_id))
+        try:
+            network = await self.vswitch.network(check_id("NetworkID", network_id))
+        except UnreadableRecord as e:
+            # Its gateway addresses go with its bridge or gateway port.
+            log.warn("removing network {id} anyway: {e}", id=network_id[:12], e=e)
+            network = attr.evolve(UNKNOWN, network_id=network_id)
         if network is None:
             return
         if network.gateways:
@@ -177,6 +192,12 @@ class Driver:
     async def program_external_connectivity(self, network_id, endpoint_id, options):
         endpoint = await self._endpoint(network_id, endpoint_id)
         network = await self._network(network_id)
+        if IPV4 in endpoint.unreadable:
+            raise DriverError(
+                f"cannot publish ports of endpoint {endpoint_id[:12]}: its address in OVSDB "
+                f"(Interface {endpoint.port} external_ids:{IPV4}) cannot be read: "
+                f"{endpoint.unreadable[IPV4]}"
+            )
         if network.internal or not endpoint.ipv4:
             return
         published = parse_portmap(options, endpoint.ipv4.split("/")[0])

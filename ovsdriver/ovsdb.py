@@ -80,8 +80,15 @@ class _SchemaFetcher(protocol.Protocol):
             self.result.callback(reply["result"])
 
     def connectionLost(self, reason):
+        self.transport = None
         if not self.result.called:
             self.result.errback(reason)
+
+    def close(self, result):
+        """Never leave the connection open, also after a timeout."""
+        if self.transport is not None:
+            self.transport.abortConnection()
+        return result
 
 
 def fetch_schema(reactor, remote, database="Open_vSwitch", timeout=5.0):
@@ -92,7 +99,8 @@ def fetch_schema(reactor, remote, database="Open_vSwitch", timeout=5.0):
     factory.noisy = False
     d = point.connect(factory)
     d.addCallback(lambda _: fetcher.result)
-    return d.addTimeout(timeout, reactor)
+    d.addTimeout(timeout, reactor)
+    return d.addBoth(fetcher.close)
 
 
 class _Wishes:

@@ -7,6 +7,7 @@ The checks every module shares (Docker ids, interface names, MAC addresses,
 protocols) live here once.
 """
 
+import ipaddress
 import json
 import re
 
@@ -90,12 +91,19 @@ class Network:
 
     @classmethod
     def from_json(cls, text):
-        """Read a record written by `to_json` (unknown keys are ignored)."""
-        record = json.loads(text)
+        """Read a record written by `to_json` (unknown keys are ignored).
+
+        Operators can edit it with ovs-vsctl, so every field is checked:
+        InvalidValue says what is wrong with it."""
+        record = _load(text, dict, "a JSON object")
         fields = {f.name for f in attr.fields(cls)}
         record = {k: v for k, v in record.items() if k in fields}
-        record["ipv4"] = [Subnet(*pair) for pair in record.get("ipv4", ())]
-        record["ipv6"] = [Subnet(*pair) for pair in record.get("ipv6", ())]
+        for name in ("network_id", "bridge"):
+            if name not in record:
+                raise InvalidValue(f"it has no {name}")
+        _check_fields(record, _NETWORK_FIELDS)
+        for family in ("ipv4", "ipv6"):
+            record[family] = [_subnet(family, pair) for pair in record.get(family, ())]
         return cls(**record)
 
 
@@ -115,7 +123,17 @@ class PublishedPort:
 
     @classmethod
     def list_from_json(cls, text):
-        return tuple(cls(**entry) for entry in json.loads(text))
+        """Read what `list_to_json` wrote; InvalidValue says what is wrong."""
+        published = []
+        for entry in _load(text, list, "a JSON list"):
+            if not isinstance(entry, dict):
+                raise InvalidValue(f"{entry!r} is not a JSON object")
+            _check_fields(entry, _PUBLISHED_FIELDS)
+            try:
+                published.append(cls(**entry))
+            except TypeError as e:
+                raise InvalidValue(f"{entry!r} is not a published port: {e}") from None
+        return tuple(published)
 
 
 @attr.s(frozen=True, slots=True)
@@ -136,6 +154,8 @@ class Endpoint:
     sandbox = attr.ib(default=None)  # Join's SandboxKey while joined
     created = attr.ib(default=None, eq=False)  # seconds since the epoch
     published = attr.ib(default=(), converter=tuple)  # PublishedPort values
+    #: Values in OVSDB that could not be read (hand-edited?): {key: why}.
+    unreadable = attr.ib(factory=dict, eq=False, hash=False)
 
 
 @attr.s(frozen=True, slots=True)
@@ -153,3 +173,84 @@ class NetworkRules:
     def pools(self, family):
         """The pools of one address family (4 or 6)."""
         return self.ipv4 if family == 4 else self.ipv6
+
+
+# -- reading records back from OVSDB, where operators can edit them ------------
+
+
+def _load(text, kind, expected):
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise InvalidValue(f"it is not valid JSON ({e})") from None
+    if not isinstance(value, kind):
+        raise InvalidValue(f"it is not {expected}")
+    return value
+
+
+def _is_int(low, high):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _is_ip(value):
+    try:
+        ipaddress.ip_address(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _optional(check):
+    return lambda v: v is None or check(v)
+
+
+def _is_ifname(value):
+    return isinstance(value, str) and bool(IFNAME.fullmatch(value))
+
+
+def _is_bool(value):
+    return isinstance(value, bool)
+
+
+_NETWORK_FIELDS = {
+    "network_id": ("a Docker id", lambda v: isinstance(v, str) and bool(HEX_ID.fullmatch(v))),
+    "bridge": ("an interface name", _is_ifname),
+    "shared_bridge": ("true or false", _is_bool),
+    "vlan": ("null or 1-4094", _optional(_is_int(1, 4094))),
+    "uplink": ("null or an interface name", _optional(_is_ifname)),
+    "port_type": ("internal or veth", lambda v: v in ("internal", "veth")),
+    "mtu": ("68-65535", _is_int(68, 65535)),
+    "nat": ("true or false", _is_bool),
+    "datapath_type": ("system or netdev", lambda v: v in ("system", "netdev")),
+    "internal": ("true or false", _is_bool),
+    "ipv4": ("a list of [pool, gateway]", lambda v: isinstance(v, list)),
+    "ipv6": ("a list of [pool, gateway]", lambda v: isinstance(v, list)),
+}
+_PUBLISHED_FIELDS = {
+    "proto": (", ".join(PROTOCOLS.values()), lambda v: v in PROTOCOLS.values()),
+    "host_port": ("1-65535", _is_int(1, 65535)),
+    "container_ip": ("an IP address", _is_ip),
+    "container_port": ("1-65535", _is_int(1, 65535)),
+    "host_ip": ("null or an IP address", _optional(_is_ip)),
+}
+
+
+def _check_fields(record, checks):
+    for name, value in record.items():
+        expected, check = checks.get(name, (None, None))
+        if check is not None and not check(value):
+            raise InvalidValue(f"{name}={json.dumps(value)} is invalid: expected {expected}")
+
+
+def _subnet(family, pair):
+    version = 4 if family == "ipv4" else 6
+    try:
+        pool, gateway = pair
+        net = ipaddress.ip_network(pool)
+        if gateway is not None and ipaddress.ip_interface(gateway).ip not in net:
+            raise ValueError(f"gateway {gateway} is outside the pool")
+        if net.version != version:
+            raise ValueError(f"{pool} is not IPv{version}")
+    except (TypeError, ValueError) as e:
+        raise InvalidValue(f"{family} entry {json.dumps(pair)} is invalid: {e}") from None
+    return Subnet(pool, gateway)

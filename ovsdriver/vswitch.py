@@ -7,10 +7,15 @@ IDL rows. Everything the driver knows is in external_ids, so a restarted driver
 finds it all again.
 """
 
+import ipaddress
 import time
 
+from twisted.logger import Logger
+
 from ovsdriver.ovsdb import by_name
-from ovsdriver.values import Endpoint, Network, PublishedPort
+from ovsdriver.values import Endpoint, InvalidValue, Network, PublishedPort, check_mac
+
+log = Logger()
 
 OWNER = "owner"
 OWNER_VALUE = "ovsdriver"
@@ -28,6 +33,10 @@ UPLINK = "ovsdriver-uplink"  # on an uplink port the driver added
 
 class VSwitchError(Exception):
     """Open vSwitch refused or failed an operation; the message says which."""
+
+
+class UnreadableRecord(VSwitchError):
+    """A network's record in OVSDB cannot be read (edited by hand?)."""
 
 
 def port_name(endpoint_id):
@@ -61,21 +70,66 @@ def _ids(row):
 
 def _endpoint_from_rows(bridge_name, port, iface):
     ids = _ids(iface)
+    endpoint_id = ids[ENDPOINT_ID]
+    unreadable = {}
+
+    def read(key, parse, default=None):
+        if key not in ids:
+            return default
+        try:
+            return parse(ids[key])
+        except (InvalidValue, ValueError) as e:
+            unreadable[key] = str(e)
+            _warn_unreadable(f"Interface {iface.name}", key, ids[key], e)
+            return default
+
     return Endpoint(
-        endpoint_id=ids[ENDPOINT_ID],
+        endpoint_id=endpoint_id,
         network_id=ids.get(NETWORK_ID),
         bridge=bridge_name,
         port=port.name,
         ifname=ids.get(PEER, iface.name),
-        mac=ids.get("attached-mac"),
+        mac=read("attached-mac", lambda v: check_mac("attached-mac", v)),
         mtu=_one(iface.mtu_request) or 1500,
         vlan=_one(port.tag),
         port_type="veth" if PEER in ids else "internal",
-        ipv4=ids.get(IPV4),
-        ipv6=ids.get(IPV6),
+        ipv4=read(IPV4, lambda v: _cidr(v, 4)),
+        ipv6=read(IPV6, lambda v: _cidr(v, 6)),
         sandbox=ids.get(SANDBOX),
-        created=float(ids[CREATED]) if CREATED in ids else None,
-        published=PublishedPort.list_from_json(ids.get(PORTMAP, "[]")),
+        created=read(CREATED, float),
+        published=read(PORTMAP, PublishedPort.list_from_json, ()),
+        unreadable=unreadable,
+    )
+
+
+def _cidr(value, version):
+    address = ipaddress.ip_interface(value)
+    if address.version != version or "/" not in value:
+        raise ValueError(f"not an IPv{version} address in CIDR form")
+    return value
+
+
+#: Unreadable values already logged, so each is logged once.
+_warned = set()
+
+
+def _warn_unreadable(where, key, value, error):
+    """Log a value the driver cannot read, once, with how to fix it."""
+    if (where, key, value) in _warned:
+        return
+    if len(_warned) > 1000:
+        _warned.clear()
+    _warned.add((where, key, value))
+    table, _, name = where.partition(" ")
+    log.warn(
+        "cannot read external_ids:{key} of {where} in OVSDB ({error}); the driver ignores "
+        "it and serves everything else. Restore it, or remove it with "
+        "'ovs-vsctl remove {table} {name} external_ids {key}'",
+        key=key,
+        where=where,
+        error=error,
+        table=table,
+        name=name,
     )
 
 
@@ -102,7 +156,16 @@ class VSwitch:
         return self.ovsdb.query(_networks)
 
     def network(self, network_id):
-        return self.ovsdb.query(lambda idl: _networks(idl).get(network_id))
+        """The network, None if unknown; fails with UnreadableRecord when its
+        record in OVSDB cannot be read."""
+
+        def read(idl):
+            network = _records(idl).get(network_id)
+            if isinstance(network, UnreadableRecord):
+                raise network
+            return network
+
+        return self.ovsdb.query(read)
 
     def endpoint(self, endpoint_id):
         return self.ovsdb.query(lambda idl: _endpoint(idl, endpoint_id))
@@ -145,20 +208,18 @@ class VSwitch:
                 ids = _ids(bridge)
                 if key not in ids:
                     continue
+                others = _bridge_records(bridge)
+                mine = others.pop(network_id)
                 bridge.delkey("external_ids", key)
                 gateway = ctx.find("Port", gateway_port_name(network_id))
                 if gateway is not None:
                     _delete_port(ctx, bridge, gateway)
-                others = [
-                    Network.from_json(v)
-                    for k, v in ids.items()
-                    if k.startswith(NETWORK_RECORD) and k != key
-                ]
                 if ids.get(OWNER) == OWNER_VALUE and not others:
                     _delete_bridge(ctx, bridge)
                     continue
-                uplink = Network.from_json(ids[key]).uplink
-                if uplink and all(other.uplink != uplink for other in others):
+                # Unreadable records might use the uplink: then it stays.
+                uplink = getattr(mine, "uplink", None)
+                if uplink and all(getattr(o, "uplink", uplink) != uplink for o in others.values()):
                     _remove_uplink(ctx, bridge, uplink)
 
         return self.ovsdb.transact(build)
@@ -265,7 +326,10 @@ def _check_bridge_shareable(bridge, network):
     ids = _ids(bridge)
     if NETWORK_RECORD + network.network_id in ids:
         return
-    others = [Network.from_json(v) for k, v in ids.items() if k.startswith(NETWORK_RECORD)]
+    others = list(_bridge_records(bridge).values())
+    for other in others:
+        if isinstance(other, UnreadableRecord):
+            raise VSwitchError(f"cannot share bridge {bridge.name}: {other}")
     check_shareable(bridge.name, others, network)
 
 
@@ -353,13 +417,45 @@ def _bridge_of(ctx, port):
 
 
 def _networks(idl):
-    networks = {}
+    """The readable networks, by id (unreadable records are logged once)."""
+    return {
+        network_id: network
+        for network_id, network in _records(idl).items()
+        if isinstance(network, Network)
+    }
+
+
+def _records(idl):
+    """Every network record, by id: a `Network`, or an `UnreadableRecord`."""
+    records = {}
     for bridge in idl.tables["Bridge"].rows.values():
-        for key, value in bridge.external_ids.items():
-            if key.startswith(NETWORK_RECORD):
-                network = Network.from_json(value)
-                networks[network.network_id] = network
-    return networks
+        records.update(_bridge_records(bridge))
+    return records
+
+
+def _bridge_records(bridge):
+    """The network records on one bridge: id -> `Network` or `UnreadableRecord`."""
+    records = {}
+    for key, value in bridge.external_ids.items():
+        if key.startswith(NETWORK_RECORD):
+            network_id = key[len(NETWORK_RECORD) :]
+            records[network_id] = _read_network(bridge.name, key, network_id, value)
+    return records
+
+
+def _read_network(bridge, key, network_id, value):
+    try:
+        network = Network.from_json(value)
+        if network.network_id != network_id:
+            raise InvalidValue(f"it names another network, {network.network_id[:12]}")
+    except InvalidValue as e:
+        _warn_unreadable(f"Bridge {bridge}", key, value, e)
+        return UnreadableRecord(
+            f"the record of network {network_id[:12]} in OVSDB (Bridge {bridge} "
+            f"external_ids:{key}) cannot be read: {e}; restore it, or remove the network "
+            "with 'docker network rm'"
+        )
+    return network
 
 
 def _endpoint_port(find, endpoint_id):

@@ -147,3 +147,41 @@ def test_a_failing_builder_in_a_batch_leaves_none_of_its_writes(ovs_world, servi
     assert clash.bridge not in names and fine.bridge in names
     records = ovs_world.ovs.vsctl("--columns=external_ids", "list", "Bridge")
     assert "ovsdriver-network-" + clash.network_id not in records
+
+
+def test_schema_fetch_timeouts_leave_no_connection_open(tmp_path):
+    """A server that accepts and never answers: every timed-out fetch closes
+    its connection (none is left open per retry)."""
+    import socket
+    import threading
+
+    from ovsdriver.ovsdb import fetch_schema
+
+    path = str(tmp_path / "mute.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(8)
+    server.settimeout(10)
+    accepted = []
+
+    def accept(count):
+        for _ in range(count):
+            conn, _ = server.accept()
+            conn.settimeout(10)
+            accepted.append(conn)
+
+    acceptor = threading.Thread(target=accept, args=(3,), daemon=True)
+    acceptor.start()
+    try:
+        for _ in range(3):
+            with pytest.raises(defer.TimeoutError):
+                run_in_reactor(lambda: fetch_schema(get_reactor(), f"unix:{path}", timeout=0.3))
+        acceptor.join(10)
+        assert len(accepted) == 3
+        for conn in accepted:
+            conn.recv(65536)  # the get_schema request
+            assert conn.recv(1) == b"", "the driver left this connection open"
+    finally:
+        for conn in accepted:
+            conn.close()
+        server.close()
