@@ -5,9 +5,11 @@ builders queued with `OVSDB.transact`; each reactor tick folds all queued
 builders into one OVSDB transaction (so concurrent requests share one
 ovs-vswitchd reconfiguration), commits it without blocking, and fires each
 operation's Deferred once ovs-vswitchd has applied it (``cur_cfg`` caught up
-with ``next_cfg``). A TRY_AGAIN rebuilds the operations; a failed shared
-transaction is retried one operation at a time so one bad operation cannot
-fail its neighbours. While OVSDB is unreachable, operations fail within
+with ``next_cfg``). Each operation is all or nothing: a builder that raises
+has already written into the shared transaction, so that transaction is
+thrown away and built again without it. A TRY_AGAIN rebuilds the operations;
+a failed shared transaction is retried one operation at a time so one bad
+operation cannot fail its neighbours. While OVSDB is unreachable, operations fail within
 ``unavailable_timeout`` seconds with an error naming OVSDB and its address.
 """
 
