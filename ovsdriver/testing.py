@@ -7,6 +7,8 @@ state in memory and return Deferreds that have already fired: no reactor, no
 threads, no root.
 """
 
+import time
+
 import attr
 from twisted.internet import defer
 
@@ -383,32 +385,47 @@ class FakeVSwitch:
 
     def add_network(self, network):
         bridge = self.bridges.get(network.bridge)
+        try:  # check everything first: a refused network leaves nothing
+            if bridge is not None and network.network_id not in bridge.networks:
+                check_shareable(network.bridge, list(bridge.networks.values()), network)
+            holder = self._holder(network.uplink)
+            if network.uplink and holder not in (None, network.bridge):
+                raise VSwitchError(f"uplink {network.uplink} is already a port of another bridge")
+        except VSwitchError as e:
+            return defer.fail(e)
         if bridge is None:
             bridge = self.bridges[network.bridge] = _FakeBridge(owned=True)
             bridge.ports[network.bridge] = None
             self._plug(network.bridge, 1500 if network.shared_bridge else network.mtu)
-        elif network.network_id not in bridge.networks:
-            try:
-                check_shareable(network.bridge, list(bridge.networks.values()), network)
-            except VSwitchError as e:
-                return defer.fail(e)
         bridge.networks[network.network_id] = network
         if network.shared_bridge and network.gateways:
             bridge.ports.setdefault(gateway_port_name(network.network_id), None)
             self._plug(gateway_port_name(network.network_id))
+        if network.uplink:
+            bridge.ports.setdefault(network.uplink, None)
         return defer.succeed(None)
+
+    def _holder(self, port):
+        """The bridge holding a port, or None."""
+        return next((name for name, b in self.bridges.items() if port in b.ports), None)
 
     def remove_network(self, network_id):
         for name, bridge in list(self.bridges.items()):
-            if bridge.networks.pop(network_id, None) is None:
+            network = bridge.networks.pop(network_id, None)
+            if network is None:
                 continue
             if gateway_port_name(network_id) in bridge.ports:
                 del bridge.ports[gateway_port_name(network_id)]
                 self._unplug(gateway_port_name(network_id))
             if bridge.owned and not bridge.networks:
                 for port in bridge.ports:
-                    self._unplug(port, bridge.ports[port])
+                    if port != network.uplink:  # the interface itself stays
+                        self._unplug(port, bridge.ports[port])
                 del self.bridges[name]
+            elif network.uplink and all(
+                n.uplink != network.uplink for n in bridge.networks.values()
+            ):
+                bridge.ports.pop(network.uplink, None)
         return defer.succeed(None)
 
     def add_endpoint(self, endpoint):
@@ -421,6 +438,8 @@ class FakeVSwitch:
         bridge = self.bridges.get(endpoint.bridge)
         if bridge is None:
             return defer.fail(VSwitchError(f"bridge {endpoint.bridge} is missing"))
+        if endpoint.created is None:
+            endpoint = attr.evolve(endpoint, created=float(round(time.time())))
         bridge.ports[endpoint.port] = endpoint
         if endpoint.port_type == "internal":
             self._plug(endpoint.port, endpoint.mtu)

@@ -4,7 +4,8 @@ and `FakeVSwitch` both run these tests (see test_vswitch_*.py).
 A module using this contract imports the tests with ``from ... import *`` and
 provides a ``harness`` fixture with: ``vswitch``, ``call(method, *args)`` (run a
 port method and return its result or raise), ``bridge_exists(name)``,
-``port_exists(name)``, ``break_port(name)`` and ``add_foreign_bridge(name)``.
+``port_exists(name)``, ``break_port(name)``, ``add_foreign_bridge(name)`` and
+``add_host_link(name)`` (a host interface to use as an uplink).
 """
 
 import pytest
@@ -185,3 +186,36 @@ def test_published_ports_are_remembered_and_forgotten(harness):
     assert harness.call(harness.vswitch.endpoint, EP_1).published == tuple(published)
     harness.call(harness.vswitch.set_published, EP_1, [])
     assert harness.call(harness.vswitch.endpoint, EP_1).published == ()
+
+
+def test_an_uplink_joins_the_bridge_and_leaves_with_its_last_network(harness):
+    harness.add_host_link("upl-a")
+    harness.call(harness.vswitch.add_network, network(uplink="upl-a"))
+    assert harness.port_exists("upl-a")
+    harness.call(harness.vswitch.remove_network, NET_A)
+    assert not harness.port_exists("upl-a")
+
+
+def test_an_uplink_another_bridge_holds_is_refused_and_nothing_is_left(harness):
+    harness.add_host_link("upl-b")
+    harness.call(harness.vswitch.add_network, network(uplink="upl-b"))
+    clash = network(NET_B, uplink="upl-b")
+    with pytest.raises(VSwitchError, match="uplink upl-b is already a port of another bridge"):
+        harness.call(harness.vswitch.add_network, clash)
+    assert not harness.bridge_exists(clash.bridge)
+    assert harness.call(harness.vswitch.network, NET_B) is None
+    harness.call(harness.vswitch.remove_network, NET_A)
+
+
+def test_an_endpoint_records_when_it_was_created(harness):
+    import time
+
+    net = network()
+    harness.call(harness.vswitch.add_network, net)
+    before = time.time()
+    harness.call(harness.vswitch.add_endpoint, endpoint(net))
+    created = harness.call(harness.vswitch.endpoint, EP_1).created
+    assert before - 1 <= created <= time.time() + 1
+    given = endpoint(net, endpoint_id=EP_2, mac="02:00:00:00:00:02", created=1700000000.0)
+    harness.call(harness.vswitch.add_endpoint, given)
+    assert harness.call(harness.vswitch.endpoint, EP_2).created == 1700000000.0

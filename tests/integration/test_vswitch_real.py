@@ -32,6 +32,13 @@ class RealHarness:
     def add_foreign_bridge(self, name):
         self.world.ovs.vsctl("add-br", name, "--", "set", "bridge", name, "datapath_type=netdev")
 
+    def add_host_link(self, name):
+        """A host interface (a veth end) to use as an uplink."""
+        if name not in self.world.netns.links():
+            self.world.netns.run(
+                ["ip", "link", "add", name, "type", "veth", "peer", "name", "p" + name]
+            )
+
 
 @pytest.fixture(scope="module")
 def ovsdb(ovs_world_module):
