@@ -15,7 +15,14 @@ setup(
     packages=["ovsdriver", "twisted.plugins"],
     package_data={"twisted.plugins": ["ovsdriver_plugin.py"]},
     # The oldest versions are Debian 12's own packages.
-    install_requires=["twisted>=22.4", "ovs>=3.1", "pyroute2>=0.7.2", "attrs>=22.2"],
+    install_requires=[
+        "twisted>=22.4",
+        "ovs>=3.1",
+        "pyroute2>=0.7.2",
+        "attrs>=22.2",
+        "prometheus_client>=0.16",
+    ],
+    entry_points={"console_scripts": ["ovsdriver = ovsdriver.cli:main"]},
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "treq>=22.2", "ruff==0.17.6"],
     },

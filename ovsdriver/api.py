@@ -14,6 +14,7 @@ from twisted.web import resource, server
 
 from ovsdriver.driver import DriverError
 from ovsdriver.firewall import FirewallError
+from ovsdriver.metrics import NO_METRICS
 from ovsdriver.netlink import LinkError
 from ovsdriver.ovsdb import OVSDBUnavailable
 from ovsdriver.values import InvalidValue
@@ -168,6 +169,7 @@ class PluginResource(resource.Resource):
     """The plugin's HTTP face on the UNIX socket."""
 
     isLeaf = True
+    metrics = NO_METRICS
 
     def __init__(self, handlers):
         super().__init__()
@@ -179,17 +181,21 @@ class PluginResource(resource.Resource):
         handler = self.handlers.route(method)
         if handler is None:
             request.setResponseCode(404)
+            self.metrics.api_rejected("unknown", "unknown_method")
             return _json({"Err": f"unknown method {method[:100]!r}"})
         raw = request.content.read(MAX_BODY + 1)
         if len(raw) > MAX_BODY:
             request.setResponseCode(413)
+            self.metrics.api_rejected(method, "too_large")
             return _json({"Err": f"request body is larger than {MAX_BODY} bytes"})
         try:
             body = parse_body(method, raw)
         except BadRequest as e:
             request.setResponseCode(400)
+            self.metrics.api_rejected(method, "bad_request")
             return _json({"Err": str(e)})
         d = defer.ensureDeferred(handler(body))
+        self.metrics.api_request(method, d, USER_ERRORS)
         d.addErrback(_error_response, method)
         d.addCallback(_respond, request)
         return server.NOT_DONE_YET

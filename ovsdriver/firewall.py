@@ -54,6 +54,7 @@ from twisted.application import service
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from ovsdriver.metrics import NO_METRICS
 from ovsdriver.values import HEX_ID, IFNAME, PROTOCOLS, NetworkRules
 
 log = Logger()
@@ -355,6 +356,7 @@ class Firewall:
     """
 
     timeout = 30.0
+    metrics = NO_METRICS
 
     def __init__(self, reactor, netns=None):
         self.reactor = reactor
@@ -375,7 +377,8 @@ class Firewall:
             checked = check_networks(networks)
         except FirewallError:
             return defer.fail()
-        return self._lock.run(lambda: defer.ensureDeferred(self._apply(checked)))
+        applied = self._lock.run(lambda: defer.ensureDeferred(self._apply(checked)))
+        return self.metrics.firewall_sync(applied)
 
     async def _apply(self, networks):
         for family in (4, 6):

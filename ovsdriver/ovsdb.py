@@ -21,6 +21,8 @@ from twisted.application import service
 from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
 
+from ovsdriver.metrics import NO_METRICS
+
 log = Logger()
 
 #: What the driver reads and writes; nothing else is replicated.
@@ -215,6 +217,7 @@ class OVSDB(service.Service):
 
     fallback_tick = 0.1  # python-ovs does not always ask to be woken up
     transaction_class = ovs.db.idl.Transaction  # unit tests script their own
+    metrics = NO_METRICS
 
     def __init__(
         self,
@@ -430,6 +433,7 @@ class OVSDB(service.Service):
                 return
             root.increment("next_cfg")
         self._txn, self._in_flight = txn, batch
+        self.metrics.ovsdb_commit_started()
         self._advance(txn.commit())
 
     def _build(self, batch):
@@ -458,9 +462,11 @@ class OVSDB(service.Service):
         if status == Txn.INCOMPLETE:
             return
         self._txn, self._in_flight = None, []
+        self.metrics.ovsdb_committed(status, len(ops))
         if status in (Txn.SUCCESS, Txn.UNCHANGED):
             waits = status == Txn.SUCCESS and any(op.wait for op in ops)
             cfg = txn.get_increment_new_value() if waits else None
+            self.metrics.ovsdb_applying(cfg)
             for op in ops:
                 if op.wait and cfg is not None:
                     op.phase = "applying"
@@ -491,6 +497,7 @@ class OVSDB(service.Service):
         if root is None:
             return
         cur_cfg = root.cur_cfg
+        self.metrics.ovsdb_caught_up(cur_cfg)
         still = []
         for cfg, op in self._waiting_cfg:
             if op.done:

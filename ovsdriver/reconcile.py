@@ -59,6 +59,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from ovsdriver.metrics import NO_METRICS
 from ovsdriver.vswitch import veth_host_name
 
 log = Logger()
@@ -101,6 +102,8 @@ class Reconciler(service.Service):
     pass collected endpoints that had published ports, e.g. to drop their
     firewall rules.
     """
+
+    metrics = NO_METRICS
 
     def __init__(
         self,
@@ -152,7 +155,7 @@ class Reconciler(service.Service):
 
     def _start_pass(self):
         self._timer = None
-        self._pass = defer.ensureDeferred(self.reconcile())
+        self._pass = self.metrics.reconciler_pass(defer.ensureDeferred(self.reconcile()))
         self._pass.addErrback(self._pass_failed)
         self._pass.addBoth(self._pass_ended)
 
@@ -246,6 +249,7 @@ class Reconciler(service.Service):
         if await self._safely(endpoint.endpoint_id, doing, remove) is FAILED:
             return False
         self._suspects.pop(endpoint.endpoint_id, None)
+        self.metrics.reconciler_collected()
         log.info(
             "removed orphan endpoint {endpoint} (port {port}): {reason}",
             endpoint=endpoint.endpoint_id[:12],
@@ -268,6 +272,7 @@ class Reconciler(service.Service):
         doing = f"cannot repair endpoint {endpoint.endpoint_id[:12]}"
         name = await self._safely(endpoint.endpoint_id, doing, repair)
         if name and name is not FAILED:
+            self.metrics.reconciler_repaired()
             log.info(
                 "repaired endpoint {endpoint} after an ovs-vswitchd restart: moved the new "
                 "{port} into sandbox {sandbox} as {name}",

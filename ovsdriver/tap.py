@@ -47,6 +47,13 @@ class Options(usage.Options):
             "Datapath of the bridges the driver creates: system, netdev or auto "
             "(system when the openvswitch kernel module is loaded, else netdev).",
         ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics on this Twisted server endpoint, e.g. "
+            "tcp:9478:interface=127.0.0.1 (off by default).",
+        ],
     ]
 
     def postOptions(self):
@@ -124,13 +131,32 @@ def makeService(options, reactor=None):
     ovsdb.setServiceParent(top)
     netlink = Netlink(reactor)
     NetlinkService(netlink).setServiceParent(top)
-    driver = Driver(VSwitch(ovsdb), netlink, Firewall(reactor), options["datapath-type"])
+    firewall = Firewall(reactor)
+    driver = Driver(VSwitch(ovsdb), netlink, firewall, options["datapath-type"])
     # The firewall lives in the kernel only: rebuild it from OVSDB at start.
     FirewallRestorer(reactor, driver.sync_firewall).setServiceParent(top)
     # Orphan collection and repair after ovs-vswitchd restarts (see ovsdriver.reconcile).
     reconciler = Reconciler(reactor, driver.vswitch, netlink, after_collect=driver.sync_firewall)
     reconciler.setServiceParent(top)
-    site = server.Site(PluginResource(Handlers(driver)))
+    plugin = PluginResource(Handlers(driver))
+    if options["metrics"]:
+        hooked = (plugin, reconciler, firewall)
+        serve_metrics(options["metrics"], reactor, ovsdb, hooked).setServiceParent(top)
+    site = server.Site(plugin)
     site.displayTracebacks = False
     ListenerService(options["listen"], site, reactor).setServiceParent(top)
     return top
+
+
+def serve_metrics(description, reactor, ovsdb, hooked):
+    """The listener of ``--metrics``: `ovsdb` and the `hooked` objects (each with
+    a ``metrics`` attribute) record into one private registry it serves."""
+    from prometheus_client import CollectorRegistry
+
+    from ovsdriver.metrics import Metrics, metrics_site
+
+    metrics = Metrics(CollectorRegistry(auto_describe=True), clock=reactor.seconds)
+    for hooked_object in (ovsdb, *hooked):
+        hooked_object.metrics = metrics
+    metrics.watch_replica(ovsdb)
+    return ListenerService(description, metrics_site(metrics.registry), reactor)

@@ -1,0 +1,346 @@
+"""Blocking, read-only looks at what the driver manages, for ``ovsdriver status``.
+
+A command-line tool may block (the driver itself never does), so this reads
+OVSDB with the python-ovs IDL run to its first complete snapshot, the kernel
+with pyroute2, the firewall with ``iptables-save`` and the engine over its
+HTTP API, each bounded in time, and hands `health.Facts` over. Nothing here
+writes anything. Values a person edited by hand are reported as unreadable
+instead of stopping the look at everything else.
+"""
+
+import errno
+import http.client
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.parse
+
+import ovs.db.idl
+import ovs.jsonrpc
+import ovs.poller
+import ovs.stream
+
+from ovsdriver import firewall, netlink, vswitch
+from ovsdriver.health import (
+    EndpointFacts,
+    EngineEndpoint,
+    EngineNetwork,
+    InterfaceFacts,
+    NetworkFacts,
+    SandboxFacts,
+)
+from ovsdriver.ovsdb import TABLES
+from ovsdriver.reconcile import INVISIBLE, MOUNTED, probe_sandbox
+from ovsdriver.values import Network, PublishedPort
+
+DEFAULT_DOCKER = "unix:///var/run/docker.sock"
+
+
+class Unreachable(Exception):
+    """OVSDB cannot be read; the message names it and suggests a fix."""
+
+
+# -- OVSDB -----------------------------------------------------------------------
+
+
+def read_ovsdb(remote, timeout=5.0):
+    """(networks, endpoints, vswitchd_behind) recorded in the OVSDB at `remote`."""
+    deadline = time.monotonic() + timeout
+    schema = _fetch_schema(remote, deadline)
+    helper = ovs.db.idl.SchemaHelper(schema_json=schema)
+    for table, columns in TABLES.items():
+        helper.register_columns(table, columns)
+    idl = ovs.db.idl.Idl(remote, helper)
+    try:
+        while idl.state != idl.IDL_S_MONITORING:
+            idl.run()
+            if idl.state == idl.IDL_S_MONITORING:
+                break
+            poller = ovs.poller.Poller()
+            idl.wait(poller)
+            _block(poller, remote, deadline)
+        return read_replica(idl)
+    finally:
+        idl.close()
+
+
+def _block(poller, remote, deadline):
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise Unreachable(f"OVSDB at {remote} did not answer in time; is ovsdb-server running?")
+    poller.timer_wait(int(left * 1000) + 1)
+    poller.block()
+
+
+def _fetch_schema(remote, deadline):
+    left_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+    error, stream = ovs.stream.Stream.open_block(ovs.stream.Stream.open(remote), left_ms)
+    if error:
+        raise Unreachable(
+            f"cannot reach OVSDB at {remote} ({os.strerror(error)}); is ovsdb-server running? "
+            "(use --ovsdb to name another remote)"
+        )
+    rpc = ovs.jsonrpc.Connection(stream)
+    try:
+        request = ovs.jsonrpc.Message.create_request("get_schema", ["Open_vSwitch"])
+        error = rpc.send(request)
+        while not error:
+            rpc.run()
+            error, reply = rpc.recv()
+            if error == errno.EAGAIN:
+                poller = ovs.poller.Poller()
+                rpc.wait(poller)
+                rpc.recv_wait(poller)
+                _block(poller, remote, deadline)
+                error = 0
+                continue
+            if error or reply.id != request.id:
+                continue
+            if reply.type != ovs.jsonrpc.Message.T_REPLY:
+                raise Unreachable(f"OVSDB at {remote} has no Open_vSwitch database: {reply.error}")
+            return reply.result
+        raise Unreachable(f"cannot read from OVSDB at {remote}: {os.strerror(error)}")
+    finally:
+        rpc.close()
+
+
+def read_replica(idl):
+    """(network facts, endpoint facts, whether ovs-vswitchd is behind) of a live replica."""
+    networks, endpoints = [], []
+    for bridge in idl.tables["Bridge"].rows.values():
+        ids = dict(bridge.external_ids)
+        made = {}
+        for port in bridge.ports:
+            port_ids = dict(port.external_ids)
+            if vswitch.OWNER not in port_ids:
+                continue
+            if vswitch.ENDPOINT_ID in port_ids:
+                endpoints.append(_endpoint_facts(bridge.name, port))
+            else:
+                made[port.name] = _interface_facts(port.interfaces[0])
+        for key, value in ids.items():
+            if key.startswith(vswitch.NETWORK_RECORD):
+                networks.append(_network_facts(bridge.name, key, value, made))
+    root = next(iter(idl.tables["Open_vSwitch"].rows.values()), None)
+    behind = root is not None and root.cur_cfg < root.next_cfg
+    return networks, endpoints, behind
+
+
+def _interface_facts(iface):
+    return InterfaceFacts(
+        name=iface.name,
+        ofport=iface.ofport[0] if iface.ofport else None,
+        error=iface.error[0] if iface.error else None,
+    )
+
+
+def _network_facts(bridge, key, value, made):
+    network_id = key[len(vswitch.NETWORK_RECORD) :]
+    try:
+        network = Network.from_json(value)
+    except Exception as e:  # hand-edited: anything json or attrs may raise
+        return NetworkFacts(
+            network_id,
+            bridge,
+            unreadable=f"external_ids:{key} of bridge {bridge} is unreadable ({e}); "
+            "fix or remove it with ovs-vsctl",
+            ports=made,
+        )
+    return NetworkFacts(network_id, bridge, network=network, ports=made)
+
+
+#: How each external_ids key of an endpoint's Interface is read, to name a bad one.
+_READERS = {
+    vswitch.CREATED: float,
+    vswitch.PORTMAP: PublishedPort.list_from_json,
+}
+
+
+def _endpoint_facts(bridge, port):
+    iface = port.interfaces[0]
+    ids = dict(iface.external_ids)
+    port_ids = dict(port.external_ids)
+    endpoint_id = ids.get(vswitch.ENDPOINT_ID) or port_ids[vswitch.ENDPOINT_ID]
+    network_id = ids.get(vswitch.NETWORK_ID) or port_ids.get(vswitch.NETWORK_ID)
+    facts = {
+        "endpoint_id": endpoint_id,
+        "network_id": network_id,
+        "bridge": bridge,
+        "interface": _interface_facts(iface),
+        "ids": ids,
+    }
+    try:
+        endpoint = vswitch._endpoint_from_rows(bridge, port, iface)
+    except Exception as e:
+        return EndpointFacts(unreadable=_why_unreadable(iface.name, ids, e), **facts)
+    return EndpointFacts(endpoint=endpoint, **facts)
+
+
+def _why_unreadable(name, ids, error):
+    for key, read in _READERS.items():
+        if key in ids:
+            try:
+                read(ids[key])
+            except Exception as e:
+                return (
+                    f"external_ids:{key} of interface {name} is unreadable ({ids[key]!r}: {e}); "
+                    "fix or remove it with ovs-vsctl"
+                )
+    if vswitch.ENDPOINT_ID not in ids:
+        return (
+            f"interface {name} lacks external_ids:{vswitch.ENDPOINT_ID}; "
+            "fix it with ovs-vsctl or remove the port"
+        )
+    return f"the external_ids of interface {name} are unreadable ({error})"
+
+
+# -- the kernel --------------------------------------------------------------------
+
+
+def read_kernel(endpoints):
+    """(links of this namespace by name, sandboxes by path, warnings)."""
+    worker = netlink._Worker(None)
+    warnings = []
+    try:
+        try:
+            infos = worker.call("cannot list the network interfaces", netlink._link_infos)
+            links = {info.name: info for info in infos}
+        except netlink.LinkError as e:
+            links = None
+            warnings.append(f"cannot check links: {e}")
+        sandboxes = {}
+        for path in sorted({ep.sandbox for ep in endpoints if ep.sandbox}):
+            sandboxes[path] = _sandbox(worker, path, warnings)
+    finally:
+        worker.shutdown()
+    return links, sandboxes, warnings
+
+
+def _sandbox(worker, path, warnings):
+    state = probe_sandbox(path)
+    if state == INVISIBLE:
+        warnings.append(
+            f"cannot see sandbox {path}: run ovsdriver status in the engine's mount namespace"
+        )
+    if state != MOUNTED:
+        return SandboxFacts(state)
+    try:
+        return SandboxFacts(state, links=worker.sandbox_links(path))
+    except netlink.LinkError as e:
+        warnings.append(str(e))
+        return SandboxFacts(state, error=str(e))
+
+
+# -- the firewall ------------------------------------------------------------------
+
+
+def read_firewall(timeout=10.0):
+    """(family -> iptables-save text, warnings); families that cannot be read are left out."""
+    saved, warnings = {}, []
+    env = dict(os.environ, LC_ALL="C")
+    for family in (4, 6):
+        tool = firewall.TOOLS[family][0]
+        path = firewall.which(tool)
+        if path is None:
+            warnings.append(f"cannot check the IPv{family} firewall: {tool} is not installed")
+            continue
+        try:
+            done = subprocess.run(
+                [path],
+                capture_output=True,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                timeout=timeout,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            warnings.append(f"cannot check the IPv{family} firewall: {tool}: {e}")
+            continue
+        if done.returncode != 0:
+            message = done.stderr.decode("utf-8", "replace").strip().splitlines()
+            warnings.append(
+                f"cannot check the IPv{family} firewall: {tool} failed"
+                f" ({message[-1] if message else f'exit status {done.returncode}'})"
+            )
+            continue
+        saved[family] = done.stdout.decode("utf-8", "replace")
+    return saved, warnings
+
+
+# -- the engine --------------------------------------------------------------------
+
+
+class EngineError(Exception):
+    pass
+
+
+def read_engine(url, network_ids, driver_name, timeout=5.0):
+    """The engine's networks that are ours (by id or by driver name), by id."""
+    found = {}
+    for entry in _engine_get(url, "/networks", timeout):
+        network_id = entry.get("Id")
+        if network_id in network_ids or entry.get("Driver") == driver_name:
+            detail = _engine_get(url, f"/networks/{network_id}", timeout)
+            found[network_id] = _engine_network(detail)
+    return found
+
+
+def _engine_network(detail):
+    endpoints = []
+    for value in (detail.get("Containers") or {}).values():
+        endpoints.append(
+            EngineEndpoint(
+                endpoint_id=value.get("EndpointID"),
+                container=value.get("Name"),
+                mac=value.get("MacAddress") or None,
+                ipv4=value.get("IPv4Address") or None,
+                ipv6=value.get("IPv6Address") or None,
+            )
+        )
+    return EngineNetwork(detail.get("Id"), detail.get("Name"), detail.get("Driver"), endpoints)
+
+
+def _engine_get(url, path, timeout):
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme == "unix":
+        connection = _UnixHTTPConnection(parsed.path, timeout)
+    elif parsed.scheme in ("tcp", "http"):
+        connection = http.client.HTTPConnection(
+            parsed.hostname, parsed.port or 2375, timeout=timeout
+        )
+    else:
+        raise EngineError(
+            f"unsupported engine address {url!r}: use unix:///PATH or tcp://HOST:PORT"
+        )
+    try:
+        connection.request("GET", path, headers={"Host": "docker"})
+        response = connection.getresponse()
+        body = response.read()
+    except (OSError, http.client.HTTPException) as e:
+        raise EngineError(f"cannot ask the engine at {url}: {e}") from None
+    finally:
+        connection.close()
+    if response.status != 200:
+        raise EngineError(f"the engine at {url} answered {path} with HTTP {response.status}")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise EngineError(f"the engine at {url} answered {path} with something not JSON") from None
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self._unix_path = path
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._unix_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
