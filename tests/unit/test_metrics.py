@@ -1,0 +1,226 @@
+"""Metrics: what each hook records in a private registry, and the page that
+serves them (the OVSDB hooks run against a real ovsdb-server in
+tests/integration/test_metrics_real.py)."""
+
+import json
+
+import pytest
+from prometheus_client import CollectorRegistry
+from treq.testing import StubTreq
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from ovsdriver.api import Handlers, PluginResource
+from ovsdriver.driver import Driver
+from ovsdriver.metrics import NO_METRICS, Metrics, MetricsPage
+from ovsdriver.tap import Options, makeService
+from ovsdriver.testing import FakeFirewall, FakeNetlink, FakeVSwitch
+from tests.unit.test_firewall import Recording, network
+from tests.unit.test_reconcile import INTERVAL, Scene
+
+NET = "4e" * 32
+SUBNET = [{"Pool": "10.30.0.0/24", "Gateway": "10.30.0.1/24"}]
+
+
+@pytest.fixture
+def metrics():
+    return Metrics(CollectorRegistry(), clock=Clock().seconds)
+
+
+def value(metrics, name, **labels):
+    return metrics.registry.get_sample_value(name, labels) or 0
+
+
+def api_calls(metrics, method, outcome):
+    return value(metrics, "ovsdriver_api_requests_total", method=method, outcome=outcome)
+
+
+# -- the API -----------------------------------------------------------------------
+
+
+class Plugin:
+    """The real resource over a driver on fakes, with metrics."""
+
+    def __init__(self, metrics):
+        kernel = FakeNetlink()
+        self.driver = Driver(FakeVSwitch(kernel=kernel), kernel, FakeFirewall())
+        resource = PluginResource(Handlers(self.driver))
+        resource.metrics = metrics
+        self.http = StubTreq(resource)
+
+    def post(self, method, data):
+        results = []
+        d = self.http.post("http://plugin/" + method, data=data)
+        d.addCallback(lambda r: r.content().addCallback(lambda body: (r.code, json.loads(body))))
+        d.addBoth(results.append)
+        self.http.flush()
+        return results[0]
+
+
+def test_api_calls_are_counted_by_method_and_outcome(metrics):
+    plugin = Plugin(metrics)
+    body = json.dumps({"NetworkID": NET, "Options": {}, "IPv4Data": SUBNET}).encode()
+    assert plugin.post("NetworkDriver.CreateNetwork", body) == (200, {})
+    bad = json.dumps({"NetworkID": "nothex", "Options": {}}).encode()
+    assert "Err" in plugin.post("NetworkDriver.CreateNetwork", bad)[1]
+    assert plugin.post("NetworkDriver.CreateNetwork", b"{")[0] == 400
+    assert plugin.post("NetworkDriver.Nonsense", b"{}")[0] == 404
+    assert api_calls(metrics, "NetworkDriver.CreateNetwork", "ok") == 1
+    assert api_calls(metrics, "NetworkDriver.CreateNetwork", "error") == 1
+    assert api_calls(metrics, "NetworkDriver.CreateNetwork", "bad_request") == 1
+    assert api_calls(metrics, "unknown", "unknown_method") == 1
+    count = "ovsdriver_api_request_seconds_count"
+    assert value(metrics, count, method="NetworkDriver.CreateNetwork") == 2
+
+
+def test_an_unexpected_failure_is_an_internal_error(metrics, monkeypatch):
+    plugin = Plugin(metrics)
+
+    async def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(plugin.driver, "delete_network", broken)
+    code, reply = plugin.post(
+        "NetworkDriver.DeleteNetwork", json.dumps({"NetworkID": NET}).encode()
+    )
+    assert code == 200 and "internal error" in reply["Err"]
+    assert api_calls(metrics, "NetworkDriver.DeleteNetwork", "internal_error") == 1
+
+
+def test_api_latency_is_measured_until_the_answer():
+    clock = Clock()
+    metrics = Metrics(CollectorRegistry(), clock=clock.seconds)
+    answer = defer.Deferred()
+    metrics.api_request("NetworkDriver.Join", answer)
+    clock.advance(0.3)
+    answer.callback({})
+    name = "ovsdriver_api_request_seconds_sum"
+    assert value(metrics, name, method="NetworkDriver.Join") == pytest.approx(0.3)
+    bucket = "ovsdriver_api_request_seconds_bucket"
+    assert value(metrics, bucket, method="NetworkDriver.Join", le="0.25") == 0
+    assert value(metrics, bucket, method="NetworkDriver.Join", le="0.5") == 1
+
+
+# -- OVSDB (the arithmetic; the hooks' places are covered against a real server) ----
+
+
+def test_ovsdb_transactions_batches_and_retries():
+    clock = Clock()
+    metrics = Metrics(CollectorRegistry(), clock=clock.seconds)
+    metrics.ovsdb_commit_started()
+    clock.advance(0.01)
+    metrics.ovsdb_committed("try again", 3)
+    metrics.ovsdb_commit_started()
+    metrics.ovsdb_committed("error", 3)
+    metrics.ovsdb_commit_started()
+    metrics.ovsdb_committed("success", 3)
+    transactions = "ovsdriver_ovsdb_transactions_total"
+    assert value(metrics, transactions, status="try_again") == 1
+    assert value(metrics, transactions, status="error") == 1
+    assert value(metrics, transactions, status="success") == 1
+    assert value(metrics, "ovsdriver_ovsdb_retries_total", reason="try_again") == 3
+    assert value(metrics, "ovsdriver_ovsdb_retries_total", reason="alone") == 3
+    assert value(metrics, "ovsdriver_ovsdb_transaction_operations_sum") == 9
+    assert value(metrics, "ovsdriver_ovsdb_commit_seconds_sum") == pytest.approx(0.01)
+
+
+def test_ovsdb_apply_latency_ends_when_vswitchd_catches_up():
+    clock = Clock()
+    metrics = Metrics(CollectorRegistry(), clock=clock.seconds)
+    metrics.ovsdb_applying(7)
+    clock.advance(0.2)
+    metrics.ovsdb_applying(8)
+    metrics.ovsdb_applying(None)  # nothing to wait for
+    clock.advance(0.1)
+    metrics.ovsdb_caught_up(7)
+    assert value(metrics, "ovsdriver_ovsdb_apply_seconds_count") == 1
+    assert value(metrics, "ovsdriver_ovsdb_apply_seconds_sum") == pytest.approx(0.3)
+    clock.advance(0.1)
+    metrics.ovsdb_caught_up(9)
+    assert value(metrics, "ovsdriver_ovsdb_apply_seconds_count") == 2
+    assert value(metrics, "ovsdriver_ovsdb_apply_seconds_sum") == pytest.approx(0.5)
+
+
+# -- the reconciler and the firewall ----------------------------------------------------
+
+
+def test_reconciler_passes_and_collections_are_counted(tmp_path, metrics):
+    scene = Scene(tmp_path)
+    scene.reconciler.metrics = metrics
+    scene.endpoint(age=600)  # never joined: an orphan
+    scene.start()
+    scene.clock.advance(INTERVAL)
+    scene.reconciler.stopService()
+    assert value(metrics, "ovsdriver_reconciler_passes_total", outcome="ok") == 2
+    assert value(metrics, "ovsdriver_reconciler_collected_endpoints_total") == 1
+
+
+def test_a_failed_reconciler_pass_is_counted(tmp_path, metrics):
+    scene = Scene(tmp_path)
+    scene.reconciler.metrics = metrics
+    scene.vswitch.endpoints = lambda: defer.fail(RuntimeError("OVSDB is gone"))
+    scene.start()
+    scene.reconciler.stopService()
+    assert value(metrics, "ovsdriver_reconciler_passes_total", outcome="failed") == 1
+
+
+def test_a_repair_is_counted(tmp_path, metrics):
+    scene = Scene(tmp_path)
+    scene.reconciler.metrics = metrics
+    ep = scene.endpoint()
+    sandbox = scene.sandbox()
+    scene.join(ep, sandbox)
+    scene.restart_vswitchd(ep, sandbox)
+    scene.start()
+    scene.reconciler.stopService()
+    assert value(metrics, "ovsdriver_reconciler_repaired_endpoints_total") == 1
+
+
+def test_firewall_syncs_are_counted_by_outcome(metrics, monkeypatch):
+    from ovsdriver import firewall
+
+    monkeypatch.setattr(firewall, "which", lambda name: f"/usr/sbin/{name}")
+    fw = Recording()
+    fw.metrics = metrics
+    fw.apply([network(1)])
+    fw.failures["iptables-restore"] = "no"
+    fw.apply([network(1)]).addErrback(lambda _: None)
+    assert value(metrics, "ovsdriver_firewall_syncs_total", outcome="ok") == 1
+    assert value(metrics, "ovsdriver_firewall_syncs_total", outcome="failed") == 1
+    assert value(metrics, "ovsdriver_firewall_sync_seconds_count") == 2
+
+
+# -- serving them ------------------------------------------------------------------------
+
+
+def test_the_page_serves_prometheus_text(metrics):
+    metrics.api_rejected("NetworkDriver.Join", "bad_request")
+    http = StubTreq(MetricsPage(metrics.registry))
+    results = []
+    d = http.get("http://localhost:9478/metrics")
+    d.addCallback(lambda r: r.content().addCallback(lambda body: (r, body)))
+    d.addBoth(results.append)
+    http.flush()
+    response, body = results[0]
+    assert response.code == 200
+    assert response.headers.getRawHeaders("content-type")[0].startswith("text/plain")
+    assert (
+        b'ovsdriver_api_requests_total{method="NetworkDriver.Join",outcome="bad_request"} 1.0'
+        in body
+    )
+
+
+def test_metrics_are_off_by_default_and_each_driver_has_its_own_registry():
+    def services(*argv):
+        options = Options()
+        options.parseOptions(["--datapath-type", "netdev", *argv])
+        return list(makeService(options, Clock()))
+
+    plain = services()
+    measured = services("--metrics", "tcp:0:interface=127.0.0.1")
+    assert len(measured) == len(plain) + 1
+    ovsdb = measured[0]
+    assert plain[0].metrics is NO_METRICS
+    assert isinstance(ovsdb.metrics, Metrics)
+    other = services("--metrics", "tcp:0:interface=127.0.0.1")[0]
+    assert other.metrics.registry is not ovsdb.metrics.registry
