@@ -475,3 +475,10 @@ def test_a_hand_edited_network_record_is_named_not_fatal():
     )
     good = observe._network_facts(BRIDGE, "ovsdriver-network-" + NET, NETWORK.to_json(), {})
     assert good.network == NETWORK
+
+
+def test_the_ovsdriver_command_is_declared_for_installers():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "ovsdriver"]
+    assert script.value == "ovsdriver.cli:main"
