@@ -54,8 +54,8 @@ class EndpointFacts:
     network_id = attr.ib()
     bridge = attr.ib()
     interface = attr.ib()  # InterfaceFacts of the port
-    endpoint = attr.ib(default=None)  # a values.Endpoint, None when unreadable
-    unreadable = attr.ib(default=None)
+    endpoint = attr.ib(default=None)  # a values.Endpoint (None: nothing readable)
+    unreadable = attr.ib(default=(), converter=tuple)  # a problem per value that cannot be read
     ids = attr.ib(factory=dict)  # the Interface's raw external_ids, to show what can be shown
 
 
@@ -335,13 +335,14 @@ def _endpoint_report(facts, ep, network):
         "ofport": ep.interface.ofport,
     }
     problems = _interface_problems(ep.interface)
-    if ep.endpoint is None:
+    if ep.unreadable or ep.endpoint is None:
+        # Show the values as recorded; judge nothing that rests on them.
         fields.update(
             mac=ids.get("attached-mac"),
             addresses=[a for a in (ids.get("ovsdriver-ipv4"), ids.get("ovsdriver-ipv6")) if a],
             sandbox=ids.get("ovsdriver-sandbox"),
         )
-        return EndpointReport(problems=[ep.unreadable, *problems], **fields)
+        return EndpointReport(problems=[*ep.unreadable, *problems], **fields)
     endpoint = ep.endpoint
     fields.update(
         mac=endpoint.mac,

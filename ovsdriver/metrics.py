@@ -232,11 +232,11 @@ class _ReplicaCollector:
         gauge = GaugeMetricFamily(
             "ovsdriver_endpoints", "Endpoints recorded in OVSDB, by state.", labels=["state"]
         )
-        joined = sum(1 for ep in endpoints if ep.endpoint and ep.endpoint.sandbox)
-        unreadable = sum(1 for ep in endpoints if ep.endpoint is None)
+        readable = [ep.endpoint for ep in endpoints if ep.endpoint and not ep.unreadable]
+        joined = sum(1 for endpoint in readable if endpoint.sandbox)
         gauge.add_metric(["joined"], joined)
-        gauge.add_metric(["unjoined"], len(endpoints) - joined - unreadable)
-        gauge.add_metric(["unreadable"], unreadable)
+        gauge.add_metric(["unjoined"], len(readable) - joined)
+        gauge.add_metric(["unreadable"], len(endpoints) - len(readable))
         yield gauge
         yield GaugeMetricFamily(
             "ovsdriver_unreadable_networks",

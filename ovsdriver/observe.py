@@ -33,7 +33,7 @@ from ovsdriver.health import (
 )
 from ovsdriver.ovsdb import TABLES
 from ovsdriver.reconcile import INVISIBLE, MOUNTED, probe_sandbox
-from ovsdriver.values import Network, PublishedPort
+from ovsdriver.values import Network
 
 DEFAULT_DOCKER = "unix:///var/run/docker.sock"
 
@@ -139,61 +139,38 @@ def _interface_facts(iface):
 def _network_facts(bridge, key, value, made):
     network_id = key[len(vswitch.NETWORK_RECORD) :]
     try:
-        network = Network.from_json(value)
-    except Exception as e:  # hand-edited: anything json or attrs may raise
-        return NetworkFacts(
-            network_id,
-            bridge,
-            unreadable=f"external_ids:{key} of bridge {bridge} is unreadable ({e}); "
-            "fix or remove it with ovs-vsctl",
-            ports=made,
-        )
-    return NetworkFacts(network_id, bridge, network=network, ports=made)
-
-
-#: How each external_ids key of an endpoint's Interface is read, to name a bad one.
-_READERS = {
-    vswitch.CREATED: float,
-    vswitch.PORTMAP: PublishedPort.list_from_json,
-}
+        record = vswitch._read_network(bridge, key, network_id, value)
+    except Exception as e:  # whatever else a hand edit may provoke
+        record = f"external_ids:{key} of bridge {bridge} is unreadable ({e})"
+    if isinstance(record, Network):
+        return NetworkFacts(network_id, bridge, network=record, ports=made)
+    return NetworkFacts(network_id, bridge, unreadable=str(record), ports=made)
 
 
 def _endpoint_facts(bridge, port):
     iface = port.interfaces[0]
     ids = dict(iface.external_ids)
     port_ids = dict(port.external_ids)
-    endpoint_id = ids.get(vswitch.ENDPOINT_ID) or port_ids[vswitch.ENDPOINT_ID]
-    network_id = ids.get(vswitch.NETWORK_ID) or port_ids.get(vswitch.NETWORK_ID)
     facts = {
-        "endpoint_id": endpoint_id,
-        "network_id": network_id,
+        "endpoint_id": ids.get(vswitch.ENDPOINT_ID) or port_ids[vswitch.ENDPOINT_ID],
+        "network_id": ids.get(vswitch.NETWORK_ID) or port_ids.get(vswitch.NETWORK_ID),
         "bridge": bridge,
         "interface": _interface_facts(iface),
         "ids": ids,
     }
     try:
         endpoint = vswitch._endpoint_from_rows(bridge, port, iface)
-    except Exception as e:
-        return EndpointFacts(unreadable=_why_unreadable(iface.name, ids, e), **facts)
-    return EndpointFacts(endpoint=endpoint, **facts)
-
-
-def _why_unreadable(name, ids, error):
-    for key, read in _READERS.items():
-        if key in ids:
-            try:
-                read(ids[key])
-            except Exception as e:
-                return (
-                    f"external_ids:{key} of interface {name} is unreadable ({ids[key]!r}: {e}); "
-                    "fix or remove it with ovs-vsctl"
-                )
-    if vswitch.ENDPOINT_ID not in ids:
-        return (
-            f"interface {name} lacks external_ids:{vswitch.ENDPOINT_ID}; "
-            "fix it with ovs-vsctl or remove the port"
+    except Exception as e:  # e.g. the Interface lost its endpoint id
+        why = f"the external_ids of interface {iface.name} are unreadable ({e!r})"
+        return EndpointFacts(
+            unreadable=[f"{why}; fix them with ovs-vsctl or remove the port"], **facts
         )
-    return f"the external_ids of interface {name} are unreadable ({error})"
+    unreadable = [
+        f"external_ids:{key} of interface {iface.name} is unreadable ({ids.get(key)!r}: {why}); "
+        f"fix it, or remove it with 'ovs-vsctl remove Interface {iface.name} external_ids {key}'"
+        for key, why in sorted(endpoint.unreadable.items())
+    ]
+    return EndpointFacts(endpoint=endpoint, unreadable=unreadable, **facts)
 
 
 # -- the kernel --------------------------------------------------------------------

@@ -131,7 +131,8 @@ def test_hand_edited_values_are_reported_not_fatal(ovs_world, driver):
     assert code == 1
     (network,) = document["networks"]
     assert network["problems"][0].startswith(
-        f"external_ids:ovsdriver-network-{NET} of bridge {bridge} is unreadable"
+        f"the record of network {NET[:12]} in OVSDB (Bridge {bridge} "
+        f"external_ids:ovsdriver-network-{NET}) cannot be read"
     )
 
 

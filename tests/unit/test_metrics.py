@@ -1,6 +1,5 @@
 """Metrics: what each hook records in a private registry, and the page that
-serves them (the OVSDB hooks run against a real ovsdb-server in
-tests/integration/test_metrics_real.py)."""
+serves them (tests/integration/test_status_real.py scrapes a real driver)."""
 
 import json
 
@@ -13,8 +12,12 @@ from twisted.internet.task import Clock
 from ovsdriver.api import Handlers, PluginResource
 from ovsdriver.driver import Driver
 from ovsdriver.metrics import NO_METRICS, Metrics, MetricsPage
+from ovsdriver.ovsdb import OVSDB
 from ovsdriver.tap import Options, makeService
 from ovsdriver.testing import FakeFirewall, FakeNetlink, FakeVSwitch
+from ovsdriver.values import Network
+from ovsdriver.vswitch import VSwitch
+from tests.scripted_idl import ScriptedIdl, ScriptedTransaction, Txn
 from tests.unit.test_firewall import Recording, network
 from tests.unit.test_reconcile import INTERVAL, Scene
 
@@ -139,6 +142,43 @@ def test_ovsdb_apply_latency_ends_when_vswitchd_catches_up():
     metrics.ovsdb_caught_up(9)
     assert value(metrics, "ovsdriver_ovsdb_apply_seconds_count") == 2
     assert value(metrics, "ovsdriver_ovsdb_apply_seconds_sum") == pytest.approx(0.5)
+
+
+def test_ovsdb_hooks_record_batches_retries_commits_and_application():
+    """The OVSDB engine over a scripted server (see tests/scripted_idl.py)."""
+    clock = Clock()
+    metrics = Metrics(CollectorRegistry(), clock=clock.seconds)
+    idl = ScriptedIdl()
+    engine = OVSDB(clock, "unix:/scripted/db.sock")
+    engine.transaction_class = ScriptedTransaction
+    engine.idl = idl
+    engine.metrics = metrics
+    engine.running = True
+    vswitch = VSwitch(engine)
+    done = []
+    for network_id in ("a1" * 32, "b2" * 32):
+        net = Network(network_id=network_id, bridge="obr-" + network_id[:11])
+        vswitch.add_network(net).addBoth(done.append)
+    clock.advance(0)  # one transaction of both
+    idl.answer(Txn.TRY_AGAIN)
+    clock.advance(0.1)  # built again
+    clock.advance(0.1)
+    idl.answer(Txn.SUCCESS)
+    clock.advance(0.1)
+    clock.advance(0.5)
+    idl.catch_up()  # ovs-vswitchd applied it
+    clock.advance(0.1)
+    engine.running = False
+    assert done == [None, None]
+    transactions = "ovsdriver_ovsdb_transactions_total"
+    assert value(metrics, transactions, status="try_again") == 1
+    assert value(metrics, transactions, status="success") == 1
+    assert value(metrics, "ovsdriver_ovsdb_transaction_operations_sum") == 4
+    assert value(metrics, "ovsdriver_ovsdb_retries_total", reason="try_again") == 2
+    assert value(metrics, "ovsdriver_ovsdb_commit_seconds_count") == 2
+    assert value(metrics, "ovsdriver_ovsdb_commit_seconds_sum") == pytest.approx(0.3)
+    assert value(metrics, "ovsdriver_ovsdb_apply_seconds_count") == 1
+    assert value(metrics, "ovsdriver_ovsdb_apply_seconds_sum") == pytest.approx(0.6)
 
 
 # -- the reconciler and the firewall ----------------------------------------------------

@@ -223,7 +223,7 @@ def test_an_unreadable_record_is_a_problem_of_that_object_only():
         endpoint=attr.evolve(ENDPOINT, endpoint_id=EP2, port="oep-" + EP2[:11]),
     )
     unreadable = attr.evolve(
-        unreadable, endpoint=None, unreadable="external_ids:ovsdriver-portmap is unreadable"
+        unreadable, unreadable=["external_ids:ovsdriver-portmap is unreadable"]
     )
     report = assess(healthy_facts(endpoints=[endpoint_facts(), unreadable]))
     (network,) = report.networks
@@ -451,19 +451,18 @@ def endpoint_rows(iface_ids):
 def test_a_hand_edited_endpoint_value_is_named_not_fatal(key, value):
     port = endpoint_rows({"attached-mac": MAC, key: value})
     facts = observe._endpoint_facts(BRIDGE, port)
-    assert facts.endpoint is None and facts.endpoint_id == EP
-    assert facts.unreadable.startswith(
-        f"external_ids:{key} of interface oep-{EP[:11]} is unreadable"
-    )
-    assert facts.ids["attached-mac"] == MAC
+    assert facts.endpoint_id == EP
+    (unreadable,) = facts.unreadable
+    assert unreadable.startswith(f"external_ids:{key} of interface oep-{EP[:11]} is unreadable")
+    assert unreadable.endswith(f"'ovs-vsctl remove Interface oep-{EP[:11]} external_ids {key}'")
     (endpoint,) = assess(healthy_facts(endpoints=[facts])).networks[0].endpoints
-    assert endpoint.mac == MAC and endpoint.problems[0] == facts.unreadable
+    assert endpoint.mac == MAC and endpoint.problems == (unreadable,)
 
 
 def test_a_readable_endpoint_is_read_with_the_drivers_reader():
     port = endpoint_rows({"attached-mac": MAC, "ovsdriver-ipv4": "10.30.0.2/24"})
     facts = observe._endpoint_facts(BRIDGE, port)
-    assert facts.unreadable is None
+    assert facts.unreadable == ()
     assert facts.endpoint.ipv4 == "10.30.0.2/24" and facts.interface.ofport == 3
 
 
@@ -471,7 +470,8 @@ def test_a_hand_edited_network_record_is_named_not_fatal():
     facts = observe._network_facts(BRIDGE, "ovsdriver-network-" + NET, "{not json", {})
     assert facts.network is None and facts.network_id == NET
     assert facts.unreadable.startswith(
-        f"external_ids:ovsdriver-network-{NET} of bridge {BRIDGE} is unreadable"
+        f"the record of network {NET[:12]} in OVSDB (Bridge {BRIDGE} "
+        f"external_ids:ovsdriver-network-{NET}) cannot be read"
     )
     good = observe._network_facts(BRIDGE, "ovsdriver-network-" + NET, NETWORK.to_json(), {})
     assert good.network == NETWORK
