@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.world import REPO_ROOT, Netns
+from tests.world import REPO_ROOT, Netns, WorldError
 
 NET = "7b" * 32
 EP = "5d" * 32
@@ -207,3 +207,10 @@ def test_metrics_show_the_calls_made(ovs_world, sandbox):
     assert samples["ovsdriver_networks"] == 1
     assert samples['ovsdriver_endpoints{state="joined"}'] == 1
     assert samples['ovsdriver_endpoints{state="unjoined"}'] == 0
+
+
+def test_a_metrics_endpoint_that_cannot_listen_stops_the_driver(ovs_world):
+    ovs_world.start_driver(extra_args=["--metrics", f"tcp:{METRICS_PORT}:interface=127.0.0.1"])
+    with pytest.raises(WorldError, match="exited") as caught:
+        ovs_world.start_driver(extra_args=["--metrics", f"tcp:{METRICS_PORT}:interface=127.0.0.1"])
+    assert "Address already in use" in str(caught.value)
