@@ -232,18 +232,16 @@ def test_an_unreadable_record_is_a_problem_of_that_object_only():
     assert by_id[EP2].problems == ("external_ids:ovsdriver-portmap is unreadable",)
 
 
-def test_values_the_driver_never_writes_are_problems():
-    bad = attr.evolve(ENDPOINT, mac="zz:zz")
-    report = assess(healthy_facts(endpoints=[endpoint_facts(bad)]))
-    (problem,) = the_endpoint(report).problems
-    assert problem.startswith("its external_ids are invalid: attached-mac 'zz:zz'")
-    bad_network = attr.evolve(NETWORK, vlan="ten")
-    facts = healthy_facts()
-    report = assess(
-        attr.evolve(facts, networks=[attr.evolve(facts.networks[0], network=bad_network)])
+def test_a_record_on_the_wrong_bridge_or_an_endpoint_without_mac_is_a_problem():
+    report = assess(healthy_facts(endpoints=[endpoint_facts(attr.evolve(ENDPOINT, mac=None))]))
+    assert the_endpoint(report).problems == (
+        f"interface {ENDPOINT.port} has no external_ids:attached-mac",
     )
+    moved = attr.evolve(NETWORK, bridge="br-other")
+    facts = healthy_facts()
+    report = assess(attr.evolve(facts, networks=[attr.evolve(facts.networks[0], network=moved)]))
     assert report.networks[0].problems == (
-        f"its record on bridge {BRIDGE} is invalid: vlan 'ten' is not a number from 1 to 4094",
+        f"its record is on bridge {BRIDGE} but names bridge br-other",
     )
 
 
