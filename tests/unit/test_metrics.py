@@ -15,10 +15,11 @@ from ovsdriver.metrics import NO_METRICS, Metrics, MetricsPage
 from ovsdriver.ovsdb import OVSDB
 from ovsdriver.tap import Options, makeService
 from ovsdriver.testing import FakeFirewall, FakeNetlink, FakeVSwitch
-from ovsdriver.values import Network
+from ovsdriver.values import Endpoint, Network
 from ovsdriver.vswitch import VSwitch
 from tests.scripted_idl import ScriptedIdl, ScriptedTransaction, Txn
 from tests.unit.test_firewall import Recording, network
+from tests.unit.test_ovsdb_engine import serve
 from tests.unit.test_reconcile import INTERVAL, Scene
 
 NET = "4e" * 32
@@ -179,6 +180,51 @@ def test_ovsdb_hooks_record_batches_retries_commits_and_application():
     assert value(metrics, "ovsdriver_ovsdb_commit_seconds_sum") == pytest.approx(0.3)
     assert value(metrics, "ovsdriver_ovsdb_apply_seconds_count") == 1
     assert value(metrics, "ovsdriver_ovsdb_apply_seconds_sum") == pytest.approx(0.6)
+
+
+def test_networks_and_endpoints_gauges_follow_the_replica(metrics):
+    clock = Clock()
+    idl = ScriptedIdl()
+    engine = OVSDB(clock, "unix:/scripted/db.sock")
+    engine.transaction_class = ScriptedTransaction
+    engine.idl = idl
+    engine.running = True
+    metrics.watch_replica(engine)
+    vswitch = VSwitch(engine)
+    net = Network(network_id=NET, bridge="obr-" + NET[:11])
+    endpoints = [
+        Endpoint(
+            endpoint_id=eid,
+            network_id=NET,
+            bridge=net.bridge,
+            port="oep-" + eid[:11],
+            ifname="oep-" + eid[:11],
+            mac=f"02:00:00:00:00:0{n}",
+        )
+        for n, eid in enumerate(("e1" * 32, "e2" * 32))
+    ]
+
+    def do(deferred):
+        serve(clock, idl)
+        assert deferred.called
+
+    do(vswitch.add_network(net))
+    for endpoint in endpoints:
+        do(vswitch.add_endpoint(endpoint))
+    do(vswitch.set_sandbox(endpoints[0].endpoint_id, "/var/run/docker/netns/1"))
+    assert value(metrics, "ovsdriver_ovsdb_connected") == 1
+    assert value(metrics, "ovsdriver_networks") == 1
+    assert value(metrics, "ovsdriver_endpoints", state="joined") == 1
+    assert value(metrics, "ovsdriver_endpoints", state="unjoined") == 1
+    do(vswitch.set_sandbox(endpoints[1].endpoint_id, "/var/run/docker/netns/2"))
+    assert value(metrics, "ovsdriver_endpoints", state="joined") == 2
+    assert value(metrics, "ovsdriver_endpoints", state="unjoined") == 0
+    idl.tables["Bridge"].rows.clear()  # as if it were edited away
+    idl.change_seqno += 1
+    assert value(metrics, "ovsdriver_networks") == 0
+    idl.disconnect()
+    assert value(metrics, "ovsdriver_ovsdb_connected") == 0
+    engine.running = False
 
 
 # -- the reconciler and the firewall ----------------------------------------------------
