@@ -8,9 +8,11 @@ import os
 import re
 
 from twisted.application import internet, service
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints, fdesc, tcp, unix
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.python import usage
 from twisted.web import server
+from zope.interface import implementer
 
 from ovsdriver.api import Handlers, PluginResource
 from ovsdriver.driver import Driver
@@ -38,7 +40,13 @@ class Options(usage.Options):
         "'docker network create -d NAME', where NAME is the socket's base name."
     )
     optParameters = [
-        ["listen", "l", DEFAULT_LISTEN, "Twisted server endpoint string to listen on."],
+        [
+            "listen",
+            "l",
+            DEFAULT_LISTEN,
+            "Twisted server endpoint string to listen on; systemd:domain=UNIX:index=0 "
+            "serves the socket of ovsdriver.socket.",
+        ],
         ["ovsdb", None, DEFAULT_OVSDB, "OVSDB remote: unix:PATH or tcp:HOST:PORT."],
         [
             "datapath-type",
@@ -90,7 +98,7 @@ class ListenerService(internet.StreamServerEndpointService):
 
     def __init__(self, description, factory, reactor):
         self.socket_path = _unix_path(description)
-        super().__init__(endpoints.serverFromString(reactor, description), factory)
+        super().__init__(listen_endpoint(reactor, description), factory)
 
     def privilegedStartService(self):
         if self.socket_path:
@@ -99,9 +107,10 @@ class ListenerService(internet.StreamServerEndpointService):
 
 
 def private_listen(description):
-    """A ``unix:`` endpoint description with a mode that keeps others out
-    (660 when none is given); refuse a mode that lets others in."""
-    if not description.startswith("unix:"):
+    """A ``unix:`` or ``systemd:domain=UNIX`` endpoint description with a mode
+    that keeps others out (660 when none is given); refuse a mode that lets
+    others in."""
+    if not (description.startswith("unix:") or _inherited_unix(description)):
         return description
     mode = re.search(r":mode=([0-7]+)(?::|$)", description)
     if mode is None:
@@ -112,6 +121,77 @@ def private_listen(description):
             "driver; use a mode without access for others, such as 660"
         )
     return description
+
+
+def _inherited_unix(description):
+    """Whether the description names a UNIX socket passed by systemd."""
+    return description.startswith("systemd:") and re.search(r":domain=UNIX(?::|$)", description)
+
+
+def listen_endpoint(reactor, description):
+    """The server endpoint of ``--listen``.
+
+    A UNIX socket passed by systemd (``systemd:domain=UNIX:index=0``, plus
+    the ``mode=`` that `private_listen` adds) becomes an
+    `InheritedUNIXEndpoint`: Twisted would otherwise chmod it to 0666 and
+    delete its file on stop, leaving systemd's socket unreachable.
+    """
+    if not _inherited_unix(description):
+        return endpoints.serverFromString(reactor, description)
+    mode = re.search(r":mode=([0-7]+)(?=:|$)", description)
+    rest = description.replace(mode.group(0), "", 1) if mode else description
+    try:
+        adopted = endpoints.serverFromString(reactor, rest)
+    except (IndexError, KeyError):
+        names = os.environ.get("LISTEN_FDNAMES")
+        raise usage.UsageError(
+            f"--listen {rest}: this process was passed no such socket "
+            f"(LISTEN_FDNAMES={names!r}); start it from ovsdriver.socket, or with "
+            "'systemd-socket-activate --fdname=NAME' (Twisted 23 and later ignore "
+            "passed sockets that have no names)"
+        ) from None
+    return InheritedUNIXEndpoint(reactor, adopted.fileno, int(mode.group(1), 8) if mode else 0o660)
+
+
+@implementer(IStreamServerEndpoint)
+class InheritedUNIXEndpoint:
+    """A listening UNIX socket passed by systemd, served with *mode*.
+
+    The socket's file belongs to whoever made it (systemd keeps listening
+    while the driver restarts), so stopping leaves it in place. The mode is
+    set whoever made the socket: ``systemd-socket-activate`` makes it 0644,
+    Twisted's adoption would make it 0666.
+    """
+
+    def __init__(self, reactor, fileno, mode):
+        self.reactor = reactor
+        self.fileno = fileno
+        self.mode = mode
+
+    def listen(self, factory):
+        try:
+            fdesc.setNonBlocking(self.fileno)
+            port = _InheritedUNIXPort._fromListeningDescriptor(self.reactor, self.fileno, factory)
+            port.mode = self.mode  # the mode Twisted sets while adopting
+            port.startListening()
+            os.close(self.fileno)
+            path = port.getHost().name
+            path = os.fsdecode(path) if isinstance(path, bytes) else path
+            if path and not path.startswith("\0"):
+                os.chmod(path, self.mode)  # whatever this Twisted did
+                found = os.stat(path).st_mode & 0o7777
+                if found != self.mode:
+                    raise OSError(f"{path} has mode {found:o}, not {self.mode:o}")
+        except BaseException:
+            return defer.fail()
+        return defer.succeed(port)
+
+
+class _InheritedUNIXPort(unix.Port):
+    """A UNIX port that leaves its socket file behind when it stops."""
+
+    def connectionLost(self, reason):
+        tcp.Port.connectionLost(self, reason)
 
 
 def _unix_path(description):
