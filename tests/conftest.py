@@ -13,18 +13,23 @@ import pytest
 from tests import world
 
 _HERE = Path(__file__).resolve().parent
-_MARK_BY_FOLDER = {"integration": "integration", "e2e": "e2e"}
+_MARKS_BY_FOLDER = {
+    "integration": ("integration",),
+    "e2e": ("e2e",),
+    "packaging": ("packaging", "e2e"),
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark tests by folder, so ``-m "not e2e"`` selects the fast ones."""
+    """Mark tests by folder, so ``-m "not e2e"`` selects the fast ones and
+    ``-m packaging`` the package tests."""
     for item in items:
         try:
             folder = Path(item.path).resolve().relative_to(_HERE).parts[0]
         except ValueError:
             continue
-        if folder in _MARK_BY_FOLDER:
-            item.add_marker(_MARK_BY_FOLDER[folder])
+        for mark in _MARKS_BY_FOLDER.get(folder, ()):
+            item.add_marker(mark)
 
 
 def pytest_report_header() -> list[str]:
