@@ -1,0 +1,121 @@
+"""ovsdriver as a managed (v2) Docker plugin, made by scripts/build-plugin
+from Debian's packages and the .deb, created on a private dockerd through
+DOCKER_HOST, pointed at the world's Open vSwitch by setting its
+``openvswitch`` mount's source, enabled, used by a real scenario, disabled
+and removed.
+
+The plugin runs in the host network namespace of its engine, which is the
+world's namespace here; it reaches the world's OVSDB only through the mount,
+and sees the engine's sandboxes through the ``sandboxes`` mount (propagated,
+as a host service sees them)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests import world
+from tests.packaging.conftest import scenario
+
+
+def plugin_processes(w: world.DockerWorld) -> list[int]:
+    """PIDs of the plugin's driver: twistd3 living in the world's namespace."""
+    found = []
+    for pid in w.netns.pids():
+        cmdline = world._cmdline(pid)
+        if "twistd3" in cmdline and "ovsdriver" in cmdline:
+            found.append(pid)
+    return found
+
+
+@pytest.fixture(scope="module")
+def plugin(deb: Path, docker_world: world.DockerWorld):
+    """The plugin, created on the world's engine by scripts/build-plugin."""
+    dockerd = docker_world.dockerd
+    # Sandboxes are mounted below EXEC_ROOT/netns. On a systemd host every
+    # mount is shared; here the directory is made a shared mount so that the
+    # plugin's rshared bind receives the engine's later sandbox mounts.
+    sandboxes = dockerd.exec_root / "netns"
+    sandboxes.mkdir(parents=True, exist_ok=True)
+    world.run(["mount", "--bind", sandboxes, sandboxes])
+    world.run(["mount", "--make-shared", sandboxes])
+    name = world.unique_driver_name()
+    env = dockerd._cli_env()
+    env["DOCKER_HOST"] = dockerd.host  # the engine the CLI talks to
+    result = world.run(
+        [
+            "bash",
+            world.REPO_ROOT / "scripts" / "build-plugin",
+            "--name",
+            name,
+            "--deb",
+            deb,
+            "--sandbox-dir",
+            sandboxes,
+        ],
+        env=env,
+        timeout=1800,
+    )
+    assert result.stdout.strip().splitlines()[-1] == name
+    try:
+        yield name
+    finally:
+        # Leave nothing behind even when a test failed half-way.
+        if dockerd.ready():
+            dockerd.reset()
+            dockerd.docker("plugin", "disable", "--force", name, check=False, timeout=120)
+            dockerd.docker("plugin", "rm", "--force", name, check=False, timeout=120)
+
+
+def inspect(docker_world, name):
+    out = docker_world.dockerd.docker("plugin", "inspect", name).stdout
+    return json.loads(out)[0]
+
+
+def test_the_plugin_asks_for_host_networking_and_few_capabilities(docker_world, plugin):
+    config = inspect(docker_world, plugin)["Config"]
+    assert config["Network"]["Type"] == "host"
+    assert sorted(config["Linux"]["Capabilities"]) == [
+        "CAP_NET_ADMIN",
+        "CAP_NET_RAW",
+        "CAP_SYS_ADMIN",
+    ]
+    assert config["Interface"]["Types"] == ["docker.networkdriver/1.0"]
+    mounts = {m["Name"]: m for m in config["Mounts"]}
+    assert any("openvswitch" in mount for mount in mounts)
+    assert mounts["openvswitch"]["Settable"] == ["source"]
+    assert mounts["sandboxes"]["Settable"] == ["source"]
+    assert "rshared" in mounts["sandboxes"]["Options"]
+
+
+def test_enabled_on_the_worlds_ovs_it_serves_docker(docker_world, plugin):
+    dockerd = docker_world.dockerd
+    dockerd.docker("plugin", "set", plugin, f"openvswitch.source={docker_world.ovs.directory}")
+    dockerd.docker("plugin", "set", plugin, "args=--datapath-type netdev")
+    dockerd.docker("plugin", "enable", plugin, timeout=120)
+    assert inspect(docker_world, plugin)["Enabled"] is True
+    pids = world.wait_until(lambda: plugin_processes(docker_world), 30)
+    e2e = scenario(docker_world, plugin, "10.62.0.0/24")
+    # The network is on the world's OVS: the plugin reached it through the mount.
+    assert "obr-" + e2e.network_id("pk")[:11] in docker_world.ovs.bridges()
+    # The plugin sees the sandboxes mounted, those made after it started too.
+    nsfs = os.stat("/proc/self/ns/net").st_dev
+    for container in ("pk1", "pk2"):
+        key = json.loads(dockerd.docker("inspect", container).stdout)[0]["NetworkSettings"][
+            "SandboxKey"
+        ]
+        assert os.stat(f"/proc/{pids[0]}/root{key}").st_dev == nsfs, key
+    dockerd.docker("rm", "-f", "pk1", "pk2", timeout=120)
+    dockerd.docker("network", "rm", "pk", timeout=120)
+    assert not [b for b in docker_world.ovs.bridges() if b.startswith("obr-")]
+
+
+def test_disabled_and_removed_it_leaves_nothing_running(docker_world, plugin):
+    dockerd = docker_world.dockerd
+    dockerd.docker("plugin", "disable", plugin, timeout=120)
+    world.wait_until(lambda: not plugin_processes(docker_world), 30)
+    dockerd.docker("plugin", "rm", plugin, timeout=120)
+    assert plugin not in dockerd.docker("plugin", "ls", "--format", "{{.Name}}").stdout
