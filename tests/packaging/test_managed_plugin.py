@@ -98,7 +98,11 @@ def test_enabled_on_the_worlds_ovs_it_serves_docker(docker_world, plugin):
     dockerd.docker("plugin", "enable", plugin, timeout=120)
     assert inspect(docker_world, plugin)["Enabled"] is True
     pids = world.wait_until(lambda: plugin_processes(docker_world), 30)
+    forwarding = ["sysctl", "-n", "net.ipv4.ip_forward"]
+    docker_world.netns.run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=0"])
     e2e = scenario(docker_world, f"{plugin}:latest", "10.62.0.0/24")
+    # A NAT network needs forwarding: the plugin can turn it on from its container.
+    assert docker_world.netns.run(forwarding).stdout.strip() == "1", dockerd.log()[-3000:]
     # The network is on the world's OVS: the plugin reached it through the mount.
     assert "obr-" + e2e.network_id("pk")[:11] in docker_world.ovs.bridges()
     # The plugin sees the sandboxes mounted, those made after it started too.

@@ -1,9 +1,16 @@
 """The twistd command line: options, defaults and their checks."""
 
 import pytest
+from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
 
-from ovsdriver.tap import DEFAULT_LISTEN, Options, detect_datapath_type, private_listen
+from ovsdriver.tap import (
+    DEFAULT_LISTEN,
+    Options,
+    detect_datapath_type,
+    listen_endpoint,
+    private_listen,
+)
 
 
 def parse(*argv):
@@ -30,15 +37,28 @@ def test_auto_datapath_follows_the_kernel_module(tmp_path):
         ("unix:/run/docker/plugins/x.sock", "unix:/run/docker/plugins/x.sock:mode=660"),
         ("unix:/run/docker/plugins/x.sock:mode=600", "unix:/run/docker/plugins/x.sock:mode=600"),
         ("tcp:9999:interface=127.0.0.1", "tcp:9999:interface=127.0.0.1"),
+        ("systemd:domain=UNIX:index=0", "systemd:domain=UNIX:index=0:mode=660"),
+        ("systemd:domain=UNIX:index=0:mode=600", "systemd:domain=UNIX:index=0:mode=600"),
+        ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
     ],
 )
 def test_the_socket_is_never_world_accessible(given, used):
     assert private_listen(given) == used
 
 
-def test_a_world_accessible_mode_is_refused():
+@pytest.mark.parametrize(
+    "listen", ["unix:/tmp/x.sock:mode=666", "systemd:domain=UNIX:index=0:mode=666"]
+)
+def test_a_world_accessible_mode_is_refused(listen):
     with pytest.raises(usage.UsageError, match="mode=666"):
-        parse("--listen", "unix:/tmp/x.sock:mode=666")
+        parse("--listen", listen)
+
+
+def test_a_socket_systemd_did_not_pass_is_refused_with_the_fix(monkeypatch):
+    monkeypatch.setenv("LISTEN_FDNAMES", "other.socket")
+    with pytest.raises(usage.UsageError, match="--fdname") as error:
+        listen_endpoint(MemoryReactor(), "systemd:domain=UNIX:index=5:mode=660")
+    assert "index=5" in str(error.value) and "other.socket" in str(error.value)
 
 
 @pytest.mark.parametrize(
