@@ -188,7 +188,12 @@ class InheritedUNIXEndpoint:
 
 
 class _InheritedUNIXPort(unix.Port):
-    """A UNIX port that leaves its socket file behind when it stops."""
+    """A UNIX port that leaves the socket working when it stops: its file
+    stays, and the socket is closed without ``shutdown()``, which would stop
+    systemd's own copy from accepting (Twisted does this for adopted TCP
+    ports, not for UNIX ones)."""
+
+    _shouldShutdown = False
 
     def connectionLost(self, reason):
         tcp.Port.connectionLost(self, reason)

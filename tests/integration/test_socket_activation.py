@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
 from contextlib import ExitStack
@@ -123,3 +124,51 @@ def test_the_default_unix_listener_still_removes_its_socket(netns, tmp_path):
         assert not os.path.exists(sock)
     finally:
         world.stop_process(proc.pid, popen=proc)
+
+
+def start_like_systemd(netns, directory, listener):
+    """The driver started as systemd starts ovsdriver.service: the listening
+    socket as fd 3, LISTEN_PID (the driver's own PID), LISTEN_FDS, LISTEN_FDNAMES."""
+    fd = listener.fileno()
+    script = (
+        "export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=ovsdriver.socket; "
+        f'exec "$@" 3<&{fd} {fd}<&-'
+    )
+    argv = [
+        "bash",  # dash redirects single-digit descriptors only
+        "-c",
+        script,
+        "bash",
+        *world.twistd_argv(),
+        "-n",
+        "--pidfile=",
+        f"--logfile={directory}/driver.log",
+        "ovsdriver",
+        "--listen",
+        "systemd:domain=UNIX:index=0",
+        "--ovsdb",
+        f"unix:{directory}/no-ovsdb.sock",
+        "--datapath-type",
+        "netdev",
+    ]
+    env = world._env(PYTHONPATH=str(world.REPO_ROOT))
+    return netns.popen(argv, env=env, stdin=subprocess.DEVNULL, pass_fds=(fd,))
+
+
+def test_a_restarted_driver_serves_the_same_socket_again(netns, tmp_path):
+    """What systemd does on a restart (Restart=on-failure, an upgrade): it
+    keeps the socket open and passes it to the next driver."""
+    sock = f"{tmp_path}/kept.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(sock)
+        listener.listen(16)
+        os.chmod(sock, 0o660)  # SocketMode=0660
+        for _ in range(2):
+            proc = start_like_systemd(netns, tmp_path, listener)
+            try:
+                status, _ = world.plugin_post(sock, "Plugin.Activate", timeout=30)
+                assert status == 200, output(tmp_path)
+                assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
+            finally:
+                world.stop_process(proc.pid, popen=proc)
+            assert stat.S_ISSOCK(os.stat(sock).st_mode), output(tmp_path)
