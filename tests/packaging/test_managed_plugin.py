@@ -78,11 +78,8 @@ def inspect(docker_world, name):
 def test_the_plugin_asks_for_host_networking_and_few_capabilities(docker_world, plugin):
     config = inspect(docker_world, plugin)["Config"]
     assert config["Network"]["Type"] == "host"
-    assert sorted(config["Linux"]["Capabilities"]) == [
-        "CAP_NET_ADMIN",
-        "CAP_NET_RAW",
-        "CAP_SYS_ADMIN",
-    ]
+    # Beyond Docker's defaults: links and iptables; setns into sandboxes.
+    assert sorted(config["Linux"]["Capabilities"]) == ["CAP_NET_ADMIN", "CAP_SYS_ADMIN"]
     assert config["Interface"]["Types"] == ["docker.networkdriver/1.0"]
     mounts = {m["Name"]: m for m in config["Mounts"]}
     assert any("openvswitch" in mount for mount in mounts)
