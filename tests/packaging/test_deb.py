@@ -117,6 +117,22 @@ def test_the_units_say_what_the_socket_and_the_service_are(installed):
             assert "openvswitch" not in line, line
 
 
+def test_removal_stops_both_units_and_upgrades_keep_the_socket(installed):
+    """systemd is not PID 1 here, so the scripts' systemctl parts are read."""
+    info = Path("/var/lib/dpkg/info")
+    prerm = (info / "ovsdriver.prerm").read_text()
+    for unit in ("ovsdriver.service", "ovsdriver.socket"):
+        assert f"deb-systemd-invoke stop '{unit}'" in prerm
+    assert '"$1" = remove' in prerm
+    postinst = (info / "ovsdriver.postinst").read_text()
+    # The socket is only ever started (an upgrade keeps it listening); the
+    # service is restarted after an upgrade to run the new code.
+    assert "deb-systemd-invoke start 'ovsdriver.socket'" in postinst
+    assert "_dh_action 'ovsdriver.service'" in postinst
+    assert "_dh_action 'ovsdriver.socket'" not in postinst
+    assert "deb-systemd-helper enable 'ovsdriver.socket'" in postinst
+
+
 def unit_command(opts: str) -> list[str]:
     """ovsdriver.service's ExecStart with ``$OVSDRIVER_OPTS`` expanded as systemd does."""
     line = next(
