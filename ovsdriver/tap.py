@@ -150,6 +150,10 @@ def listen_endpoint(reactor, description):
             "'systemd-socket-activate --fdname=NAME' (Twisted 23 and later ignore "
             "passed sockets that have no names)"
         ) from None
+    except TypeError:  # name= before Twisted 23
+        raise usage.UsageError(
+            f"--listen {rest}: this Twisted selects a passed socket by index only; use index=0"
+        ) from None
     return InheritedUNIXEndpoint(reactor, adopted.fileno, int(mode.group(1), 8) if mode else 0o660)
 
 

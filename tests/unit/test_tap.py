@@ -71,3 +71,9 @@ def test_a_socket_systemd_did_not_pass_is_refused_with_the_fix(monkeypatch):
 def test_bad_options_are_named(argv, message):
     with pytest.raises(usage.UsageError, match=message):
         parse(*argv)
+
+
+def test_a_socket_named_where_twisted_cannot_is_refused_with_the_fix(monkeypatch):
+    monkeypatch.delenv("LISTEN_FDNAMES", raising=False)
+    with pytest.raises(usage.UsageError, match="--fdname|index=0"):
+        listen_endpoint(MemoryReactor(), "systemd:domain=UNIX:name=ovsdriver.socket:mode=660")
