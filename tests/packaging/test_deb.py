@@ -115,6 +115,11 @@ def test_the_units_say_what_the_socket_and_the_service_are(installed):
     for line in service.splitlines():
         if line.startswith(("Requires=", "BindsTo=", "PartOf=", "Requisite=")):
             assert "openvswitch" not in line, line
+    # systemd's own check (it needs no systemd running): no unknown keys, no
+    # missing executables.
+    units = [UNITS / "ovsdriver.socket", UNITS / "ovsdriver.service"]
+    result = world.run(["systemd-analyze", "verify", *units], check=False, timeout=60)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
 
 
 def test_removal_stops_both_units_and_upgrades_keep_the_socket(installed):
