@@ -185,6 +185,15 @@ def test_the_socket_activated_driver_serves_docker(installed, docker_world):
         assert "/usr/bin/python3" in text.split("starting up")[0], text[:2000]
         bridge = "obr-" + e2e.network_id("pk")[:11]
         assert bridge in docker_world.ovs.bridges()
+        if os.path.exists("/usr/bin/ovsdriver"):  # the console script, with Debian's libraries
+            shown = docker_world.netns.run(
+                ["/usr/bin/ovsdriver", "status", "--ovsdb", docker_world.ovs.remote, "--json"],
+                env=dict(SYSTEM_ENV),
+                cwd="/",
+                check=False,
+            )
+            assert shown.returncode == 0, shown.stdout + shown.stderr
+            assert bridge in shown.stdout
         docker_world.dockerd.docker("rm", "-f", "pk1", "pk2", timeout=120)
     finally:
         world.stop_process(proc.pid, popen=proc)
