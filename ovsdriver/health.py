@@ -13,7 +13,8 @@ import ipaddress
 import attr
 
 from ovsdriver import firewall
-from ovsdriver.reconcile import MISSING, MOUNTED, UNMOUNTED
+from ovsdriver.sandboxes import MISSING, MOUNTED
+from ovsdriver.sandboxes import PLAIN as UNMOUNTED
 from ovsdriver.vswitch import gateway_ifname, gateway_port_name, port_name, veth_host_name
 
 #: An endpoint nobody joined this long after its creation is an orphan (the
@@ -60,7 +61,7 @@ class EndpointFacts:
 
 @attr.s(frozen=True, slots=True)
 class SandboxFacts:
-    """What is at a sandbox's path (reconcile.probe_sandbox) and its links."""
+    """What is at a sandbox's path (sandboxes.probe) and its links."""
 
     state = attr.ib()  # MOUNTED, UNMOUNTED, MISSING or INVISIBLE
     links = attr.ib(default=None)  # tuple of netlink.LinkInfo, None when not read

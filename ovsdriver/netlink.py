@@ -1,5 +1,8 @@
 """Kernel network links for the driver: veth pairs, addresses, MTU, MAC.
 
+A thin port: each method is one kernel operation; what they add up to (such
+as repairing an endpoint, see `ovsdriver.reconcile`) is the driver's logic.
+
 pyroute2 talks to the kernel synchronously (0.9 even runs its own asyncio loop
 inside each thread that uses it), so calling it on the reactor thread would
 stall every request and break under Twisted's asyncio reactor. `Netlink` runs
@@ -9,8 +12,8 @@ a request Docker retried. Only the ``IPRoute`` calls that pyroute2 0.7.2
 (Debian 12) shares with 0.9 are used: ``link_lookup``, ``link``, ``addr``,
 ``route``, ``get_links``, ``get_addr`` and ``get_routes``.
 
-Work inside a container's network namespace (a sandbox, see
-`Netlink.sandbox_links` and `Netlink.repair_endpoint`) is done by the same
+Work inside a container's network namespace (a sandbox: `Netlink.sandbox_links`,
+`Netlink.move_link_to_netns` and the ``..._in`` methods) is done by the same
 worker thread: it enters the sandbox with ``setns`` (which moves only the
 calling thread), talks to the kernel there through a fresh ``IPRoute``, and
 goes back to its own namespace, whose file descriptor it keeps open for that.
@@ -54,6 +57,17 @@ RTN_UNICAST = 1
 
 
 @attr.s(frozen=True, slots=True)
+class Route:
+    """A route through one link, as `LinkInfo.routes` lists it and
+    `Netlink.add_route_in` takes it back."""
+
+    family = attr.ib()  # 4 or 6
+    dst = attr.ib()  # "default" or a CIDR
+    gateway = attr.ib(default=None)
+    details = attr.ib(default=(), converter=tuple)  # more (key, value) for IPRoute.route
+
+
+@attr.s(frozen=True, slots=True)
 class LinkInfo:
     """A snapshot of one link, as `Netlink.sandbox_links` reports it."""
 
@@ -63,17 +77,8 @@ class LinkInfo:
     up = attr.ib()  # administratively up
     carrier = attr.ib()  # False: nothing drives it, e.g. a tap nobody holds open
     addresses = attr.ib(default=(), converter=tuple)  # CIDR strings
-
-
-@attr.s(frozen=True, slots=True)
-class _DeadCopy:
-    """What a repair takes over from the dead copy of an endpoint's link."""
-
-    index = attr.ib()
-    name = attr.ib()
-    mtu = attr.ib()
-    addresses = attr.ib()  # ipaddress interfaces
-    routes = attr.ib()  # keyword arguments of IPRoute.route("add"), without oif
+    index = attr.ib(default=None)  # the kernel's index of the link in its namespace
+    routes = attr.ib(default=(), converter=tuple)  # `Route`s through it its owner added
 
 
 class LinkError(Exception):
@@ -127,9 +132,9 @@ def _reason(error):
     return str(error) or type(error).__name__
 
 
-def _describe_settings(mtu, mac, up):
-    """'MTU 1400, MAC address 02:..., state up' for error sentences."""
-    parts = []
+def _describe_settings(mtu, mac, up, name=None):
+    """'name eth0, MTU 1400, MAC address 02:..., state up' for error sentences."""
+    parts = [f"name {name}"] if name is not None else []
     if mtu is not None:
         parts.append(f"MTU {mtu}")
     if mac is not None:
@@ -403,35 +408,94 @@ class _Worker:
 
     def sandbox_links(self, sandbox):
         what = f"cannot list the links of sandbox {sandbox}"
+        return self._in_sandbox(sandbox, what, _link_infos)
+
+    def _in_sandbox(self, sandbox, what, operation):
+        """Run ``operation(ipr)`` inside the sandbox at path *sandbox*."""
         fd = _open_namespace(sandbox, f"cannot enter sandbox {sandbox}")
         try:
             with self._guard(what), self._inside(fd, sandbox) as ipr:
-                return _link_infos(ipr)
+                return operation(ipr)
         finally:
             os.close(fd)
 
-    def repair_endpoint(self, sandbox, fresh_name, mac, mtu, addresses):
-        what = f"cannot repair {fresh_name} in sandbox {sandbox}"
-        with self._guard(what):
-            home = self._ipr()
-            fresh = self._index(home, fresh_name)
-            if fresh is None:
-                return None
-            fd = _open_namespace(sandbox, f"cannot enter sandbox {sandbox}")
+    def move_link_to_netns(self, ifname, sandbox):
+        what = f"cannot move {ifname} into sandbox {sandbox}"
+        fd = _open_namespace(sandbox, f"cannot enter sandbox {sandbox}")
+        try:
+            with self._guard(what):
+                home = self._ipr()
+                index = self._index(home, ifname)
+                if index is None:
+                    with self._inside(fd, sandbox) as ipr:
+                        if ipr.link_lookup(ifname=ifname):
+                            return  # moved already
+                    raise LinkError(f"{what}: no such interface")
+                home.link("set", index=index, net_ns_fd=fd)
+        finally:
+            os.close(fd)
+
+    def delete_link_in(self, sandbox, index):
+        def operation(ipr):
             try:
-                with self._inside(fd, sandbox) as ipr:
-                    dead = _dead_copy(ipr, mac, fresh_name)
-                if dead is None:
-                    return None
-                try:
-                    home.link("set", index=fresh, net_ns_fd=fd)
-                except NetlinkError as e:
-                    raise LinkError(f"{what}: cannot move it into the sandbox: {_reason(e)}") from e
-                with self._inside(fd, sandbox) as ipr:
-                    _take_over(ipr, dead, fresh_name, mac, mtu, addresses, what)
-                return dead.name
-            finally:
-                os.close(fd)
+                ipr.link("del", index=index)
+            except NetlinkError as e:
+                if e.code != errno.ENODEV:
+                    raise
+
+        what = f"cannot delete link {index} in sandbox {sandbox}"
+        return self._in_sandbox(sandbox, what, operation)
+
+    def set_link_in(self, sandbox, index, name, mtu, mac, up):
+        def operation(ipr):
+            settings = {}
+            if name is not None:
+                settings["ifname"] = name
+            if mtu is not None:
+                settings["mtu"] = int(mtu)
+            if mac is not None:
+                settings["address"] = mac
+            if settings:
+                ipr.link("set", index=index, **settings)
+            if up is not None:
+                ipr.link("set", index=index, state="up" if up else "down")
+
+        settings = _describe_settings(mtu, mac, up, name)
+        what = f"cannot set {settings} on link {index} in sandbox {sandbox}"
+        return self._in_sandbox(sandbox, what, operation)
+
+    def add_address_in(self, sandbox, index, address):
+        def operation(ipr):
+            settings = {}
+            if address.version == 6:
+                settings["flags"] = IFA_F_NODAD  # usable at once: it was in use already
+            elif address.network.prefixlen < 31:
+                settings["broadcast"] = str(address.network.broadcast_address)
+            try:
+                ipr.addr(
+                    "add",
+                    index=index,
+                    address=str(address.ip),
+                    prefixlen=address.network.prefixlen,
+                    **settings,
+                )
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:
+                    raise
+
+        what = f"cannot add address {address} to link {index} in sandbox {sandbox}"
+        return self._in_sandbox(sandbox, what, operation)
+
+    def add_route_in(self, sandbox, index, route):
+        def operation(ipr):
+            try:
+                ipr.route("add", oif=index, **_route_arguments(route))
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:
+                    raise
+
+        what = f"cannot add route {_describe_route(route)} in sandbox {sandbox}"
+        return self._in_sandbox(sandbox, what, operation)
 
 
 def _setns(fd, what):
@@ -467,6 +531,7 @@ def _addresses_by_index(ipr):
 
 def _link_infos(ipr):
     addresses = _addresses_by_index(ipr)
+    routes = _restorable_routes(ipr)
     return tuple(
         LinkInfo(
             name=msg.get_attr("IFLA_IFNAME"),
@@ -475,131 +540,75 @@ def _link_infos(ipr):
             up=bool(msg["flags"] & IFF_UP),
             carrier=bool(msg.get_attr("IFLA_CARRIER")),
             addresses=[str(a) for a in addresses.get(msg["index"], ())],
+            index=msg["index"],
+            routes=routes.get(msg["index"], ()),
         )
         for msg in ipr.get_links()
     )
 
 
-def _restorable_routes(ipr, index):
-    """The routes through link *index* that its owner added (not the kernel).
+#: Route attributes a restored route keeps, with IPRoute.route's names.
+_ROUTE_DETAILS = (("RTA_PRIORITY", "priority"), ("RTA_PREFSRC", "prefsrc"))
 
-    Returned as keyword arguments for ``IPRoute.route("add", ..., oif=...)``,
-    routes without a gateway first, so that the gateways of the others are
-    reachable when they are added back.
-    """
-    routes = []
-    for family in (socket.AF_INET, socket.AF_INET6):
+
+def _restorable_routes(ipr):
+    """index -> [`Route`] through that link that its owner added (not the
+    kernel, not router advertisements), routes without a gateway first, so
+    that the gateways of the others are reachable when they are added back."""
+    found = {}
+    for family, version in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
         for msg in ipr.get_routes(family=family):
             table = msg.get_attr("RTA_TABLE") or msg["table"]
+            index = msg.get_attr("RTA_OIF")
             if (
-                msg.get_attr("RTA_OIF") != index
+                index is None
                 or table == RT_TABLE_LOCAL
                 or msg["type"] != RTN_UNICAST
                 or msg["proto"] in (RTPROT_KERNEL, RTPROT_RA)
                 or msg.get_attr("RTA_MULTIPATH") is not None
             ):
                 continue
-            route = {
-                "family": family,
-                "dst_len": msg["dst_len"],
-                "table": table,
-                "proto": msg["proto"],
-                "scope": msg["scope"],
-                "type": msg["type"],
-            }
-            for attribute, key in (
-                ("RTA_DST", "dst"),
-                ("RTA_GATEWAY", "gateway"),
-                ("RTA_PRIORITY", "priority"),
-                ("RTA_PREFSRC", "prefsrc"),
-            ):
+            details = [
+                ("table", table),
+                ("proto", msg["proto"]),
+                ("scope", msg["scope"]),
+                ("type", msg["type"]),
+            ]
+            for attribute, key in _ROUTE_DETAILS:
                 value = msg.get_attr(attribute)
                 if value is not None:
-                    route[key] = value
-            routes.append(route)
-    routes.sort(key=lambda r: "gateway" in r)
-    return routes
-
-
-def _dead_copy(ipr, mac, fresh_name):
-    """The sandbox's dead copy of an endpoint's link, or None.
-
-    That is a link with the endpoint's MAC address that has no carrier: a tap
-    whose ovs-vswitchd is gone (a live one has carrier, and the engine's move
-    of a new endpoint's link brings no second link with that MAC along).
-    """
-    mac = mac.lower()
-    for msg in ipr.get_links():
-        name = msg.get_attr("IFLA_IFNAME")
-        if _mac_of(msg) == mac and name != fresh_name and not msg.get_attr("IFLA_CARRIER"):
-            index = msg["index"]
-            addresses = [
-                a
-                for a in _addresses_by_index(ipr).get(index, ())
-                if not (a.version == 6 and a.ip.is_link_local)
-            ]
-            return _DeadCopy(
-                index=index,
-                name=name,
-                mtu=msg.get_attr("IFLA_MTU"),
-                addresses=addresses,
-                routes=_restorable_routes(ipr, index),
+                    details.append((key, value))
+            dst = msg.get_attr("RTA_DST")
+            found.setdefault(index, []).append(
+                Route(
+                    family=version,
+                    dst=str(ipaddress.ip_network(f"{dst}/{msg['dst_len']}")) if dst else "default",
+                    gateway=msg.get_attr("RTA_GATEWAY"),
+                    details=details,
+                )
             )
-    return None
+    for routes in found.values():
+        routes.sort(key=lambda r: r.gateway is not None)
+    return found
 
 
-def _take_over(ipr, dead, fresh_name, mac, mtu, addresses, what):
-    """Put the fresh link (already in the sandbox) in the dead copy's place."""
-    try:
-        ipr.link("del", index=dead.index)
-    except NetlinkError as e:
-        if e.code != errno.ENODEV:
-            raise LinkError(f"{what}: cannot delete the dead {dead.name}: {_reason(e)}") from e
-    found = ipr.link_lookup(ifname=fresh_name)
-    if not found:
-        raise LinkError(f"{what}: it vanished after it was moved into the sandbox")
-    index = found[0]
-    try:
-        ipr.link("set", index=index, ifname=dead.name, address=mac, mtu=int(mtu or dead.mtu))
-        ipr.link("set", index=index, state="up")
-    except NetlinkError as e:
-        raise LinkError(f"{what}: cannot set it up as {dead.name}: {_reason(e)}") from e
-    failures = []
-    wanted = list(dead.addresses)
-    wanted += [a for a in addresses if a not in wanted]
-    for address in wanted:
-        settings = {}
-        if address.version == 6:
-            settings["flags"] = IFA_F_NODAD  # usable at once; it was in use already
-        elif address.network.prefixlen < 31:
-            settings["broadcast"] = str(address.network.broadcast_address)
-        try:
-            ipr.addr(
-                "add",
-                index=index,
-                address=str(address.ip),
-                prefixlen=address.network.prefixlen,
-                **settings,
-            )
-        except NetlinkError as e:
-            if e.code != errno.EEXIST:
-                failures.append(f"address {address}: {_reason(e)}")
-    for route in dead.routes:
-        try:
-            ipr.route("add", oif=index, **route)
-        except NetlinkError as e:
-            if e.code != errno.EEXIST:
-                failures.append(f"route {_describe_route(route)}: {_reason(e)}")
-    if failures:
-        raise LinkError(
-            f"{what}: it is back as {dead.name}, but these could not be restored: "
-            + "; ".join(failures)
-        )
+def _route_arguments(route):
+    """Keyword arguments of ``IPRoute.route("add", ...)`` for a `Route`."""
+    arguments = dict(route.details)
+    arguments["family"] = socket.AF_INET if route.family == 4 else socket.AF_INET6
+    if route.dst == "default":
+        arguments["dst_len"] = 0
+    else:
+        network = ipaddress.ip_network(route.dst)
+        arguments["dst"] = str(network.network_address)
+        arguments["dst_len"] = network.prefixlen
+    if route.gateway is not None:
+        arguments["gateway"] = route.gateway
+    return arguments
 
 
 def _describe_route(route):
-    dst = f"{route['dst']}/{route['dst_len']}" if "dst" in route else "default"
-    return f"{dst} via {route['gateway']}" if "gateway" in route else dst
+    return f"{route.dst} via {route.gateway}" if route.gateway else route.dst
 
 
 def disable_tx_checksum(ifname):
@@ -757,30 +766,38 @@ class Netlink:
         """
         return self._run(self._worker.sandbox_links, sandbox)
 
-    def repair_endpoint(self, sandbox, fresh_name, mac, mtu, addresses=()):
-        """Replace the dead copy of an endpoint's link in *sandbox* with the
-        fresh link *fresh_name* from the driver's own namespace.
+    def move_link_to_netns(self, ifname, sandbox):
+        """Move link *ifname* from the driver's namespace into the sandbox
+        at path *sandbox*; one that is there already is fine."""
+        return self._run(self._worker.move_link_to_netns, ifname, sandbox)
 
-        This is what an ovs-vswitchd restart with the userspace datapath needs:
-        it recreates every internal port as a new tap in its own namespace,
-        while the container keeps the old tap, dead (no carrier). The dead copy
-        is the sandbox's link with the endpoint's *mac* and no carrier; its
-        name, addresses and routes are taken over: the dead copy is deleted,
-        the fresh link moved in, renamed, given *mac* and *mtu*, set up, given
-        the addresses (plus the CIDR *addresses* given; IPv6 ones without
-        duplicate address detection) and the routes back.
+    def delete_link_in(self, sandbox, index):
+        """Delete the link with *index* in *sandbox*; a missing one is fine."""
+        return self._run(self._worker.delete_link_in, sandbox, index)
 
-        Deferred[str | None]: the name the fresh link now has in the sandbox,
-        or None when there is nothing to repair: the fresh link is not in the
-        driver's namespace, or the sandbox holds no dead copy (as when the
-        engine has not moved a new endpoint's link yet). Fails with LinkError;
-        one that names addresses or routes means the link itself is back.
-        With the kernel datapath internal ports survive a restart, so this
-        always finds nothing to do there.
-        """
+    def set_link_in(self, sandbox, index, name=None, mtu=None, mac=None, up=None):
+        """Set whichever of name, MTU, MAC address and up/down state is given
+        on the link with *index* in *sandbox*."""
         try:
-            check_mac(fresh_name, mac)
-            parsed = parse_addresses(fresh_name, addresses, "restore")
+            if name is not None:
+                check_ifname(name)
+            if mac is not None:
+                check_mac(name or f"link {index}", mac)
         except LinkError:
             return defer.fail()
-        return self._run(self._worker.repair_endpoint, sandbox, fresh_name, mac, mtu, parsed)
+        return self._run(self._worker.set_link_in, sandbox, index, name, mtu, mac, up)
+
+    def add_address_in(self, sandbox, index, address):
+        """Add the CIDR *address* to the link with *index* in *sandbox*
+        (present already is fine). An IPv6 one skips duplicate address
+        detection: it is being given back, not newly claimed."""
+        try:
+            (parsed,) = parse_addresses(f"link {index}", [address], "add")
+        except LinkError:
+            return defer.fail()
+        return self._run(self._worker.add_address_in, sandbox, index, parsed)
+
+    def add_route_in(self, sandbox, index, route):
+        """Add the `Route` through the link with *index* in *sandbox*
+        (present already is fine)."""
+        return self._run(self._worker.add_route_in, sandbox, index, route)

@@ -32,7 +32,7 @@ from ovsdriver.health import (
     SandboxFacts,
 )
 from ovsdriver.ovsdb import TABLES
-from ovsdriver.reconcile import INVISIBLE, MOUNTED, probe_sandbox
+from ovsdriver.sandboxes import INVISIBLE, MOUNTED, probe
 from ovsdriver.values import Network
 
 DEFAULT_DOCKER = "unix:///var/run/docker.sock"
@@ -196,7 +196,7 @@ def read_kernel(endpoints):
 
 
 def _sandbox(worker, path, warnings):
-    state = probe_sandbox(path)
+    state = probe(path).kind
     if state == INVISIBLE:
         warnings.append(
             f"cannot see sandbox {path}: run ovsdriver status in the engine's mount namespace"

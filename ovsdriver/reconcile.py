@@ -8,30 +8,52 @@ call at all. The driver never asks the engine (calling the Docker API from a
 request handler can deadlock, and the engine may be down); it decides from
 what it can observe itself:
 
-- OVSDB: every endpoint's port, its creation time and the sandbox that Join
-  named (the SandboxKey, a bind mount of the container's network namespace);
-- the file system: a live sandbox is a mounted namespace file. When the
-  sandbox goes the engine unmounts it at once but deletes the file only at its
-  next garbage collection (libnetwork runs one every 60 s), also when a
-  restarted engine cleans up after a crash. The driver must run in the
-  engine's mount namespace (as a host service does) to see them;
+- OVSDB: every endpoint's port and the sandbox that Join named (the
+  SandboxKey, a file on which the engine bind-mounts the container's network
+  namespace);
+- the kernel's mount views (`ovsdriver.sandboxes`): whether the sandbox is
+  mounted in the driver's own mount namespace or in any other one a process
+  on the host is in, and which network namespaces live processes are in;
 - the kernel's links, in its own namespace and inside sandboxes.
 
-An endpoint is an orphan when it was joined and its sandbox is gone, or it has
-not been joined for `Reconciler.unjoined_grace` seconds after it was created:
-the engine calls Join right after CreateEndpoint, and DeleteEndpoint right
-after Leave, so a long-unjoined endpoint is one whose DeleteEndpoint was lost.
-A sandbox is gone when its file is missing, or is no longer a mounted
-namespace while the driver can see the engine's namespace mounts (it saw this
-one mounted, or sees another one mounted now; without that evidence, as in a
-mount namespace that does not receive the engine's mounts, it waits for the
-file to be deleted). At Join the sandbox file may not exist yet (the engine
-makes it when the container's task starts), so a missing file is only trusted
-once the driver saw the sandbox mounted, or after the same grace. An endpoint
-is collected only when two passes in a row find it orphaned; one whose sandbox
-is mounted is never collected. A veth host end (``ove-...``) that no endpoint
-owns for the grace period is deleted too (a CreateEndpoint cut short by a
-crash).
+The rule: a joined endpoint's port is removed only on positive evidence that
+its sandbox is gone, never on a timer, and never on what one mount view
+alone shows. A view can be stale: a driver run in a container with a plain
+``-v`` of the netns directory keeps a private copy of the engine's mounts, in
+which old sandboxes stay mounted and new ones are plain files. So:
+
+- a sandbox mounted in any view is alive. The first time the reconciler sees
+  it mounted it records where: the view (its own if it is mounted there,
+  else the longest-lived one: short-lived processes come and go with copies
+  of the mounts) and the network namespace, in the endpoint's
+  ``ovsdriver-sandbox-seen``, so a restarted driver knows too;
+- from then on that view decides: the sandbox is gone when that view still
+  exists and shows it unmounted or deleted (a copy elsewhere that still has
+  it mounted proves nothing), and no process that was in its network
+  namespace then is still there (namespace numbers are reused: start times
+  tell). The engine unmounts a sandbox when it tears it down (and deletes
+  the file at its next garbage collection, within 60 s), also when a
+  restarted engine cleans up after a crash;
+- a sandbox the driver never saw (it was killed right after the container
+  started, which was removed while it was down) is gone when the engine has
+  moved the endpoint's interface out of the driver's namespace into it and
+  its file is deleted from a directory in which the driver sees the engine's
+  other sandboxes mounted;
+- anything else is no evidence: a sandbox that has not appeared yet (at Join
+  the engine may not have made it: it does when the container's task starts,
+  after image pulls, volume plugins...), a plain file that was never seen
+  mounted, a view that is gone. The port stays, and the reconciler says so
+  once in the log (after the grace, counted from Join, so that a starting
+  container does not make it talk).
+
+An endpoint that was never joined (or was left and not deleted) is an orphan
+once it has been unjoined for `Reconciler.unjoined_grace` seconds, measured on
+a monotonic clock from when this process first saw it so (a restart never
+shortens it): the engine calls Join right after CreateEndpoint, and
+DeleteEndpoint right after Leave, so a long-unjoined endpoint is one whose
+DeleteEndpoint was lost. An endpoint is collected only when two passes in a
+row find it orphaned. A veth host end (``ove-...``) that no endpoint owns for
+the grace period is deleted too (a CreateEndpoint cut short by a crash).
 
 Repair. With the userspace (``netdev``) datapath an internal port is a tap that
 ovs-vswitchd owns. When ovs-vswitchd restarts it makes every tap anew, in its
@@ -39,27 +61,34 @@ own (the host's) namespace, while the container keeps the old tap: dead, with
 no carrier, still holding the container's name (eth0...), addresses and
 routes. For a joined endpoint with a live sandbox whose port shows up in the
 driver's namespace, the reconciler looks inside the sandbox: a link there with
-the endpoint's MAC and no carrier is the dead copy, and
-`Netlink.repair_endpoint` puts the fresh tap in its place (name, MAC, MTU,
-addresses, routes). Without such a link the engine simply has not moved the
-port in yet (between Join and the container's start) and it is left alone.
-With the kernel (``system``) datapath internal ports are datapath vports that
-survive an ovs-vswitchd restart inside the container, so there is nothing to
-repair; veth ports survive with either datapath.
+the endpoint's MAC and no carrier is the dead copy, and `Reconciler.repair`
+puts the fresh tap in its place from the netlink port's small operations:
+move it in, delete the dead copy, give it the dead copy's name, the MAC and
+MTU, set it up, add the addresses and routes back. Without such a link the
+engine simply has not moved the port in yet (between Join and the container's
+start) and it is left alone. With the kernel (``system``) datapath internal
+ports are datapath vports that survive an ovs-vswitchd restart inside the
+container, so there is nothing to repair; veth ports survive with either
+datapath.
 
 A pass runs every `Reconciler.interval` seconds (the next starts only after
 the previous one ended); its failures are logged and the next pass tries
 again.
 """
 
+import ipaddress
+import json
 import os
 import time
 
+import attr
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import base, defer
 from twisted.logger import Logger
 
 from ovsdriver.metrics import NO_METRICS
+from ovsdriver.netlink import LinkError
+from ovsdriver.sandboxes import INVISIBLE, MISSING, MOUNTED, MountViews
 from ovsdriver.vswitch import veth_host_name
 
 log = Logger()
@@ -69,38 +98,158 @@ VETH_PREFIX = veth_host_name("")
 #: What `Reconciler._safely` returns when the action failed.
 FAILED = object()
 
-# What `probe_sandbox` finds at a sandbox's path.
-MOUNTED = "mounted"  # a network namespace is mounted there: the sandbox lives
-UNMOUNTED = "unmounted"  # a plain file: the engine tore the sandbox down
-MISSING = "missing"  # no file (yet, or any more)
-INVISIBLE = "invisible"  # not even the directory: the driver cannot judge
+# What `judge` concludes about a sandbox.
+ALIVE = "alive"
+GONE = "gone"
+UNKNOWN = "unknown"
 
 
-def probe_sandbox(path):
-    """What is at the path of a sandbox: MOUNTED, UNMOUNTED, MISSING or INVISIBLE."""
-    try:
-        found = os.stat(path)
-    except FileNotFoundError:
-        return MISSING if os.path.isdir(os.path.dirname(path)) else INVISIBLE
-    except OSError:
-        return INVISIBLE
-    return MOUNTED if found.st_dev == _nsfs_device() else UNMOUNTED
+@attr.s(frozen=True, slots=True)
+class Seen:
+    """Where a sandbox was seen mounted: a mount view and its network
+    namespace; when (seconds since boot) and in which boot."""
+
+    sandbox = attr.ib()
+    view = attr.ib(converter=lambda v: tuple(v) if isinstance(v, list) else v)
+    netns = attr.ib()
+    since = attr.ib(default=None, eq=False)
+    boot = attr.ib(default=None, eq=False)
+
+    def to_text(self):
+        record = attr.asdict(self)
+        return json.dumps(record, separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_text(cls, text, sandbox):
+        """The record in *text* if it is about *sandbox*, else None (also for
+        a value that cannot be read: then there is simply no evidence)."""
+        try:
+            record = json.loads(text)
+            seen = cls(
+                record["sandbox"],
+                record["view"],
+                record["netns"],
+                float(record["since"]) if record.get("since") is not None else None,
+                record.get("boot"),
+            )
+            hash(seen)
+        except (TypeError, ValueError, KeyError, AttributeError):
+            return None
+        return seen if seen.sandbox == sandbox else None
 
 
-def _nsfs_device():
-    """The device of the namespace file system, which every mounted namespace shows."""
-    return os.stat("/proc/self/ns/net").st_dev
+@attr.s(frozen=True, slots=True)
+class Verdict:
+    kind = attr.ib()  # ALIVE, GONE or UNKNOWN
+    reason = attr.ib(default=None)  # why GONE or UNKNOWN, a sentence part
+    seen = attr.ib(default=None)  # a new `Seen` to record, when ALIVE
+    path = attr.ib(default=None)  # opens the sandbox's namespace, when ALIVE and mounted
+
+
+def judge(sandbox, sighting, seen, observation, moved_in=False):
+    """A `Verdict` on *sandbox* from its `Sighting`, where it was `Seen`
+    mounted before (or None) and the whole `Observation`; *moved_in*: the
+    endpoint's interface has left the driver's namespace.
+
+    Once seen, the view that showed it mounted decides: other views may hold
+    private copies of the mount, which outlive the engine's. A sandbox not
+    seen yet is alive as soon as any view has it mounted; the driver's own
+    view, else the longest-lived one, becomes its witness.
+    """
+    if seen is not None and seen.boot not in (None, observation.boot):
+        seen = None  # the host restarted: that view and namespace are no more
+        restarted = True
+    else:
+        restarted = False
+    there = sighting.probes.get(seen.view) if seen is not None else None
+    if there is not None and there.kind != INVISIBLE:
+        if there.kind == MOUNTED:
+            if there.netns == seen.netns:
+                return Verdict(ALIVE, path=sighting.path_in(seen.view))
+            return _witnessed(sandbox, sighting, seen.view, observation)
+        started = observation.held.get(seen.netns)
+        if started is not None and (seen.since is None or started <= seen.since):
+            # Unmounted, yet a process that was there when the sandbox was
+            # seen is in its namespace (a newer one may have its number).
+            return Verdict(ALIVE)
+        if there.kind == MISSING:
+            return Verdict(GONE, f"its container's sandbox {sandbox} was deleted")
+        return Verdict(GONE, f"its container's sandbox {sandbox} was torn down")
+    mounted = sighting.mounted_in()
+    if mounted:
+        oldest = min(mounted, key=lambda view: observation.views.get(view, float("inf")))
+        witness = observation.own_view if observation.own_view in mounted else oldest
+        return _witnessed(sandbox, sighting, witness, observation)
+    if restarted:
+        return Verdict(GONE, f"the host restarted since its sandbox {sandbox} was seen")
+    if moved_in and _deleted(sandbox, sighting, observation):
+        return Verdict(
+            GONE,
+            f"its interface was moved into sandbox {sandbox}, which the engine has deleted",
+        )
+    if seen is not None:
+        return Verdict(
+            UNKNOWN,
+            f"the mount namespace in which its sandbox {sandbox} was seen mounted "
+            f"({_describe_view(seen.view)}) is gone or out of the driver's sight",
+        )
+    own = sighting.probes[observation.own_view].kind
+    if own == INVISIBLE:
+        return Verdict(
+            UNKNOWN,
+            f"the directory of its sandbox {sandbox} does not exist for the driver; "
+            "run the driver where it sees the engine's sandboxes (on the host, or "
+            "with the directory bind-mounted with rslave propagation)",
+        )
+    if own == MISSING:
+        return Verdict(UNKNOWN, f"its sandbox {sandbox} does not exist (yet)")
+    return Verdict(
+        UNKNOWN,
+        f"its sandbox {sandbox} is mounted in no mount namespace the driver can see "
+        "and it was never seen mounted",
+    )
+
+
+def _deleted(sandbox, sighting, observation):
+    """Whether the driver's own view shows the sandbox's file deleted from a
+    directory in which it sees the engine's sandboxes now: another sandbox
+    there is mounted in its view. (A directory of its own, such as a copy,
+    holds no live mounts; a missing file there says nothing.)"""
+    if sighting.probes[observation.own_view].kind != MISSING:
+        return False
+    directory = os.path.dirname(sandbox)
+    return any(
+        other.probes[observation.own_view].kind == MOUNTED
+        for path, other in observation.sightings.items()
+        if path != sandbox and os.path.dirname(path) == directory
+    )
+
+
+def _witnessed(sandbox, sighting, view, observation):
+    netns = sighting.probes[view].netns
+    seen = Seen(sandbox, view, netns, observation.now, observation.boot)
+    return Verdict(ALIVE, seen=seen, path=sighting.path_in(view))
+
+
+def _describe_view(view):
+    if isinstance(view, tuple) and len(view) == 3:
+        return f"mnt:[{view[0]}], root {view[1]}:{view[2]}"
+    return str(view)
+
+
+def _link_local(address):
+    """An IPv6 link-local address: the kernel makes a new one for the new link."""
+    return address.version == 6 and address.is_link_local
 
 
 class Reconciler(service.Service):
     """Periodic orphan collection and post-restart repair of endpoints.
 
-    *vswitch* and *netlink* are the driver's ports; *clock* gives the time in
-    seconds since the epoch (comparable with `Endpoint.created`);
-    *probe_sandbox* tells what is at a sandbox's path (see `probe_sandbox`).
-    *after_collect*, if given, is called (and may return a Deferred) after a
-    pass collected endpoints that had published ports, e.g. to drop their
-    firewall rules.
+    *vswitch* and *netlink* are the driver's ports; *views* observes the
+    sandboxes (`ovsdriver.sandboxes.MountViews` unless given); *clock* gives
+    monotonic seconds. *after_collect*, if given, is called (and may return a
+    Deferred) after a pass collected endpoints that had published ports, e.g.
+    to drop their firewall rules.
     """
 
     metrics = NO_METRICS
@@ -110,25 +259,32 @@ class Reconciler(service.Service):
         reactor,
         vswitch,
         netlink,
+        views=None,
         interval=2.0,
         unjoined_grace=20.0,
-        clock=time.time,
-        probe_sandbox=probe_sandbox,
+        clock=time.monotonic,
         after_collect=None,
+        look_timeout=30.0,
+        watch_interval=0.25,
     ):
         self.reactor = reactor
         self.vswitch = vswitch
         self.netlink = netlink
+        self.views = views if views is not None else MountViews(reactor)
         self.interval = interval
         self.unjoined_grace = unjoined_grace
+        self.look_timeout = look_timeout
+        self.watch_interval = watch_interval
+        self._watched = {}  # (endpoint id, sandbox) -> Endpoint: joined, not seen mounted yet
+        self._watch = None  # the timer or look of the quick watch
         self.clock = clock
-        self.probe_sandbox = probe_sandbox
         self.after_collect = after_collect
         self._timer = None
         self._pass = None
-        self._first_seen = {}  # endpoint id -> when this process first saw it
+        self._unjoined = {}  # endpoint id -> when this process first saw it unjoined
+        self._joined = {}  # (endpoint id, sandbox) -> when this process first saw the Join
+        self._seen = {}  # (endpoint id, sandbox) -> Seen
         self._suspects = {}  # endpoint id -> why the previous pass found it orphaned
-        self._seen_alive = set()  # (endpoint id, sandbox) seen mounted
         self._stray = {}  # name of a veth host end nobody owns -> first seen
         self._complaints = {}  # endpoint id, link name... -> the last problem logged
 
@@ -141,8 +297,9 @@ class Reconciler(service.Service):
     def stopService(self):
         """Stop; the Deferred fires once a pass in progress has ended."""
         super().stopService()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        for timer in (self._timer, self._watch):
+            if isinstance(timer, base.DelayedCall) and timer.active():
+                timer.cancel()
         self._timer = None
         if self._pass is None:
             return None
@@ -173,19 +330,32 @@ class Reconciler(service.Service):
         """One pass: collect orphans, repair broken endpoints, delete stray veths."""
         endpoints = await self.vswitch.endpoints()
         links = await self.netlink.links()
+        self._forget_all_but(endpoints)
+        joined = [ep for ep in endpoints if ep.sandbox]
+        observation = None
+        if joined:
+            observation = await self._look({ep.sandbox for ep in joined})
         now = self.clock()
         self._complain("pass", None)
-        orphans, broken = self._classify(endpoints, links, now)
+        orphans, broken, seen = self._classify(endpoints, links, observation, now)
+        for endpoint, record in seen:
+            await self._safely(
+                (endpoint.endpoint_id, "record"),
+                f"cannot record where the sandbox of endpoint {endpoint.endpoint_id[:12]} is",
+                lambda ep=endpoint, r=record: self.vswitch.set_sandbox_seen(
+                    ep.endpoint_id, ep.sandbox, r.to_text()
+                ),
+            )
         collected = []
         for endpoint, reason in orphans:
             if not self.running:
                 return
             if await self._collect(endpoint, reason):
                 collected.append(endpoint)
-        for endpoint in broken:
+        for endpoint, path in broken:
             if not self.running:
                 return
-            await self._repair(endpoint)
+            await self._repair(endpoint, path)
         await self._delete_stray_veths(endpoints, links, now)
         if self.after_collect is not None and any(ep.published for ep in collected):
             await self._safely(
@@ -194,50 +364,133 @@ class Reconciler(service.Service):
                 lambda: defer.maybeDeferred(self.after_collect),
             )
 
-    def _classify(self, endpoints, links, now):
-        """(orphans confirmed by two passes, with why; endpoints to repair)."""
+    async def _look(self, sandboxes):
+        """The views' `Observation` of *sandboxes*, within `look_timeout` seconds."""
+        looking = self.views.observe(sandboxes)
+        looking.addTimeout(self.look_timeout, self.reactor)
+        try:
+            return await looking
+        except defer.TimeoutError:
+            raise RuntimeError(
+                f"looking at the sandboxes took longer than {self.look_timeout:g} s "
+                "(a hung file system?); no port is removed meanwhile"
+            ) from None
+
+    def _forget_all_but(self, endpoints):
         ids = {ep.endpoint_id for ep in endpoints}
-        for gone in set(self._first_seen) - ids:
-            del self._first_seen[gone]
-            self._complaints.pop(gone, None)
-        self._seen_alive = {key for key in self._seen_alive if key[0] in ids}
-        states = {ep.sandbox: self.probe_sandbox(ep.sandbox) for ep in endpoints if ep.sandbox}
-        mounts_visible = MOUNTED in states.values()
-        suspects, orphans, broken = {}, [], []
+        joins = {(ep.endpoint_id, ep.sandbox) for ep in endpoints if ep.sandbox}
+        for gone in set(self._unjoined) - ids:
+            del self._unjoined[gone]
+        for table in (self._joined, self._seen, self._watched):
+            for gone in set(table) - joins:
+                del table[gone]
+        for key in list(self._complaints):
+            if isinstance(key, tuple) and key[0] not in ids:  # about an endpoint
+                del self._complaints[key]
+
+    def _seen_of(self, endpoint):
+        """Where the endpoint's sandbox was seen mounted: by this process, or
+        as recorded in OVSDB (by this process or an earlier one), or None."""
+        key = (endpoint.endpoint_id, endpoint.sandbox)
+        if key not in self._seen and endpoint.sandbox_seen:
+            recorded = Seen.from_text(endpoint.sandbox_seen, endpoint.sandbox)
+            if recorded is not None:
+                self._seen[key] = recorded
+        return self._seen.get(key)
+
+    def _classify(self, endpoints, links, observation, now):
+        """(orphans confirmed by two passes, with why; (endpoint, sandbox path)
+        to repair; (endpoint, `Seen`) to record)."""
+        suspects, orphans, broken, seen = {}, [], [], []
         for ep in endpoints:
-            first_seen = self._first_seen.setdefault(ep.endpoint_id, now)
-            age = now - (ep.created if ep.created is not None else first_seen)
-            seen_alive = (ep.endpoint_id, ep.sandbox) in self._seen_alive
-            state = states.get(ep.sandbox)
             reason = None
             if ep.sandbox is None:
-                if age >= self.unjoined_grace:
-                    reason = f"not joined to any container {age:.0f} s after its creation"
-            elif state == MOUNTED:
-                self._seen_alive.add((ep.endpoint_id, ep.sandbox))
-                if ep.port_type == "internal" and ep.ifname in links:
-                    broken.append(ep)
-            elif state == INVISIBLE:
-                # Not even the directory: the driver cannot see the engine's
-                # sandboxes (another mount namespace?), so it cannot judge.
-                self._complain(
-                    "sandboxes",
-                    f"cannot see the directory of sandbox {ep.sandbox}: orphan endpoints are "
-                    "not collected; run the driver in the engine's mount namespace",
-                )
-            elif state == UNMOUNTED and (seen_alive or mounts_visible):
-                reason = f"its container's sandbox {ep.sandbox} was torn down"
-            elif state == MISSING and seen_alive:
-                reason = f"its container's sandbox {ep.sandbox} is gone"
-            elif state == MISSING and age >= self.unjoined_grace:
-                reason = f"its container's sandbox {ep.sandbox} is missing"
+                since = self._unjoined.setdefault(ep.endpoint_id, now)
+                if now - since >= self.unjoined_grace:
+                    reason = f"not joined to any container for {now - since:.0f} s"
+            else:
+                self._unjoined.pop(ep.endpoint_id, None)
+                reason = self._judge_joined(ep, links, observation, now, broken, seen)
             if reason is None:
                 continue
             suspects[ep.endpoint_id] = reason
             if ep.endpoint_id in self._suspects:
                 orphans.append((ep, reason))
         self._suspects = suspects
-        return orphans, broken
+        return orphans, broken, seen
+
+    def _judge_joined(self, ep, links, observation, now, broken, seen):
+        """Why the joined *ep* is an orphan, or None; fills *broken* and *seen*."""
+        key = (ep.endpoint_id, ep.sandbox)
+        joined = self._joined.setdefault(key, now)
+        verdict = judge(
+            ep.sandbox,
+            observation.sightings[ep.sandbox],
+            self._seen_of(ep),
+            observation,
+            moved_in=ep.ifname not in links,
+        )
+        if verdict.kind == GONE:
+            return verdict.reason
+        self._watched.pop(key, None)
+        if verdict.kind == ALIVE:
+            self._complain((ep.endpoint_id, "evidence"), None)
+            if verdict.seen is not None:
+                self._seen[key] = verdict.seen
+                seen.append((ep, verdict.seen))
+            if verdict.path and ep.port_type == "internal" and ep.ifname in links:
+                broken.append((ep, verdict.path))
+            return None
+        if self._seen_of(ep) is None and now - joined < self.unjoined_grace:
+            self._watch_for(key, ep)
+        if now - joined >= self.unjoined_grace:
+            # Quiet while a container is starting; then say it once.
+            self._complain(
+                (ep.endpoint_id, "evidence"),
+                f"keeping the port of endpoint {ep.endpoint_id[:12]}: {verdict.reason}, "
+                "so there is no evidence that its container is gone",
+            )
+        return None
+
+    # -- the quick watch over starting containers ----------------------------------
+
+    def _watch_for(self, key, endpoint):
+        """Look for a starting container's sandbox every `watch_interval`
+        seconds in the driver's own view (cheap), so that where it is mounted
+        gets recorded even if the driver dies right after the start: it is
+        the evidence a restarted driver needs once the container is gone."""
+        self._watched[key] = endpoint
+        if self._watch is None and self.running:
+            self._watch = self.reactor.callLater(self.watch_interval, self._glance)
+
+    def _glance(self):
+        watched = dict(self._watched)
+        looking = self.views.observe({ep.sandbox for ep in watched.values()}, own_only=True)
+        looking.addCallback(lambda seen: defer.ensureDeferred(self._glanced(seen, watched)))
+        self._watch = looking
+        looking.addErrback(lambda failure: None)  # the next pass looks again
+        looking.addBoth(self._glance_ended)
+
+    async def _glanced(self, observation, watched):
+        for key, ep in watched.items():
+            if key not in self._watched or key in self._seen:
+                continue
+            verdict = judge(ep.sandbox, observation.sightings[ep.sandbox], None, observation)
+            if verdict.seen is not None and verdict.seen.view == observation.own_view:
+                del self._watched[key]
+                self._seen[key] = verdict.seen
+                await self._safely(
+                    (ep.endpoint_id, "record"),
+                    f"cannot record where the sandbox of endpoint {ep.endpoint_id[:12]} is",
+                    lambda ep=ep, seen=verdict.seen: self.vswitch.set_sandbox_seen(
+                        ep.endpoint_id, ep.sandbox, seen.to_text()
+                    ),
+                )
+
+    def _glance_ended(self, _):
+        self._watch = None
+        if self._watched and self.running:
+            self._watch = self.reactor.callLater(self.watch_interval, self._glance)
 
     async def _collect(self, endpoint, reason):
         async def remove():
@@ -246,7 +499,7 @@ class Reconciler(service.Service):
                 await self.netlink.delete_link(endpoint.port)
 
         doing = f"cannot remove orphan endpoint {endpoint.endpoint_id[:12]}"
-        if await self._safely(endpoint.endpoint_id, doing, remove) is FAILED:
+        if await self._safely((endpoint.endpoint_id, "collect"), doing, remove) is FAILED:
             return False
         self._suspects.pop(endpoint.endpoint_id, None)
         self.metrics.reconciler_collected()
@@ -258,19 +511,13 @@ class Reconciler(service.Service):
         )
         return True
 
-    async def _repair(self, endpoint):
-        async def repair():
-            links = await self.netlink.sandbox_links(endpoint.sandbox)
-            mac = (endpoint.mac or "").lower()
-            if not any(link.mac == mac and not link.carrier for link in links):
-                return None  # the engine has not moved the port in yet
-            addresses = [a for a in (endpoint.ipv4, endpoint.ipv6) if a]
-            return await self.netlink.repair_endpoint(
-                endpoint.sandbox, endpoint.ifname, endpoint.mac, endpoint.mtu, addresses
-            )
+    # -- repair ----------------------------------------------------------------
 
+    async def _repair(self, endpoint, path):
         doing = f"cannot repair endpoint {endpoint.endpoint_id[:12]}"
-        name = await self._safely(endpoint.endpoint_id, doing, repair)
+        name = await self._safely(
+            (endpoint.endpoint_id, "repair"), doing, lambda: self.repair(endpoint, path)
+        )
         if name and name is not FAILED:
             self.metrics.reconciler_repaired()
             log.info(
@@ -281,6 +528,67 @@ class Reconciler(service.Service):
                 sandbox=endpoint.sandbox,
                 name=name,
             )
+
+    async def repair(self, endpoint, path):
+        """Put the endpoint's fresh link (in the driver's namespace) in the
+        place of its dead copy in the sandbox at *path*.
+
+        Returns the name it now has there, or None when the sandbox holds no
+        dead copy (the engine has not moved a new endpoint's link in yet).
+        Fails with LinkError; one that names addresses or routes means the
+        link itself is back.
+        """
+        netlink = self.netlink
+        mac = (endpoint.mac or "").lower()
+        dead = next(
+            (
+                link
+                for link in await netlink.sandbox_links(path)
+                if link.mac == mac and not link.carrier and link.name != endpoint.ifname
+            ),
+            None,
+        )
+        if dead is None:
+            return None
+        await netlink.move_link_to_netns(endpoint.ifname, path)
+        await netlink.delete_link_in(path, dead.index)
+        fresh = next(
+            (link for link in await netlink.sandbox_links(path) if link.name == endpoint.ifname),
+            None,
+        )
+        if fresh is None:
+            raise LinkError(
+                f"cannot repair {endpoint.ifname} in sandbox {endpoint.sandbox}: "
+                "it vanished after it was moved in"
+            )
+        mtu = int(endpoint.mtu or dead.mtu)
+        await netlink.set_link_in(path, fresh.index, name=dead.name, mac=mac, mtu=mtu)
+        await netlink.set_link_in(path, fresh.index, up=True)
+        wanted = [a for a in map(ipaddress.ip_interface, dead.addresses) if not _link_local(a)]
+        wanted += [
+            a
+            for a in map(ipaddress.ip_interface, filter(None, (endpoint.ipv4, endpoint.ipv6)))
+            if a not in wanted
+        ]
+        failures = []
+        for address in wanted:
+            try:
+                await netlink.add_address_in(path, fresh.index, str(address))
+            except LinkError as e:
+                failures.append(str(e))
+        for route in dead.routes:
+            try:
+                await netlink.add_route_in(path, fresh.index, route)
+            except LinkError as e:
+                failures.append(str(e))
+        if failures:
+            raise LinkError(
+                f"{endpoint.ifname} is back in sandbox {endpoint.sandbox} as {dead.name}, "
+                "but not all of it: " + "; ".join(failures)
+            )
+        return dead.name
+
+    # -- stray veths -------------------------------------------------------------
 
     async def _delete_stray_veths(self, endpoints, links, now):
         owned = {ep.port for ep in endpoints}

@@ -7,14 +7,52 @@ state in memory and return Deferreds that have already fired: no reactor, no
 threads, no root.
 """
 
+import ipaddress
+import itertools
+import os
 import time
 
 import attr
 from twisted.internet import defer
 
 from ovsdriver.firewall import FirewallError, check_networks, forwarding_families, needs
-from ovsdriver.netlink import LinkError, LinkInfo, check_ifname, check_mac, parse_addresses
+from ovsdriver.netlink import (
+    LinkError,
+    LinkInfo,
+    Route,
+    check_ifname,
+    check_mac,
+    parse_addresses,
+)
+from ovsdriver.sandboxes import INVISIBLE, MISSING, MOUNTED, PLAIN, Observation, Probe, Sighting
 from ovsdriver.vswitch import VSwitchError, check_shareable, gateway_port_name
+
+# ---------------------------------------------------------------------------
+# Answers that come later, like the real ports' do.
+# ---------------------------------------------------------------------------
+
+
+class _Answers:
+    """How a fake hands out results: at once, or (given a clock, such as
+    ``twisted.internet.task.Clock``) on the clock's next turn, as the real
+    ports do. With a clock, the operation itself also happens only then, so
+    tests can start concurrent requests and let them interleave."""
+
+    def __init__(self, clock=None):
+        self.clock = clock
+
+    def answer(self, operation, *args, **kwargs):
+        """Deferred result of ``operation(*args, **kwargs)``; its exceptions fail it."""
+        if self.clock is None:
+            return defer.maybeDeferred(operation, *args, **kwargs)
+        result = defer.Deferred()
+
+        def run():
+            defer.maybeDeferred(operation, *args, **kwargs).chainDeferred(result)
+
+        self.clock.callLater(0, run)
+        return result
+
 
 # ---------------------------------------------------------------------------
 # FakeNetlink: the kernel-link port (ovsdriver.netlink.Netlink) in memory.
@@ -36,10 +74,12 @@ class FakeLinkState:
     addresses = attr.ib()  # frozenset of normalized CIDR strings
     peer = attr.ib()  # the other end's name for a veth, else None
     tx_checksum = attr.ib()  # TX checksum offload on?
+    index = attr.ib(default=None)
 
 
 @attr.s(slots=True)
 class _Link:
+    index = attr.ib()
     mtu = attr.ib(default=1500)
     mac = attr.ib(default=None)
     up = attr.ib(default=False)
@@ -47,14 +87,15 @@ class _Link:
     peer = attr.ib(default=None)
     tx_checksum = attr.ib(default=True)
     carrier = attr.ib(default=True)
+    pair = attr.ib(default=None)  # the same for both ends of a veth
 
 
 @attr.s(slots=True)
 class _Sandbox:
-    """A fake container network namespace: its links and routes."""
+    """A fake container network namespace: its links (by name) and routes."""
 
-    links = attr.ib(factory=lambda: {"lo": _Link(mtu=65536, mac="00:00:00:00:00:00", up=True)})
-    routes = attr.ib(factory=set)  # FakeRoute values
+    links = attr.ib(factory=dict)
+    routes = attr.ib(factory=set)  # (Route, index of the link it goes through)
 
 
 @attr.s(frozen=True, slots=True)
@@ -77,7 +118,18 @@ def _snapshot(name, link):
         addresses=frozenset(str(a) for a in link.addresses),
         peer=link.peer,
         tx_checksum=link.tx_checksum,
+        index=link.index,
     )
+
+
+def _route(dst, gateway):
+    """A `Route` to *dst* ("default" or a CIDR) via *gateway*."""
+    if dst == "default":
+        family = ipaddress.ip_address(gateway).version if gateway else 4
+    else:
+        dst = str(ipaddress.ip_network(dst))
+        family = ipaddress.ip_network(dst).version
+    return Route(family=family, dst=dst, gateway=gateway)
 
 
 class FakeNetlink:
@@ -89,22 +141,27 @@ class FakeNetlink:
     path) are made with `add_sandbox`, filled with `add_sandbox_link` and
     `add_sandbox_route` or by `move_to_sandbox` (as the engine moves a link
     at Join), and read back with `sandbox_state` and `sandbox_routes`.
+    Given a *clock*, answers come on its next turn (see `_Answers`).
     """
 
-    def __init__(self):
-        self._links = {"lo": _Link(mtu=65536, mac="00:00:00:00:00:00")}
+    def __init__(self, clock=None):
+        self._answers = _Answers(clock)
+        self._indexes = itertools.count(1)
+        self._links = {"lo": self._new_link(mtu=65536, mac="00:00:00:00:00:00")}
         self._sandboxes = {}  # path -> _Sandbox
         self._appearing = set()
         self._next_mac = 1
         self.started = False
-        self.repairs = []  # (sandbox, fresh name) of each repair that was done
+
+    def _new_link(self, **fields):
+        return _Link(index=next(self._indexes), **fields)
 
     # -- helpers for tests ---------------------------------------------------
 
     def add_link(self, name, mtu=1500, mac=None):
         """Make a link exist, down and without addresses (e.g. an OVS tap)."""
         check_ifname(name)
-        self._links[name] = _Link(mtu=mtu, mac=mac or self._new_mac())
+        self._links[name] = self._new_link(mtu=mtu, mac=mac or self._new_mac())
 
     def appear_on_wait(self, name):
         """Make *name* appear while something waits for it with wait_for_link."""
@@ -121,22 +178,29 @@ class FakeNetlink:
 
     def add_sandbox(self, path):
         """Make a sandbox (a container's namespace) exist at *path*, with ``lo``."""
-        self._sandboxes.setdefault(str(path), _Sandbox())
+        if str(path) not in self._sandboxes:
+            sandbox = self._sandboxes[str(path)] = _Sandbox()
+            sandbox.links["lo"] = self._new_link(mtu=65536, mac="00:00:00:00:00:00", up=True)
 
     def remove_sandbox(self, path):
-        """Make the sandbox at *path* go away with everything in it."""
-        self._sandboxes.pop(str(path), None)
+        """Make the sandbox at *path* go away with everything in it: as in the
+        kernel, a veth inside takes its other end along."""
+        gone = self._sandboxes.pop(str(path), None)
+        for link in gone.links.values() if gone else ():
+            if link.pair is not None:
+                self._delete_pair(link.pair)
 
     def add_sandbox_link(self, sandbox, name, mac, mtu=1500, addresses=(), up=True, carrier=True):
         """Put a link in a sandbox; ``carrier=False`` makes it a dead tap."""
         check_ifname(name)
-        link = _Link(mtu=mtu, mac=mac.lower(), up=up, carrier=carrier)
+        link = self._new_link(mtu=mtu, mac=mac.lower(), up=up, carrier=carrier)
         link.addresses.update(parse_addresses(name, addresses, "add"))
         self._sandboxes[str(sandbox)].links[name] = link
 
     def add_sandbox_route(self, sandbox, dst, gateway, dev):
         """Add a route through *dev* (*dst*: a CIDR or "default")."""
-        self._sandboxes[str(sandbox)].routes.add(FakeRoute(dst, gateway, dev))
+        target = self._sandboxes[str(sandbox)]
+        target.routes.add((_route(dst, gateway), target.links[dev].index))
 
     def move_to_sandbox(self, name, sandbox, new_name=None):
         """Move a link into a sandbox (renamed), as the engine does at Join."""
@@ -149,7 +213,11 @@ class FakeNetlink:
 
     def sandbox_routes(self, sandbox):
         """The routes of a sandbox, a frozenset of `FakeRoute`."""
-        return frozenset(self._sandboxes[str(sandbox)].routes)
+        target = self._sandboxes[str(sandbox)]
+        names = {link.index: name for name, link in target.links.items()}
+        return frozenset(
+            FakeRoute(route.dst, route.gateway, names[index]) for route, index in target.routes
+        )
 
     # -- the port --------------------------------------------------------------
 
@@ -160,54 +228,51 @@ class FakeNetlink:
         self.started = False
 
     def link_exists(self, ifname):
-        return defer.succeed(ifname in self._links)
+        return self._answers.answer(lambda: ifname in self._links)
 
     def links(self):
-        return defer.succeed(frozenset(self._links))
+        return self._answers.answer(lambda: frozenset(self._links))
 
     def wait_for_link(self, ifname, timeout=5.0):
-        if ifname in self._appearing:
-            self._appearing.discard(ifname)
-            self.add_link(ifname)
-        if ifname in self._links:
-            return defer.succeed(None)
-        return defer.fail(
-            LinkError(f"interface {ifname} did not appear within {timeout:g} seconds")
-        )
+        def wait():
+            if ifname in self._appearing:
+                self._appearing.discard(ifname)
+                self.add_link(ifname)
+            if ifname not in self._links:
+                raise LinkError(f"interface {ifname} did not appear within {timeout:g} seconds")
+
+        return self._answers.answer(wait)
 
     def add_addresses(self, ifname, addresses):
-        try:
+        def add():
             parsed = parse_addresses(ifname, addresses, "add")
             link = self._links.get(ifname)
             if link is None:
                 raise LinkError(f"cannot add addresses to {ifname}: no such interface")
-        except LinkError:
-            return defer.fail()
-        link.addresses.update(parsed)
-        link.up = True
-        return defer.succeed(None)
+            link.addresses.update(parsed)
+            link.up = True
+
+        return self._answers.answer(add)
 
     def remove_addresses(self, ifname, addresses):
-        try:
+        def remove():
             parsed = parse_addresses(ifname, addresses, "remove")
-        except LinkError:
-            return defer.fail()
-        link = self._links.get(ifname)
-        if link is not None:
-            link.addresses.difference_update(parsed)
-        return defer.succeed(None)
+            link = self._links.get(ifname)
+            if link is not None:
+                link.addresses.difference_update(parsed)
+
+        return self._answers.answer(remove)
 
     def set_link(self, ifname, mtu=None, mac=None, up=None):
-        try:
+        def set_():
             if mac is not None:
                 check_mac(ifname, mac)
             link = self._links.get(ifname)
             if link is None:
                 raise LinkError(f"cannot configure {ifname}: no such interface")
             self._set(ifname, link, mtu=mtu, mac=mac, up=up)
-        except LinkError:
-            return defer.fail()
-        return defer.succeed(None)
+
+        return self._answers.answer(set_)
 
     def _set(self, ifname, link, mtu=None, mac=None, up=None):
         if mtu is not None and not _MIN_MTU <= mtu <= _MAX_MTU:
@@ -224,8 +289,8 @@ class FakeNetlink:
             link.up = up
 
     def create_veth(self, host_name, peer_name, mtu, peer_mac=None):
-        what = f"cannot create veth pair {host_name}/{peer_name}"
-        try:
+        def create():
+            what = f"cannot create veth pair {host_name}/{peer_name}"
             check_ifname(host_name)
             check_ifname(peer_name)
             if peer_mac is not None:
@@ -234,9 +299,10 @@ class FakeNetlink:
             peer = self._links.get(peer_name)
             if host is None and peer is None:
                 # Check first, as the real one deletes a pair it cannot set up.
-                self._set(peer_name, _Link(), mtu=mtu, mac=peer_mac)
-                host = _Link(mac=self._new_mac(), peer=peer_name)
-                peer = _Link(mac=self._new_mac(), peer=host_name)
+                self._set(peer_name, _Link(index=0), mtu=mtu, mac=peer_mac)
+                host = self._new_link(mac=self._new_mac(), peer=peer_name)
+                peer = self._new_link(mac=self._new_mac(), peer=host_name, pair=host.index)
+                host.pair = host.index
                 self._links[host_name] = host
                 self._links[peer_name] = peer
             elif host is None or peer is None:
@@ -247,16 +313,26 @@ class FakeNetlink:
                 )
             self._set(peer_name, peer, mtu=mtu, mac=peer_mac)
             self._set(host_name, host, mtu=mtu, up=True)
-        except LinkError:
-            return defer.fail()
-        peer.tx_checksum = False
-        return defer.succeed(None)
+            peer.tx_checksum = False
+
+        return self._answers.answer(create)
 
     def delete_link(self, ifname):
-        link = self._links.pop(ifname, None)
-        if link is not None and link.peer is not None:
-            self._links.pop(link.peer, None)
-        return defer.succeed(None)
+        def delete():
+            link = self._links.pop(ifname, None)
+            if link is not None and link.pair is not None:
+                self._delete_pair(link.pair)
+
+        return self._answers.answer(delete)
+
+    def _delete_pair(self, pair):
+        """A veth's other end goes with it, wherever it is (and however renamed)."""
+        for links in [self._links] + [sandbox.links for sandbox in self._sandboxes.values()]:
+            for name, link in list(links.items()):
+                if link.pair == pair:
+                    del links[name]
+
+    # -- inside sandboxes -----------------------------------------------------
 
     def _sandbox(self, sandbox):
         found = self._sandboxes.get(str(sandbox))
@@ -264,13 +340,16 @@ class FakeNetlink:
             raise LinkError(f"cannot enter sandbox {sandbox}: No such file or directory")
         return found
 
+    def _link_in(self, target, sandbox, index, what):
+        for name, link in target.links.items():
+            if link.index == index:
+                return name, link
+        raise LinkError(f"{what} in sandbox {sandbox}: No such device")
+
     def sandbox_links(self, sandbox):
-        try:
-            links = self._sandbox(sandbox).links
-        except LinkError:
-            return defer.fail()
-        return defer.succeed(
-            tuple(
+        def list_():
+            target = self._sandbox(sandbox)
+            return tuple(
                 LinkInfo(
                     name=name,
                     mac=link.mac,
@@ -278,42 +357,181 @@ class FakeNetlink:
                     up=link.up,
                     carrier=link.carrier,
                     addresses=[str(a) for a in link.addresses],
+                    index=link.index,
+                    routes=sorted(
+                        (r for r, index in target.routes if index == link.index),
+                        key=lambda r: (r.gateway is not None, r.family, r.dst),
+                    ),
                 )
-                for name, link in links.items()
-            )
-        )
-
-    def repair_endpoint(self, sandbox, fresh_name, mac, mtu, addresses=()):
-        try:
-            check_mac(fresh_name, mac)
-            parsed = parse_addresses(fresh_name, addresses, "restore")
-            fresh = self._links.get(fresh_name)
-            if fresh is None:
-                return defer.succeed(None)
-            target = self._sandbox(sandbox)
-        except LinkError:
-            return defer.fail()
-        mac = mac.lower()
-        dead_name = next(
-            (
-                name
                 for name, link in target.links.items()
-                if link.mac == mac and name != fresh_name and not link.carrier
-            ),
-            None,
-        )
-        if dead_name is None:
-            return defer.succeed(None)
-        dead = target.links.pop(dead_name)
-        routes = {r for r in target.routes if r.dev == dead_name}
-        del self._links[fresh_name]
-        target.links[dead_name] = fresh
-        fresh.mac, fresh.mtu, fresh.up = mac, int(mtu or dead.mtu), True
-        fresh.addresses = {a for a in dead.addresses if not (a.version == 6 and a.is_link_local)}
-        fresh.addresses.update(parsed)
-        self.repairs.append((str(sandbox), fresh_name))
-        target.routes |= routes
-        return defer.succeed(dead_name)
+            )
+
+        return self._answers.answer(list_)
+
+    def move_link_to_netns(self, ifname, sandbox):
+        def move():
+            target = self._sandbox(sandbox)
+            if ifname not in self._links:
+                if ifname in target.links:
+                    return
+                raise LinkError(f"cannot move {ifname} into sandbox {sandbox}: no such interface")
+            if ifname in target.links:
+                raise LinkError(f"cannot move {ifname} into sandbox {sandbox}: File exists")
+            target.links[ifname] = self._links.pop(ifname)
+
+        return self._answers.answer(move)
+
+    def delete_link_in(self, sandbox, index):
+        def delete():
+            target = self._sandbox(sandbox)
+            for name, link in list(target.links.items()):
+                if link.index == index:
+                    del target.links[name]
+                    target.routes = {r for r in target.routes if r[1] != index}
+
+        return self._answers.answer(delete)
+
+    def set_link_in(self, sandbox, index, name=None, mtu=None, mac=None, up=None):
+        def set_():
+            if name is not None:
+                check_ifname(name)
+            if mac is not None:
+                check_mac(name or f"link {index}", mac)
+            target = self._sandbox(sandbox)
+            current, link = self._link_in(target, sandbox, index, f"cannot set link {index}")
+            if name is not None and name != current and name in target.links:
+                raise LinkError(f"cannot set name {name} on link {index}: File exists")
+            self._set(name or current, link, mtu=mtu, mac=mac, up=up)
+            if name is not None:
+                target.links[name] = target.links.pop(current)
+
+        return self._answers.answer(set_)
+
+    def add_address_in(self, sandbox, index, address):
+        def add():
+            (parsed,) = parse_addresses(f"link {index}", [address], "add")
+            target = self._sandbox(sandbox)
+            _, link = self._link_in(target, sandbox, index, f"cannot add address {address}")
+            link.addresses.add(parsed)
+
+        return self._answers.answer(add)
+
+    def add_route_in(self, sandbox, index, route):
+        def add():
+            target = self._sandbox(sandbox)
+            self._link_in(target, sandbox, index, f"cannot add route {route.dst}")
+            target.routes.add((_route(route.dst, route.gateway), index))
+
+        return self._answers.answer(add)
+
+
+# ---------------------------------------------------------------------------
+# FakeMountViews: what the kernel shows of sandboxes (ovsdriver.sandboxes).
+# ---------------------------------------------------------------------------
+
+
+class FakeMountViews:
+    """`ovsdriver.sandboxes.MountViews` in memory: mount views holding files.
+
+    The driver's own view is ``"driver"``; tests add others (``add_view``,
+    e.g. the engine's), make directories (``add_dir``), plain files
+    (``create``), mount namespaces on them (``mount``), unmount and delete
+    them, in one view or several, and say which network namespaces live
+    processes are in (``hold``, ``release``). Given a *clock*, answers come
+    on its next turn.
+    """
+
+    OWN = "driver"
+
+    def __init__(self, clock=None):
+        self._answers = _Answers(clock)
+        self._views = {self.OWN: ({}, set())}  # view -> (path -> Probe, directories)
+        self._ages = {self.OWN: 0.0}  # view -> when its oldest process started
+        self._clock = clock
+        self._held = {}
+        self.boot = "fake-boot"
+        self.looks = 0  # how many observations were made
+
+    # -- helpers for tests ---------------------------------------------------
+
+    def add_view(self, view, started=None):
+        """A view whose oldest process started *started* seconds after boot (now)."""
+        self._views.setdefault(view, ({}, set()))
+        self._ages.setdefault(view, self._now() if started is None else started)
+
+    def copy_view(self, view, source=OWN):
+        """A process makes a mount namespace of its own: a private copy of
+        *source* as it is now."""
+        files, directories = self._views[source]
+        self._views[view] = (dict(files), set(directories))
+        self._ages[view] = self._now()
+
+    def remove_view(self, view):
+        """The last process with that view ends."""
+        self._views.pop(view, None)
+        self._ages.pop(view, None)
+
+    def _each(self, views):
+        return [self._views[view] for view in (self._views if views is None else views)]
+
+    def add_dir(self, directory, views=None):
+        for _, directories in self._each(views):
+            directories.add(str(directory))
+
+    def create(self, path, views=None):
+        """A plain file at *path* (its directory made too)."""
+        self.add_dir(os.path.dirname(str(path)), views)
+        for files, _ in self._each(views):
+            files.setdefault(str(path), Probe(PLAIN))
+
+    def mount(self, path, netns, views=None):
+        self.create(path, views)
+        for files, _ in self._each(views):
+            files[str(path)] = Probe(MOUNTED, netns)
+
+    def unmount(self, path, views=None):
+        for files, _ in self._each(views):
+            if str(path) in files:
+                files[str(path)] = Probe(PLAIN)
+
+    def delete(self, path, views=None):
+        for files, _ in self._each(views):
+            files.pop(str(path), None)
+
+    def hold(self, netns, started=None):
+        """A process (started *started* seconds after boot, now by default)
+        is in the network namespace *netns*."""
+        self._held.setdefault(netns, self._now() if started is None else started)
+
+    def release(self, netns):
+        self._held.pop(netns, None)
+
+    def _now(self):
+        return self._clock.seconds() if self._clock is not None else 0.0
+
+    def _probe(self, view, path):
+        files, directories = self._views[view]
+        if path in files:
+            return files[path]
+        return Probe(MISSING if os.path.dirname(path) in directories else INVISIBLE)
+
+    # -- the port --------------------------------------------------------------
+
+    def observe(self, paths, own_only=False):
+        def look():
+            self.looks += 1
+            sightings = {}
+            for path in sorted(set(paths)):
+                probes = {self.OWN: self._probe(self.OWN, path)}
+                if probes[self.OWN].kind != MOUNTED and not own_only:
+                    for view in self._views:
+                        probes[view] = self._probe(view, path)
+                sightings[path] = Sighting(path, probes)  # the fake kernel knows paths
+            return Observation(
+                self.OWN, sightings, dict(self._ages), self._held, self._now(), self.boot
+            )
+
+        return self._answers.answer(look)
 
 
 # ---------------------------------------------------------------------------
@@ -457,6 +675,12 @@ class FakeVSwitch:
 
     def set_sandbox(self, endpoint_id, sandbox):
         return self._evolve(endpoint_id, sandbox=sandbox)
+
+    def set_sandbox_seen(self, endpoint_id, sandbox, seen):
+        found = self.endpoint(endpoint_id).result
+        if found is None or found.sandbox != sandbox:
+            return defer.succeed(None)
+        return self._evolve(endpoint_id, sandbox_seen=seen)
 
     def set_published(self, endpoint_id, published):
         return self._evolve(endpoint_id, published=tuple(published or ()))

@@ -152,6 +152,7 @@ class Endpoint:
     ipv4 = attr.ib(default=None)  # CIDR
     ipv6 = attr.ib(default=None)
     sandbox = attr.ib(default=None)  # Join's SandboxKey while joined
+    sandbox_seen = attr.ib(default=None, eq=False)  # where it was seen mounted (reconcile)
     created = attr.ib(default=None, eq=False)  # seconds since the epoch
     published = attr.ib(default=(), converter=tuple)  # PublishedPort values
     #: Values in OVSDB that could not be read (hand-edited?): {key: why}.

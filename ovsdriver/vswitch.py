@@ -23,6 +23,7 @@ NETWORK_ID = "docker-network-id"
 ENDPOINT_ID = "docker-endpoint-id"
 NETWORK_RECORD = "ovsdriver-network-"  # + network id, on the bridge
 SANDBOX = "ovsdriver-sandbox"
+SANDBOX_SEEN = "ovsdriver-sandbox-seen"  # where the reconciler saw the sandbox mounted
 IPV4 = "ovsdriver-ipv4"
 IPV6 = "ovsdriver-ipv6"
 PEER = "ovsdriver-peer"  # the container end of a veth port
@@ -96,6 +97,7 @@ def _endpoint_from_rows(bridge_name, port, iface):
         ipv4=read(IPV4, lambda v: _cidr(v, 4)),
         ipv6=read(IPV6, lambda v: _cidr(v, 6)),
         sandbox=ids.get(SANDBOX),
+        sandbox_seen=ids.get(SANDBOX_SEEN),
         created=read(CREATED, float),
         published=read(PORTMAP, PublishedPort.list_from_json, ()),
         unreadable=unreadable,
@@ -283,6 +285,21 @@ class VSwitch:
     def set_sandbox(self, endpoint_id, sandbox):
         """Remember (or forget, with None) the sandbox an endpoint joined."""
         return self._set_endpoint_key(endpoint_id, SANDBOX, sandbox)
+
+    def set_sandbox_seen(self, endpoint_id, sandbox, seen):
+        """Record *seen* (text, see `ovsdriver.reconcile`) for the endpoint while
+        it is still joined to *sandbox*; nothing changes otherwise."""
+
+        def build(ctx):
+            port = _endpoint_port(ctx.find, endpoint_id)
+            if port is None:
+                return
+            iface = port.interfaces[0]
+            ids = _ids(iface)
+            if ids.get(SANDBOX) == sandbox and ids.get(SANDBOX_SEEN) != seen:
+                iface.setkey("external_ids", SANDBOX_SEEN, seen)
+
+        return self.ovsdb.transact(build)
 
     def set_published(self, endpoint_id, published):
         """Remember (or forget, with an empty list) an endpoint's published ports."""

@@ -87,6 +87,11 @@ class NetlinkContract:
         of (dst, gateway, dev) with dst a normalized CIDR or "default"."""
         raise NotImplementedError
 
+    def remove_sandbox(self, sandbox):
+        """The sandbox goes, as when its container's last process ends and
+        the engine unmounts it."""
+        raise NotImplementedError
+
     def fails(self, method, *args, **kwargs):
         """Call like `call`; return the LinkError the call must fail with."""
         with pytest.raises(LinkError) as caught:
@@ -308,93 +313,139 @@ class NetlinkContract:
         error = self.fails(self.netlink.sandbox_links, missing)
         assert missing in str(error)
 
-    # -- repair_endpoint -----------------------------------------------------------
+    # -- the primitives of a repair, inside sandboxes -------------------------------
 
     MAC = "02:00:5e:10:20:30"
 
-    def _restart_scene(self):
-        """A sandbox with the dead copy of an endpoint's link (eth0: addresses,
-        routes) and the fresh tap that a restarted ovs-vswitchd made."""
+    def links_in(self, sandbox):
+        """name -> LinkInfo of the links in *sandbox*, through the port."""
+        return {link.name: link for link in self.call(self.netlink.sandbox_links, sandbox)}
+
+    def test_sandbox_links_tell_each_links_index_and_routes(self):
         sandbox = self.make_sandbox()
         self.make_sandbox_link(sandbox, "eth0", self.MAC, ["10.9.0.2/24", "fd09::2/64"])
-        self.add_sandbox_route(sandbox, "default", "10.9.0.1", "eth0")
         self.add_sandbox_route(sandbox, "10.77.0.0/16", "10.9.0.1", "eth0")
+        self.add_sandbox_route(sandbox, "default", "10.9.0.1", "eth0")
         self.add_sandbox_route(sandbox, "default", "fd09::1", "eth0")
-        self.make_tap("nlc-f", self.MAC)
-        return sandbox
+        links = self.links_in(sandbox)
+        assert links["eth0"].index != links["lo"].index
+        routes = {(r.family, r.dst, r.gateway) for r in links["eth0"].routes}
+        assert routes == {
+            (4, "10.77.0.0/16", "10.9.0.1"),
+            (4, "default", "10.9.0.1"),
+            (6, "default", "fd09::1"),
+        }
+        assert links["lo"].routes == ()
 
-    def test_repair_endpoint_puts_the_fresh_link_in_the_dead_copys_place(self):
-        sandbox = self._restart_scene()
-        routes = self.sandbox_routes(sandbox)
-        name = self.call(
-            self.netlink.repair_endpoint, sandbox, "nlc-f", self.MAC, 1400, ["10.9.0.2/24"]
-        )
-        assert name == "eth0"
+    def test_move_link_to_netns_moves_a_link_into_a_sandbox(self):
+        sandbox = self.make_sandbox()
+        self.make_tap("nlc-f", self.MAC)
+        self.call(self.netlink.move_link_to_netns, "nlc-f", sandbox)
         assert "nlc-f" not in self.call(self.netlink.links)
-        view = self.observe_in_sandbox(sandbox, "eth0")
-        assert (view.mac, view.mtu, view.up) == (self.MAC, 1400, True)
-        assert {cidr("10.9.0.2/24"), cidr("fd09::2/64")} <= view.addresses
-        assert self.observe_in_sandbox(sandbox, "nlc-f") is None
-        assert self.sandbox_routes(sandbox) == routes
-        assert ("default", "10.9.0.1", "eth0") in routes
-        same_mac = [
-            link.name
-            for link in self.call(self.netlink.sandbox_links, sandbox)
-            if link.mac == self.MAC
-        ]
-        assert same_mac == ["eth0"]
+        assert self.links_in(sandbox)["nlc-f"].mac == self.MAC
+        self.call(self.netlink.move_link_to_netns, "nlc-f", sandbox)  # again: fine
 
-    def test_repair_endpoint_adds_the_given_addresses_the_dead_copy_lacked(self):
+    def test_a_veth_whose_sandbox_went_leaves_no_host_end(self):
+        """What makes OVS report a veth port without a host end."""
         sandbox = self.make_sandbox()
-        self.make_sandbox_link(sandbox, "eth1", self.MAC)
-        self.make_tap("nlc-f", self.MAC)
-        name = self.call(
-            self.netlink.repair_endpoint,
-            sandbox,
-            "nlc-f",
-            self.MAC,
-            1500,
-            ["10.9.0.3/24", "fd09::3/64"],
-        )
-        assert name == "eth1"
-        addresses = self.observe_in_sandbox(sandbox, "eth1").addresses
-        assert {cidr("10.9.0.3/24"), cidr("fd09::3/64")} <= addresses
+        self.call(self.netlink.create_veth, "nlc-h", "nlc-p", 1500)
+        self.call(self.netlink.move_link_to_netns, "nlc-p", sandbox)
+        self.remove_sandbox(sandbox)
+        deadline = time.monotonic() + 10  # the kernel frees a namespace lazily
+        while self.call(self.netlink.link_exists, "nlc-h") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.call(self.netlink.link_exists, "nlc-h") is False
 
-    def test_repair_endpoint_leaves_a_link_the_engine_has_not_moved_yet(self):
+    def test_move_link_to_netns_of_a_missing_link_fails_naming_it(self):
         sandbox = self.make_sandbox()
-        self.make_tap("nlc-f", self.MAC)
-        assert self.call(self.netlink.repair_endpoint, sandbox, "nlc-f", self.MAC, 1500) is None
-        assert "nlc-f" in self.call(self.netlink.links)
-        assert [link.name for link in self.call(self.netlink.sandbox_links, sandbox)] == ["lo"]
+        error = self.fails(self.netlink.move_link_to_netns, "nlc-none", sandbox)
+        assert "nlc-none" in str(error)
 
-    def test_repair_endpoint_never_touches_a_live_link(self):
-        sandbox = self.make_sandbox()
-        self.make_sandbox_link(sandbox, "eth0", self.MAC, ["10.9.0.2/24"], live=True)
-        self.make_tap("nlc-f", self.MAC)
-        assert self.call(self.netlink.repair_endpoint, sandbox, "nlc-f", self.MAC, 1500) is None
-        assert "nlc-f" in self.call(self.netlink.links)
-        assert cidr("10.9.0.2/24") in self.observe_in_sandbox(sandbox, "eth0").addresses
-
-    def test_repair_endpoint_without_a_fresh_link_does_nothing(self):
-        sandbox = self.make_sandbox()
-        self.make_sandbox_link(sandbox, "eth0", self.MAC, ["10.9.0.2/24"])
-        assert self.call(self.netlink.repair_endpoint, sandbox, "nlc-f", self.MAC, 1500) is None
-        assert self.observe_in_sandbox(sandbox, "eth0") is not None
-
-    def test_repair_endpoint_twice_is_fine(self):
-        sandbox = self._restart_scene()
-        self.call(self.netlink.repair_endpoint, sandbox, "nlc-f", self.MAC, 1500)
-        assert self.call(self.netlink.repair_endpoint, sandbox, "nlc-f", self.MAC, 1500) is None
-        assert self.observe_in_sandbox(sandbox, "eth0").up is True
-
-    def test_repair_endpoint_in_a_missing_sandbox_fails_naming_it(self):
+    def test_move_link_to_netns_into_a_missing_sandbox_fails_naming_it(self):
         missing = self.make_sandbox() + "-gone"
         self.make_tap("nlc-f", self.MAC)
-        error = self.fails(self.netlink.repair_endpoint, missing, "nlc-f", self.MAC, 1500)
+        error = self.fails(self.netlink.move_link_to_netns, "nlc-f", missing)
         assert missing in str(error)
         assert "nlc-f" in self.call(self.netlink.links)
 
-    def test_repair_endpoint_refuses_a_malformed_mac_naming_it(self):
+    def test_delete_link_in_deletes_one_link_and_its_routes(self):
         sandbox = self.make_sandbox()
-        error = self.fails(self.netlink.repair_endpoint, sandbox, "nlc-f", "02:00", 1500)
+        self.make_sandbox_link(sandbox, "eth0", self.MAC, ["10.9.0.2/24"])
+        self.make_sandbox_link(sandbox, "eth1", "02:00:5e:10:20:31", ["10.8.0.2/24"])
+        self.add_sandbox_route(sandbox, "default", "10.9.0.1", "eth0")
+        index = self.links_in(sandbox)["eth0"].index
+        self.call(self.netlink.delete_link_in, sandbox, index)
+        assert set(self.links_in(sandbox)) == {"lo", "eth1"}
+        assert self.sandbox_routes(sandbox) == frozenset()
+        self.call(self.netlink.delete_link_in, sandbox, index)  # again: fine
+
+    def test_set_link_in_renames_and_configures_a_link(self):
+        sandbox = self.make_sandbox()
+        self.make_sandbox_link(sandbox, "nlc-f", "02:00:5e:10:20:31")
+        index = self.links_in(sandbox)["nlc-f"].index
+        self.call(
+            self.netlink.set_link_in, sandbox, index, name="eth3", mac=self.MAC, mtu=1400, up=False
+        )
+        view = self.observe_in_sandbox(sandbox, "eth3")
+        assert (view.mac, view.mtu, view.up) == (self.MAC, 1400, False)
+        assert self.observe_in_sandbox(sandbox, "nlc-f") is None
+        self.call(self.netlink.set_link_in, sandbox, index, up=True)
+        assert self.observe_in_sandbox(sandbox, "eth3").up is True
+
+    def test_set_link_in_to_a_name_in_use_fails_naming_it(self):
+        sandbox = self.make_sandbox()
+        self.make_sandbox_link(sandbox, "eth0", self.MAC)
+        self.make_sandbox_link(sandbox, "nlc-f", "02:00:5e:10:20:31")
+        index = self.links_in(sandbox)["nlc-f"].index
+        error = self.fails(self.netlink.set_link_in, sandbox, index, name="eth0")
+        assert "eth0" in str(error)
+
+    def test_set_link_in_refuses_a_malformed_mac_naming_it(self):
+        sandbox = self.make_sandbox()
+        error = self.fails(self.netlink.set_link_in, sandbox, 1, mac="02:00")
         assert "02:00" in str(error)
+
+    def test_add_address_in_adds_an_address_once(self):
+        sandbox = self.make_sandbox()
+        self.make_sandbox_link(sandbox, "eth0", self.MAC)
+        index = self.links_in(sandbox)["eth0"].index
+        for _ in range(2):
+            self.call(self.netlink.add_address_in, sandbox, index, "10.9.0.3/24")
+            self.call(self.netlink.add_address_in, sandbox, index, "fd09::3/64")
+        addresses = self.observe_in_sandbox(sandbox, "eth0").addresses
+        assert {cidr("10.9.0.3/24"), cidr("fd09::3/64")} <= addresses
+
+    def test_add_address_in_refuses_a_malformed_address_naming_it(self):
+        sandbox = self.make_sandbox()
+        self.make_sandbox_link(sandbox, "eth0", self.MAC)
+        index = self.links_in(sandbox)["eth0"].index
+        error = self.fails(self.netlink.add_address_in, sandbox, index, "10.9.0.300/24")
+        assert "10.9.0.300/24" in str(error)
+
+    def test_add_route_in_gives_back_a_listed_route(self):
+        """What sandbox_links lists, add_route_in takes back (after the link
+        that held it is gone), also twice."""
+        sandbox = self.make_sandbox()
+        self.make_sandbox_link(sandbox, "eth0", self.MAC, ["10.9.0.2/24"])
+        self.add_sandbox_route(sandbox, "10.77.0.0/16", "10.9.0.1", "eth0")
+        self.add_sandbox_route(sandbox, "default", "10.9.0.1", "eth0")
+        before = self.sandbox_routes(sandbox)
+        dead = self.links_in(sandbox)["eth0"]
+        self.make_sandbox_link(sandbox, "eth1", "02:00:5e:10:20:31", live=True)
+        self.call(self.netlink.delete_link_in, sandbox, dead.index)
+        fresh = self.links_in(sandbox)["eth1"]
+        self.call(self.netlink.set_link_in, sandbox, fresh.index, name="eth0", up=True)
+        self.call(self.netlink.add_address_in, sandbox, fresh.index, "10.9.0.2/24")
+        for _ in range(2):
+            for route in dead.routes:
+                self.call(self.netlink.add_route_in, sandbox, fresh.index, route)
+        assert self.sandbox_routes(sandbox) == before
+
+    def test_primitives_in_a_missing_sandbox_fail_naming_it(self):
+        missing = self.make_sandbox() + "-gone"
+        for method, args in (
+            (self.netlink.delete_link_in, (1,)),
+            (self.netlink.set_link_in, (1, None, 1400)),
+            (self.netlink.add_address_in, (1, "10.9.0.3/24")),
+        ):
+            assert missing in str(self.fails(method, missing, *args))

@@ -76,6 +76,18 @@ def test_endpoint_round_trip(harness):
     assert harness.call(harness.vswitch.endpoint, EP_2) is None
 
 
+def test_where_a_sandbox_was_seen_is_recorded_only_while_joined_to_it(harness):
+    net = network()
+    harness.call(harness.vswitch.add_network, net)
+    harness.call(harness.vswitch.add_endpoint, endpoint(net))
+    harness.call(harness.vswitch.set_sandbox, EP_1, "/var/run/docker/netns/0123")
+    harness.call(harness.vswitch.set_sandbox_seen, EP_1, "/var/run/docker/netns/4567", "old")
+    assert harness.call(harness.vswitch.endpoint, EP_1).sandbox_seen is None
+    harness.call(harness.vswitch.set_sandbox_seen, EP_1, "/var/run/docker/netns/0123", "seen")
+    assert harness.call(harness.vswitch.endpoint, EP_1).sandbox_seen == "seen"
+    harness.call(harness.vswitch.set_sandbox_seen, EP_2, "/var/run/docker/netns/0123", "x")
+
+
 def test_sandbox_is_remembered_and_forgotten(harness):
     net = network()
     harness.call(harness.vswitch.add_network, net)

@@ -1045,9 +1045,13 @@ class Driver(_Closing):
         datapath_type: str | None = "netdev",
         extra_args: Sequence[str] = (),
         start: bool = True,
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.netns = netns
         self.name = name
+        #: A command the driver is started through, which must exec it
+        #: (same PID), e.g. ``unshare --mount`` for a mount namespace of its own.
+        self.wrapper = list(wrapper)
         self.ovsdb_remote = ovsdb_remote
         self.directory = Path(directory).resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -1071,6 +1075,7 @@ class Driver(_Closing):
     def argv(self) -> list[str]:
         """The command line run inside the namespace."""
         argv = [
+            *self.wrapper,
             *twistd_argv(),
             "-n",
             f"--pidfile={self.pidfile}",

@@ -264,3 +264,30 @@ def test_endpoints_of_an_engine_that_crashed_are_collected(rel):
     rel.docker("start", "e1", "e2", timeout=120)
     assert rel.ping("e1", rel.address("e2", "crash"))
     assert not rel.orphans()
+
+
+def test_a_driver_with_a_private_copy_of_the_engines_mounts_keeps_live_containers(rel):
+    """As in a container with a plain ``-v`` of the netns directory: sandboxes
+    mounted before the driver started look mounted to it, later ones look like
+    plain files. Live containers keep their ports; real orphans still go."""
+    rel.network("priv", "10.76.0.0/24")
+    rel.run("p0", "priv")  # mounted before the driver's copy of the mounts is made
+    rel.driver.stop()
+    rel.driver.wrapper = ["unshare", "--mount", "--propagation", "private"]
+    rel.driver.start()
+    rel.run("p1", "priv")  # a plain file in the driver's copy
+    p1 = rel.inspect("p1")[0]["NetworkSettings"]["Networks"]["priv"]["EndpointID"]
+    started = time.monotonic()
+    while time.monotonic() - started < 12:  # six reconciler passes
+        assert "oep-" + p1[:11] in rel.endpoint_ports(), rel.driver_log()
+        time.sleep(1)
+    assert rel.ping("p0", rel.address("p1", "priv"))
+    rel.driver.kill(signal.SIGKILL)
+    rel.docker("rm", "-f", "p1", timeout=120)  # Leave and DeleteEndpoint fail
+    rel.driver.start()
+    took = rel.wait_for(
+        lambda: "oep-" + p1[:11] not in rel.endpoint_ports(), BOUND, "the orphan port stayed"
+    )
+    print(f"\norphan of a private-view driver collected {took:.1f} s after its restart")
+    assert not rel.orphans()
+    assert rel.ping("p0", "10.76.0.1")

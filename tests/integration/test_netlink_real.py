@@ -145,6 +145,9 @@ class TestRealNetlink(NetlinkContract):
             extra = ["nodad"] if ":" in address else []
             ip("-n", namespace, "addr", "add", address, "dev", name, *extra)
 
+    def remove_sandbox(self, sandbox):
+        ip("netns", "del", os.path.basename(sandbox))
+
     def add_sandbox_route(self, sandbox, dst, gateway, dev):
         family = "-6" if ":" in gateway else "-4"
         ip("-n", os.path.basename(sandbox), family, "route", "add", dst, "via", gateway, "dev", dev)

@@ -5,6 +5,7 @@ import json
 
 import pytest
 from treq.testing import StubTreq
+from twisted.internet.task import Clock
 
 from ovsdriver.api import MAX_BODY, Handlers, PluginResource
 from ovsdriver.driver import Driver
@@ -21,7 +22,8 @@ class World:
     """A driver on fakes behind the real resource."""
 
     def __init__(self):
-        self.kernel = FakeNetlink()
+        self.clock = Clock()  # the kernel fake answers on its next turn, as the real one
+        self.kernel = FakeNetlink(clock=self.clock)
         self.vswitch = FakeVSwitch(kernel=self.kernel)
         self.firewall = FakeFirewall()
         self.driver = Driver(self.vswitch, self.kernel, self.firewall, "netdev")
@@ -32,7 +34,11 @@ class World:
         d = self.http.post("http://plugin/" + method, data=data)
         d.addCallback(lambda r: r.content().addCallback(lambda body: (r.code, body)))
         d.addBoth(results.append)
-        self.http.flush()
+        for _ in range(1000):  # turn the fakes' clock and the HTTP stub until all is done
+            self.http.flush()
+            if not self.clock.getDelayedCalls():
+                break
+            self.clock.advance(0)
         (result,) = results
         if hasattr(result, "raiseException"):
             result.raiseException()

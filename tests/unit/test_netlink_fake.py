@@ -3,6 +3,7 @@
 import itertools
 
 import pytest
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from ovsdriver.testing import FakeNetlink
@@ -11,10 +12,14 @@ from tests.contract_netlink import LinkView, NetlinkContract, cidr
 _sandbox_numbers = itertools.count()
 
 
-def result_of(deferred):
-    """The result of an already-fired Deferred; raises its failure."""
+def result_of(deferred, clock=None):
+    """The result of a Deferred that fires on the *clock*'s next turn (at
+    once without a clock); raises its failure."""
     box = []
     deferred.addBoth(box.append)
+    if clock is not None:
+        assert not box, "FakeNetlink answered at once, not later as the real one does"
+        clock.advance(0)
     assert box, "FakeNetlink returned a Deferred that has not fired"
     if isinstance(box[0], Failure):
         box[0].raiseException()
@@ -24,13 +29,14 @@ def result_of(deferred):
 class TestFakeNetlink(NetlinkContract):
     @pytest.fixture(autouse=True)
     def _fake(self):
-        self.netlink = FakeNetlink()
+        self.clock = Clock()
+        self.netlink = FakeNetlink(clock=self.clock)
         self.netlink.start()
         yield
         self.netlink.stop()
 
     def call(self, method, *args, **kwargs):
-        return result_of(method(*args, **kwargs))
+        return result_of(method(*args, **kwargs), self.clock)
 
     def make_link(self, name):
         self.netlink.add_link(name)
@@ -51,6 +57,9 @@ class TestFakeNetlink(NetlinkContract):
 
     def make_sandbox_link(self, sandbox, name, mac, addresses=(), live=False):
         self.netlink.add_sandbox_link(sandbox, name, mac, addresses=addresses, carrier=live)
+
+    def remove_sandbox(self, sandbox):
+        self.netlink.remove_sandbox(sandbox)
 
     def add_sandbox_route(self, sandbox, dst, gateway, dev):
         self.netlink.add_sandbox_route(sandbox, dst, gateway, dev)
@@ -83,3 +92,26 @@ def test_fake_state_remembers_the_veth_peer():
     assert fake.state("h").peer == "p"
     assert fake.state("p").peer == "h"
     assert fake.state("p").tx_checksum is False
+
+
+def test_concurrent_calls_interleave_in_the_order_they_were_made():
+    clock = Clock()
+    fake = FakeNetlink(clock=clock)
+    fake.add_link("a")
+    done = []
+    fake.set_link("a", mtu=1400).addCallback(lambda _: done.append("set"))
+    fake.delete_link("a").addCallback(lambda _: done.append("deleted"))
+    assert done == [] and fake.state("a") is not None
+    clock.advance(0)
+    assert done == ["set", "deleted"]
+    assert fake.state("a") is None
+
+
+def test_a_sandboxs_veth_takes_its_host_end_along_when_the_sandbox_goes():
+    """Without a host end, OVS reports the veth port as missing."""
+    fake = FakeNetlink()
+    result_of(fake.create_veth("ove-h", "oep-p", 1500))
+    fake.add_sandbox("/fake/netns/x")
+    fake.move_to_sandbox("oep-p", "/fake/netns/x", "eth0")
+    fake.remove_sandbox("/fake/netns/x")
+    assert fake.state("ove-h") is None

@@ -1,46 +1,49 @@
 """The reconciler on fakes and a fake clock: which endpoints it collects, which
 it repairs after an ovs-vswitchd restart, and which it must never touch.
 
-Sandboxes are files under ``tmp_path`` (an existing file stands for a mounted
-namespace unless the scene unmounted it) and, for what is inside them,
-sandboxes of the `FakeNetlink`.
+The sandboxes are in a `FakeMountViews`: the driver's own mount view and the
+engine's (``ENGINE``), which the scenes make agree, or not (a driver with a
+private, aging copy of the engine's mounts). What is inside them is in the
+`FakeNetlink`. Time is a `Clock`, which the fakes' answers wait for too.
 """
-
-import os
 
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import Logger
 
-from ovsdriver.reconcile import (
-    INVISIBLE,
-    MISSING,
-    MOUNTED,
-    UNMOUNTED,
-    Reconciler,
-    probe_sandbox,
-)
-from ovsdriver.testing import FakeNetlink, FakeVSwitch
+from ovsdriver import reconcile
+from ovsdriver.reconcile import Reconciler, Seen
+from ovsdriver.testing import FakeMountViews, FakeNetlink, FakeVSwitch
 from ovsdriver.values import Endpoint, Network, PublishedPort, Subnet
 
 NET = "a1" * 32
 EP_1 = "e1" * 32
 EP_2 = "f2" * 32
 MAC = "02:00:5e:00:00:01"
+MAC_2 = "02:00:5e:00:00:02"
 INTERVAL = 2.0
 GRACE = 20.0
+NETNS_DIR = "/run/docker/netns"
+ENGINE = "engine"
+OWN = FakeMountViews.OWN
 
 
 class Scene:
-    """A driver's world in memory: OVSDB, kernel, sandboxes, clock, reconciler."""
+    """A driver's world in memory: OVSDB, kernel, mount views, clock, reconciler."""
 
-    def __init__(self, tmp_path, port_type="internal"):
+    def __init__(self, port_type="internal", shared_view=True):
         self.clock = Clock()
-        self.clock.advance(1_700_000_000)  # seconds since the epoch, like time.time()
-        self.kernel = FakeNetlink()
+        self.clock.advance(1_000)  # a monotonic clock's seconds
+        self.kernel = FakeNetlink(clock=self.clock)
         self.vswitch = FakeVSwitch(kernel=self.kernel)
-        self.netns_dir = tmp_path / "netns"
-        self.netns_dir.mkdir()
+        self.views = FakeMountViews(clock=self.clock)
+        self.views.add_view(ENGINE, started=1.0)  # dockerd: there since boot
+        self.views.add_dir(NETNS_DIR)
+        #: Whether the driver's mount view follows the engine's (a host
+        #: service) or is a private copy (a plain -v bind in a container).
+        self.shared_view = shared_view
+        self._netns = iter(range(4026532000, 4026533000))
         self.network = Network(
             network_id=NET,
             bridge="obr-" + NET[:11],
@@ -49,27 +52,31 @@ class Scene:
         )
         self.vswitch.add_network(self.network)
         self.collected_firewall = []
-        self.unmounted = set()
-        self.reconciler = Reconciler(
+        self.events = []
+        self.reconciler = self.new_reconciler()
+
+    def new_reconciler(self):
+        return Reconciler(
             self.clock,
             self.vswitch,
             self.kernel,
+            views=self.views,
             interval=INTERVAL,
             unjoined_grace=GRACE,
             clock=self.clock.seconds,
-            probe_sandbox=self.probe,
             after_collect=lambda: self.collected_firewall.append(True),
         )
 
-    def probe(self, path):
-        if os.path.exists(path):
-            return UNMOUNTED if path in self.unmounted else MOUNTED
-        return MISSING if os.path.isdir(os.path.dirname(path)) else INVISIBLE
+    def _views(self):
+        return None if self.shared_view else [ENGINE]
+
+    def settle(self):
+        self.clock.advance(0)
 
     # -- building the world ----------------------------------------------------
 
-    def endpoint(self, endpoint_id=EP_1, age=0.0, mac=MAC, **fields):
-        """CreateEndpoint, *age* seconds ago."""
+    def endpoint(self, endpoint_id=EP_1, mac=MAC, **fields):
+        """CreateEndpoint (an hour ago by the wall clock: it must not matter)."""
         port = ("oep-" if self.network.port_type == "internal" else "ove-") + endpoint_id[:11]
         ep = Endpoint(
             endpoint_id=endpoint_id,
@@ -80,22 +87,30 @@ class Scene:
             mac=mac,
             port_type=self.network.port_type,
             ipv4="10.9.0.2/24",
-            created=self.clock.seconds() - age,
+            created=1_700_000_000 - 3600,
             **fields,
         )
         if ep.port_type == "veth":
             self.kernel.create_veth(ep.port, ep.ifname, ep.mtu, mac)
+            self.settle()
         self.vswitch.add_endpoint(ep)
         if ep.port_type == "internal":
             self.kernel.set_link(ep.port, mac=mac)  # OVS gives the tap its MAC
+            self.settle()
         return ep
 
-    def sandbox(self, name="sb1"):
-        """A sandbox that exists: its file and its (fake) namespace."""
-        path = self.netns_dir / name
-        path.touch()
-        self.kernel.add_sandbox(str(path))
-        return str(path)
+    def sandbox(self, name="sb1", views=None):
+        """A sandbox the engine made and mounted (seen in the driver's view
+        too when the views are shared); returns its path."""
+        path = f"{NETNS_DIR}/{name}"
+        netns = next(self._netns)
+        self.views.mount(path, netns, views if views is not None else self._views())
+        self.views.create(path)  # the file is in the shared directory anyway
+        self.views.hold(netns)  # the container's processes are in it
+        self.kernel.add_sandbox(path)
+        self.netns_of = getattr(self, "netns_of", {})
+        self.netns_of[path] = netns
+        return path
 
     def join(self, ep, sandbox, move=True):
         """Join; with *move*, the engine also moves the link in as eth0."""
@@ -103,16 +118,22 @@ class Scene:
         if move:
             self.kernel.move_to_sandbox(ep.ifname, sandbox, "eth0")
 
-    def remove_sandbox(self, sandbox):
-        """The engine tears the container's sandbox down (no call reaches us)
-        and, at its next garbage collection, deletes the file."""
-        self.unmount_sandbox(sandbox)
-        os.unlink(sandbox)
+    def stop_container(self, sandbox):
+        """The container's processes end."""
+        self.views.release(self.netns_of[sandbox])
 
-    def unmount_sandbox(self, sandbox):
-        """The engine tears the container's sandbox down: the file stays a while."""
-        self.unmounted.add(sandbox)
+    def tear_down(self, sandbox):
+        """The engine tears the container's sandbox down (no call reaches us):
+        it unmounts it in its view (and in views that follow it)."""
+        self.stop_container(sandbox)
+        self.views.unmount(sandbox, self._views())
         self.kernel.remove_sandbox(sandbox)
+
+    def delete(self, sandbox):
+        """The engine's next garbage collection deletes the file (which also
+        detaches any private copy of its mount)."""
+        self.tear_down(sandbox)
+        self.views.delete(sandbox)
 
     def restart_vswitchd(self, ep, sandbox):
         """What an ovs-vswitchd restart does with the userspace datapath: the
@@ -121,13 +142,22 @@ class Scene:
         self.kernel.add_sandbox(sandbox)
         self.kernel.add_sandbox_link(sandbox, "eth0", ep.mac, addresses=[ep.ipv4], carrier=False)
         self.kernel.add_sandbox_route(sandbox, "default", "10.9.0.1", "eth0")
+        self.kernel.add_sandbox_route(sandbox, "10.77.0.0/16", "10.9.0.1", "eth0")
         self.kernel.add_link(ep.ifname, mac=ep.mac)
 
     # -- running ---------------------------------------------------------------
 
     def start(self):
+        reconcile.log = Logger(observer=self.events.append)
         self.reconciler.startService()
-        self.clock.advance(0)  # the first pass
+        self.settle()  # the first pass
+
+    def restart_driver(self):
+        """A new driver process: nothing in memory, OVSDB as it was."""
+        self.reconciler.stopService()
+        self.settle()
+        self.reconciler = self.new_reconciler()
+        self.start()
 
     def run_for(self, seconds):
         """Let *seconds* pass, one interval at a time (a pass each)."""
@@ -137,108 +167,361 @@ class Scene:
     def ports(self):
         return {ep.port for ep in self.vswitch.endpoints().result}
 
+    def warnings(self):
+        return [
+            e["problem"]
+            for e in self.events
+            if e.get("log_level").name == "warn" and "problem" in e
+        ]
+
 
 @pytest.fixture
-def scene(tmp_path):
-    scene = Scene(tmp_path)
+def scene():
+    scene = Scene()
     yield scene
     scene.reconciler.stopService()
+    reconcile.log = Logger()
 
 
-# -- orphans ---------------------------------------------------------------------
+@pytest.fixture
+def private_scene():
+    """A driver whose mount view is a private copy: it sees what was mounted
+    when it started, never what the engine mounts or unmounts later."""
+    scene = Scene(shared_view=False)
+    yield scene
+    scene.reconciler.stopService()
+    reconcile.log = Logger()
 
 
-def test_an_endpoint_whose_sandbox_is_gone_is_collected_within_two_passes(scene):
-    ep = scene.endpoint(age=600)
+# -- orphans: positive evidence ------------------------------------------------------
+
+
+def test_an_endpoint_whose_sandbox_was_torn_down_is_collected_within_two_passes(scene):
+    ep = scene.endpoint()
     sandbox = scene.sandbox()
     scene.join(ep, sandbox)
     scene.start()
-    scene.remove_sandbox(sandbox)
+    scene.tear_down(sandbox)
     scene.run_for(INTERVAL)
     assert ep.port in scene.ports(), "collected on the evidence of one pass"
     scene.run_for(INTERVAL)
     assert ep.port not in scene.ports()
 
 
-def test_a_young_endpoint_whose_sandbox_vanished_is_collected_at_once(scene):
-    """Seen alive, then gone: no grace needed, the sandbox is gone for good."""
-    ep = scene.endpoint(age=0)
+def test_an_endpoint_whose_sandbox_was_deleted_is_collected(scene):
+    ep = scene.endpoint()
     sandbox = scene.sandbox()
     scene.join(ep, sandbox)
     scene.start()
-    scene.remove_sandbox(sandbox)
+    scene.delete(sandbox)
     scene.run_for(2 * INTERVAL)
     assert ep.port not in scene.ports()
 
 
-def test_a_torn_down_sandbox_counts_as_gone_before_its_file_is_deleted(scene):
-    ep = scene.endpoint(age=600)
+def test_where_a_sandbox_was_seen_is_recorded_so_a_restarted_driver_collects_it(scene):
+    """The container is removed while the driver is down."""
+    ep = scene.endpoint()
     sandbox = scene.sandbox()
     scene.join(ep, sandbox)
     scene.start()
-    scene.unmount_sandbox(sandbox)
+    recorded = scene.vswitch.endpoint(EP_1).result.sandbox_seen
+    assert Seen.from_text(recorded, sandbox) == Seen(sandbox, OWN, scene.netns_of[sandbox])
+    scene.reconciler.stopService()
+    scene.tear_down(sandbox)
+    scene.restart_driver()
     scene.run_for(2 * INTERVAL)
     assert ep.port not in scene.ports()
 
 
-def test_a_torn_down_sandbox_seen_first_after_a_restart_counts_as_gone(scene):
-    """Another sandbox mounted now shows that the driver sees the engine's mounts."""
-    live = scene.endpoint(EP_1, age=600)
+def test_a_sandbox_mounted_just_before_the_driver_died_is_recorded_in_time(scene):
+    """Joined, started, then the driver is killed within the pass interval and
+    the container removed while it is down: where the sandbox was mounted is
+    recorded by the quick watch over starting containers."""
+    ep = scene.endpoint()
+    path = f"{NETNS_DIR}/quick"
+    scene.join(ep, path, move=False)
+    scene.start()
+    scene.clock.advance(0.3)
+    assert scene.sandbox("quick") == path
+    scene.clock.advance(0.5)
+    scene.reconciler.stopService()
+    scene.delete(path)
+    scene.restart_driver()
+    scene.run_for(2 * INTERVAL)
+    assert ep.port not in scene.ports()
+
+
+def test_only_the_orphan_goes(scene):
+    live = scene.endpoint(EP_1)
     scene.join(live, scene.sandbox("live"))
-    orphan = scene.endpoint(EP_2, age=600, mac="02:00:5e:00:00:02")
+    orphan = scene.endpoint(EP_2, mac=MAC_2)
     sandbox = scene.sandbox("old")
     scene.join(orphan, sandbox, move=False)
-    scene.unmount_sandbox(sandbox)
+    scene.start()
+    scene.tear_down(sandbox)
+    scene.run_for(2 * INTERVAL)
+    assert scene.ports() == {live.port}
+
+
+# -- never a live container's port -------------------------------------------------
+
+
+def test_an_endpoint_with_a_live_sandbox_is_never_touched(scene):
+    ep = scene.endpoint()
+    sandbox = scene.sandbox()
+    scene.join(ep, sandbox)
+    scene.start()
+    scene.run_for(10 * GRACE)
+    assert ep.port in scene.ports()
+    assert scene.kernel.sandbox_state(sandbox, "eth0").mac == MAC
+    assert scene.warnings() == []
+
+
+def test_a_private_mount_view_cannot_make_a_new_sandbox_look_torn_down(private_scene):
+    """Old sandboxes look mounted in the driver's copy, new ones are plain
+    files there; the engine's view shows the truth."""
+    scene = private_scene
+    old = scene.endpoint(EP_1)
+    old_sandbox = scene.sandbox("old", views=[OWN, ENGINE])  # mounted before the copy
+    scene.join(old, old_sandbox)
+    scene.start()
+    new = scene.endpoint(EP_2, mac=MAC_2)
+    new_sandbox = scene.sandbox("new")
+    scene.join(new, new_sandbox)
+    scene.run_for(10 * GRACE)
+    assert scene.ports() == {old.port, new.port}
+    assert scene.warnings() == []
+
+
+def test_a_private_mount_view_alone_is_no_evidence(private_scene):
+    """Without the engine's view in sight (the driver in its own PID
+    namespace) a plain file may be a live sandbox: keep it, and say so once."""
+    scene = private_scene
+    scene.views.remove_view(ENGINE)
+    ep = scene.endpoint()
+    sandbox = scene.sandbox("new", views=[])  # the engine's mount: out of sight
+    scene.join(ep, sandbox)
+    scene.start()
+    scene.run_for(10 * GRACE)
+    assert ep.port in scene.ports()
+    warnings = scene.warnings()
+    assert len(warnings) == 1, warnings
+    assert EP_1[:12] in warnings[0] and "never seen mounted" in warnings[0]
+
+
+def test_a_sandbox_torn_down_in_the_engines_view_is_collected_despite_a_private_copy(
+    private_scene,
+):
+    """The old sandbox stays mounted in the driver's copy until the engine
+    deletes its file; the new one is judged in the engine's view."""
+    scene = private_scene
+    old = scene.endpoint(EP_1)
+    old_sandbox = scene.sandbox("old", views=[OWN, ENGINE])
+    scene.join(old, old_sandbox)
+    new = scene.endpoint(EP_2, mac=MAC_2)
+    new_sandbox = scene.sandbox("new")
+    scene.join(new, new_sandbox)
+    scene.start()
+    scene.tear_down(new_sandbox)
+    scene.tear_down(old_sandbox)
+    scene.run_for(2 * INTERVAL)
+    assert scene.ports() == {old.port}, "the old one is still mounted in the driver's copy"
+    scene.delete(old_sandbox)
+    scene.run_for(2 * INTERVAL)
+    assert scene.ports() == set()
+
+
+def test_a_private_copy_in_another_process_neither_keeps_nor_hides_a_sandbox(scene):
+    """A process that made a mount namespace of its own while the sandbox was
+    mounted (``unshare --mount``) keeps a copy of the mount after the engine
+    unmounts it; the view that first showed the sandbox decides."""
+    ep = scene.endpoint()
+    sandbox = scene.sandbox()
+    scene.join(ep, sandbox)
+    scene.start()
+    scene.views.add_view("copy")
+    scene.views.mount(sandbox, scene.netns_of[sandbox], ["copy"])
+    scene.tear_down(sandbox)
+    scene.views.mount(sandbox, scene.netns_of[sandbox], ["copy"])  # private: it stays
+    scene.run_for(INTERVAL)
+    scene.views.remove_view("copy")  # that process ends
+    scene.run_for(2 * INTERVAL)
+    assert ep.port not in scene.ports()
+
+
+def test_the_longest_lived_view_witnesses_a_sandbox_the_driver_cannot_see(private_scene):
+    """Short-lived processes come and go with copies of the mounts; the
+    engine's view is older."""
+    scene = private_scene
+    ep = scene.endpoint()
+    scene.clock.advance(100)
+    scene.views.add_view("transient")
+    sandbox = scene.sandbox(views=[ENGINE, "transient"])
+    scene.join(ep, sandbox)
+    scene.start()
+    scene.views.remove_view("transient")
+    scene.run_for(10 * INTERVAL)
+    assert ep.port in scene.ports()
+    scene.tear_down(sandbox)
+    scene.run_for(2 * INTERVAL)
+    assert ep.port not in scene.ports()
+
+
+def _never_seen_and_deleted(scene, ep, name):
+    """A sandbox the driver never saw: its container started just before the
+    driver died and was removed (its file deleted) before it came back."""
+    path = f"{NETNS_DIR}/{name}"
+    scene.kernel.add_sandbox(path)
+    scene.join(ep, path)  # the engine moved the interface in...
+    scene.kernel.remove_sandbox(path)  # ...and the namespace went with the container
+    return path
+
+
+def test_a_sandbox_deleted_after_the_interface_moved_in_is_gone_though_never_seen(scene):
+    live = scene.endpoint(EP_1)
+    scene.join(live, scene.sandbox("live"))
+    orphan = scene.endpoint(EP_2, mac=MAC_2)
+    _never_seen_and_deleted(scene, orphan, "gone")
     scene.start()
     scene.run_for(INTERVAL)
     assert scene.ports() == {live.port}
 
 
-def test_an_unmounted_sandbox_is_trusted_only_with_evidence_that_mounts_are_visible(scene):
-    """Without a mounted sandbox in sight the driver may be in a mount namespace
-    that never sees the engine's mounts: it waits for the file to go."""
-    ep = scene.endpoint(age=600)
+def test_a_missing_file_in_a_directory_without_live_sandboxes_is_no_evidence(private_scene):
+    """A directory of the driver's own (a copy) shows neither new files nor
+    mounts: a missing file there says nothing."""
+    scene = private_scene
+    live = scene.endpoint(EP_1)
+    scene.join(live, scene.sandbox("live", views=[ENGINE]))
+    ep = scene.endpoint(EP_2, mac=MAC_2)
+    _never_seen_and_deleted(scene, ep, "gone")
+    scene.start()
+    scene.run_for(2 * GRACE)
+    assert scene.ports() == {live.port, ep.port}
+
+
+def test_a_sandbox_that_appears_a_minute_after_join_keeps_its_port(scene):
+    """A slow container start (image pull, volume plugins, a loaded host),
+    next to a running one."""
+    other = scene.endpoint(EP_2, mac=MAC_2)
+    scene.join(other, scene.sandbox("running"))
+    ep = scene.endpoint()
+    path = f"{NETNS_DIR}/slow"
+    scene.join(ep, path, move=False)
+    scene.start()
+    scene.run_for(60)
+    assert ep.port in scene.ports()
+    warnings = scene.warnings()
+    assert len(warnings) == 1 and "does not exist (yet)" in warnings[0], warnings
+    assert scene.sandbox("slow") == path
+    scene.kernel.move_to_sandbox(ep.ifname, path, "eth0")
+    scene.run_for(10 * GRACE)
+    assert ep.port in scene.ports()
+    scene.tear_down(path)
+    scene.run_for(2 * INTERVAL)
+    assert scene.ports() == {other.port}
+
+
+def test_a_restarted_driver_never_collects_a_sandbox_that_has_not_appeared(scene):
+    ep = scene.endpoint()
+    scene.join(ep, f"{NETNS_DIR}/slow", move=False)
+    scene.start()
+    scene.run_for(GRACE)
+    scene.restart_driver()
+    scene.run_for(5 * GRACE)
+    assert ep.port in scene.ports()
+
+
+def test_a_namespace_a_process_is_in_is_alive_whatever_the_mounts_show(scene):
+    ep = scene.endpoint()
     sandbox = scene.sandbox()
-    scene.join(ep, sandbox, move=False)
-    scene.unmount_sandbox(sandbox)
+    scene.join(ep, sandbox)
+    scene.start()
+    scene.views.unmount(sandbox)  # the container's processes still run in it
+    scene.run_for(10 * INTERVAL)
+    assert ep.port in scene.ports()
+
+
+def test_a_newer_namespace_with_the_same_number_is_no_evidence_of_life(scene):
+    """The kernel reuses namespace inode numbers: a process that started after
+    the sandbox was seen is in another namespace."""
+    ep = scene.endpoint()
+    sandbox = scene.sandbox()
+    scene.join(ep, sandbox)
+    scene.start()
+    scene.tear_down(sandbox)
+    scene.views.hold(scene.netns_of[sandbox], started=scene.clock.seconds() + 1)
+    scene.run_for(2 * INTERVAL)
+    assert ep.port not in scene.ports()
+
+
+def test_a_record_from_before_the_host_restarted_is_evidence_enough(scene):
+    ep = scene.endpoint()
+    sandbox = scene.sandbox()
+    scene.join(ep, sandbox)
+    scene.start()
+    scene.reconciler.stopService()
+    scene.tear_down(sandbox)
+    scene.views.hold(scene.netns_of[sandbox], started=0.0)  # the number, in use again
+    scene.views.boot = "after-a-reboot"
+    scene.restart_driver()
+    scene.run_for(2 * INTERVAL)
+    assert ep.port not in scene.ports()
+
+
+def test_a_sandbox_whose_view_is_gone_is_kept(private_scene):
+    scene = private_scene
+    ep = scene.endpoint()
+    sandbox = scene.sandbox()
+    scene.join(ep, sandbox)
+    scene.start()
+    scene.stop_container(sandbox)
+    scene.views.remove_view(ENGINE)  # e.g. the driver restarted in its own PID namespace
+    scene.run_for(2 * GRACE)
+    assert ep.port in scene.ports()
+    assert any("out of the driver's sight" in w for w in scene.warnings())
+
+
+def test_nothing_is_collected_when_the_sandboxes_directory_is_invisible(scene):
+    """A driver in another mount namespace sees no sandbox at all: it must not
+    take that for every container being gone."""
+    ep = scene.endpoint()
+    scene.join(ep, "/nonexistent/docker/netns/abc", move=False)
     scene.start()
     scene.run_for(2 * GRACE)
     assert ep.port in scene.ports()
-    os.unlink(sandbox)
-    scene.run_for(2 * INTERVAL)
-    assert ep.port not in scene.ports()
+    assert any("does not exist for the driver" in w for w in scene.warnings())
 
 
-def test_probe_sandbox_tells_a_mounted_namespace_from_a_plain_file(tmp_path):
-    assert probe_sandbox("/proc/self/ns/net") == MOUNTED
-    (tmp_path / "plain").touch()
-    assert probe_sandbox(str(tmp_path / "plain")) == UNMOUNTED
-    assert probe_sandbox(str(tmp_path / "missing")) == MISSING
-    assert probe_sandbox(str(tmp_path / "no-dir" / "missing")) == INVISIBLE
-
-
-def test_a_missing_sandbox_is_given_the_grace_to_appear(scene):
-    """At Join the engine has not made the sandbox yet; after a driver restart
-    the driver cannot know whether it ever existed."""
-    ep = scene.endpoint(age=0)
-    scene.join(ep, str(scene.netns_dir / "not-yet"), move=False)
+@pytest.mark.parametrize("recorded", ["{bad json", '{"sandbox": 1}', '{"view": [[1]]}', "[]"])
+def test_an_unreadable_record_of_where_a_sandbox_was_seen_is_no_evidence(scene, recorded):
+    ep = scene.endpoint()
+    sandbox = f"{NETNS_DIR}/hand-edited"
+    scene.views.create(sandbox)
+    scene.join(ep, sandbox, move=False)
+    scene.vswitch.set_sandbox_seen(EP_1, sandbox, recorded)
     scene.start()
-    scene.run_for(GRACE - INTERVAL)
+    scene.run_for(2 * GRACE)
     assert ep.port in scene.ports()
-    scene.run_for(2 * INTERVAL)
-    assert ep.port not in scene.ports()
 
 
-def test_an_old_endpoint_whose_sandbox_is_missing_after_a_restart_is_collected(scene):
-    ep = scene.endpoint(age=600)
-    scene.join(ep, str(scene.netns_dir / "gone"), move=False)
+def test_a_record_about_another_sandbox_is_no_evidence(scene):
+    ep = scene.endpoint()
+    sandbox = f"{NETNS_DIR}/second"
+    scene.views.create(sandbox)
+    scene.join(ep, sandbox, move=False)
+    other = Seen(f"{NETNS_DIR}/first", OWN, 4026531999)
+    scene.vswitch.set_sandbox_seen(EP_1, sandbox, other.to_text())
     scene.start()
-    scene.run_for(INTERVAL)
-    assert ep.port not in scene.ports()
+    scene.run_for(2 * GRACE)
+    assert ep.port in scene.ports()
+
+
+# -- unjoined endpoints --------------------------------------------------------------
 
 
 def test_an_unjoined_endpoint_is_collected_after_the_grace(scene):
-    ep = scene.endpoint(age=0)
+    ep = scene.endpoint()
     scene.start()
     scene.run_for(GRACE - INTERVAL)
     assert ep.port in scene.ports()
@@ -247,49 +530,37 @@ def test_an_unjoined_endpoint_is_collected_after_the_grace(scene):
     assert scene.kernel.state(ep.port) is None
 
 
-def test_a_young_unjoined_endpoint_is_left_alone(scene):
-    ep = scene.endpoint(age=GRACE - 3 * INTERVAL)
+def test_a_restarted_driver_gives_unjoined_endpoints_the_whole_grace_again(scene):
+    """Creation times are wall-clock and may lie; only this process's
+    monotonic clock counts."""
+    ep = scene.endpoint()
     scene.start()
-    scene.run_for(INTERVAL)
+    scene.run_for(GRACE - 2 * INTERVAL)
+    scene.restart_driver()
+    scene.run_for(GRACE - 2 * INTERVAL)
     assert ep.port in scene.ports()
+    scene.run_for(4 * INTERVAL)
+    assert ep.port not in scene.ports()
 
 
-def test_an_endpoint_with_a_live_sandbox_is_never_touched(scene):
-    ep = scene.endpoint(age=6000)
+def test_an_endpoint_left_and_never_deleted_is_collected_after_the_grace(scene):
+    ep = scene.endpoint()
     sandbox = scene.sandbox()
     scene.join(ep, sandbox)
     scene.start()
-    scene.run_for(10 * GRACE)
+    scene.vswitch.set_sandbox(EP_1, None)  # Leave; DeleteEndpoint never comes
+    scene.run_for(GRACE)
     assert ep.port in scene.ports()
-    assert scene.kernel.sandbox_state(sandbox, "eth0").mac == MAC
-    assert scene.kernel.repairs == []
-
-
-def test_only_the_orphan_goes(scene):
-    live = scene.endpoint(EP_1, age=600)
-    scene.endpoint(EP_2, age=600, mac="02:00:5e:00:00:02")
-    scene.join(live, scene.sandbox("live"))
-    scene.start()
     scene.run_for(2 * INTERVAL)
-    assert scene.ports() == {live.port}
+    assert ep.port not in scene.ports()
 
 
-def test_nothing_is_collected_when_the_sandboxes_directory_is_invisible(scene):
-    """A driver in another mount namespace sees no sandbox at all: it must not
-    take that for every container being gone."""
-    ep = scene.endpoint(age=600)
-    scene.join(ep, "/nonexistent/docker/netns/abc", move=False)
-    scene.start()
-    scene.run_for(2 * GRACE)
-    assert ep.port in scene.ports()
-
-
-def test_a_veth_orphan_takes_its_veth_along(tmp_path):
-    scene = Scene(tmp_path, port_type="veth")
-    ep = scene.endpoint(age=600)
+def test_a_veth_orphan_takes_its_veth_along():
+    scene = Scene(port_type="veth")
+    ep = scene.endpoint()
     assert scene.kernel.state(ep.port) is not None
     scene.start()
-    scene.run_for(2 * INTERVAL)
+    scene.run_for(GRACE + 2 * INTERVAL)
     assert ep.port not in scene.ports()
     assert scene.kernel.state(ep.port) is None
     assert scene.kernel.state(ep.ifname) is None
@@ -307,10 +578,10 @@ def test_a_veth_no_endpoint_owns_is_deleted_after_the_grace(scene):
 
 
 def test_collecting_an_endpoint_with_published_ports_updates_the_firewall(scene):
-    scene.endpoint(age=600)
+    scene.endpoint()
     scene.vswitch.set_published(EP_1, [PublishedPort("tcp", 8080, "10.9.0.2", 80)])
     scene.start()
-    scene.run_for(2 * INTERVAL)
+    scene.run_for(GRACE + 2 * INTERVAL)
     assert scene.ports() == set()
     assert scene.collected_firewall == [True]
 
@@ -318,55 +589,61 @@ def test_collecting_an_endpoint_with_published_ports_updates_the_firewall(scene)
 # -- repair after an ovs-vswitchd restart ------------------------------------------
 
 
+def _links_with_mac(scene, sandbox, mac):
+    links = scene.kernel.sandbox_links(sandbox)
+    scene.settle()
+    return [link.name for link in links.result if link.mac == mac]
+
+
 def test_an_endpoint_whose_tap_was_recreated_is_repaired(scene):
-    ep = scene.endpoint(age=600)
+    ep = scene.endpoint()
     sandbox = scene.sandbox()
     scene.join(ep, sandbox)
     scene.start()
     scene.restart_vswitchd(ep, sandbox)
+    routes = scene.kernel.sandbox_routes(sandbox)
     scene.run_for(INTERVAL)
-    assert scene.kernel.repairs == [(sandbox, ep.ifname)]
     assert scene.kernel.state(ep.ifname) is None
     eth0 = scene.kernel.sandbox_state(sandbox, "eth0")
-    assert (eth0.mac, eth0.up) == (MAC, True)
+    assert (eth0.mac, eth0.up, eth0.mtu) == (MAC, True, 1500)
     assert "10.9.0.2/24" in eth0.addresses
-    assert [
-        link.name for link in scene.kernel.sandbox_links(sandbox).result if link.mac == MAC
-    ] == ["eth0"]
-    assert {r.dst for r in scene.kernel.sandbox_routes(sandbox)} == {"default"}
+    assert _links_with_mac(scene, sandbox, MAC) == ["eth0"]
+    assert scene.kernel.sandbox_routes(sandbox) == routes
     assert ep.port in scene.ports()
 
 
 def test_a_link_the_engine_has_not_moved_yet_is_left_alone(scene):
-    ep = scene.endpoint(age=0)
+    ep = scene.endpoint()
     sandbox = scene.sandbox()
     scene.join(ep, sandbox, move=False)
     scene.start()
     scene.run_for(3 * INTERVAL)
-    assert scene.kernel.repairs == []
     assert scene.kernel.state(ep.ifname) is not None
+    assert _links_with_mac(scene, sandbox, MAC) == []
     assert ep.port in scene.ports()
 
 
 def test_a_live_link_with_the_same_mac_is_not_taken_for_a_dead_copy(scene):
-    ep = scene.endpoint(age=0)
+    ep = scene.endpoint()
     sandbox = scene.sandbox()
     scene.kernel.add_sandbox_link(sandbox, "eth0", MAC, carrier=True)
     scene.join(ep, sandbox, move=False)
     scene.start()
     scene.run_for(3 * INTERVAL)
-    assert scene.kernel.repairs == []
+    assert scene.kernel.state(ep.ifname) is not None
+    assert _links_with_mac(scene, sandbox, MAC) == ["eth0"]
 
 
-def test_veth_endpoints_are_never_repaired(tmp_path):
-    scene = Scene(tmp_path, port_type="veth")
-    ep = scene.endpoint(age=600)
+def test_veth_endpoints_are_never_repaired():
+    scene = Scene(port_type="veth")
+    ep = scene.endpoint()
     sandbox = scene.sandbox()
     scene.join(ep, sandbox, move=False)
     scene.kernel.add_sandbox_link(sandbox, "eth0", MAC, carrier=False)
     scene.start()
     scene.run_for(3 * INTERVAL)
-    assert scene.kernel.repairs == []
+    assert scene.kernel.state(ep.ifname) is not None
+    assert scene.kernel.sandbox_state(sandbox, "eth0") is not None
     scene.reconciler.stopService()
 
 
@@ -400,9 +677,14 @@ def test_a_failing_pass_is_logged_and_the_next_pass_runs(scene):
     vswitch = Flaky(scene.vswitch)
     vswitch.failures["endpoints"] = [RuntimeError("OVSDB is down")]
     scene.reconciler.vswitch = vswitch
-    ep = scene.endpoint(age=600)
+    ep = scene.endpoint()
+    sandbox = scene.sandbox()
+    scene.join(ep, sandbox)
     scene.start()
     assert vswitch.calls == ["endpoints"]
+    assert any("OVSDB is down" in w for w in scene.warnings())
+    scene.run_for(INTERVAL)
+    scene.tear_down(sandbox)
     scene.run_for(2 * INTERVAL)
     assert ep.port not in scene.ports()
 
@@ -411,13 +693,30 @@ def test_a_failing_removal_does_not_stop_the_others(scene):
     vswitch = Flaky(scene.vswitch)
     vswitch.failures["remove_endpoint"] = [RuntimeError("refused")]
     scene.reconciler.vswitch = vswitch
-    first = scene.endpoint(EP_1, age=600)
-    second = scene.endpoint(EP_2, age=600, mac="02:00:5e:00:00:02")
+    first = scene.endpoint(EP_1)
+    second = scene.endpoint(EP_2, mac=MAC_2)
     scene.start()
-    scene.run_for(INTERVAL)
+    scene.run_for(GRACE + INTERVAL)
     assert len(scene.ports()) == 1
     scene.run_for(2 * INTERVAL)
     assert not {first.port, second.port} & scene.ports()
+
+
+def test_a_look_at_the_sandboxes_that_hangs_fails_the_pass_and_the_next_one_runs(scene):
+    views = Flaky(scene.views)
+    views.hanging["observe"] = defer.Deferred()  # a hung file system
+    scene.reconciler.views = views
+    ep = scene.endpoint()
+    sandbox = scene.sandbox()
+    scene.join(ep, sandbox)
+    scene.start()
+    scene.clock.advance(scene.reconciler.look_timeout)
+    assert any("took longer than" in w for w in scene.warnings())
+    scene.run_for(INTERVAL)
+    assert views.calls == ["observe", "observe"]
+    scene.tear_down(sandbox)
+    scene.run_for(2 * INTERVAL)
+    assert ep.port not in scene.ports()
 
 
 def test_passes_never_overlap(scene):
@@ -442,6 +741,7 @@ def test_stopping_waits_for_the_pass_in_progress_and_ends_the_passes(scene):
     stopped = scene.reconciler.stopService()
     assert not stopped.called
     slow.callback(frozenset())
+    scene.settle()
     assert stopped.called
     scene.run_for(10 * INTERVAL)
     assert netlink.calls == ["links"]

@@ -21,7 +21,8 @@ from ovsdriver.health import (
     assess,
 )
 from ovsdriver.netlink import LinkInfo
-from ovsdriver.reconcile import MISSING, MOUNTED, UNMOUNTED
+from ovsdriver.sandboxes import MISSING, MOUNTED
+from ovsdriver.sandboxes import PLAIN as UNMOUNTED
 from ovsdriver.values import Endpoint, Network, PublishedPort, Subnet
 
 NET = "4e" * 32
