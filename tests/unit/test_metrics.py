@@ -230,19 +230,23 @@ def test_networks_and_endpoints_gauges_follow_the_replica(metrics):
 # -- the reconciler and the firewall ----------------------------------------------------
 
 
-def test_reconciler_passes_and_collections_are_counted(tmp_path, metrics):
-    scene = Scene(tmp_path)
+def test_reconciler_passes_and_collections_are_counted(metrics):
+    scene = Scene()
     scene.reconciler.metrics = metrics
-    scene.endpoint(age=600)  # never joined: an orphan
+    ep = scene.endpoint()
+    sandbox = scene.sandbox()
+    scene.join(ep, sandbox)
     scene.start()
+    scene.tear_down(sandbox)  # its container is gone: an orphan
+    scene.clock.advance(INTERVAL)
     scene.clock.advance(INTERVAL)
     scene.reconciler.stopService()
-    assert value(metrics, "ovsdriver_reconciler_passes_total", outcome="ok") == 2
+    assert value(metrics, "ovsdriver_reconciler_passes_total", outcome="ok") == 3
     assert value(metrics, "ovsdriver_reconciler_collected_endpoints_total") == 1
 
 
-def test_a_failed_reconciler_pass_is_counted(tmp_path, metrics):
-    scene = Scene(tmp_path)
+def test_a_failed_reconciler_pass_is_counted(metrics):
+    scene = Scene()
     scene.reconciler.metrics = metrics
     scene.vswitch.endpoints = lambda: defer.fail(RuntimeError("OVSDB is gone"))
     scene.start()
@@ -250,8 +254,8 @@ def test_a_failed_reconciler_pass_is_counted(tmp_path, metrics):
     assert value(metrics, "ovsdriver_reconciler_passes_total", outcome="failed") == 1
 
 
-def test_a_repair_is_counted(tmp_path, metrics):
-    scene = Scene(tmp_path)
+def test_a_repair_is_counted(metrics):
+    scene = Scene()
     scene.reconciler.metrics = metrics
     ep = scene.endpoint()
     sandbox = scene.sandbox()
