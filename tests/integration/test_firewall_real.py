@@ -483,3 +483,71 @@ class TestRealFirewall(FirewallContract):
         self.firewall.timeout = 0.5
         with pytest.raises(FirewallError, match="sleep did not finish within 0.5 seconds"):
             self.call(self.firewall.run, ["sleep", "10"])
+
+
+# -- the driver's path: no child process unless a published port changes (issue 9) ------
+
+WRAPPED = ("iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore", "sysctl")
+
+
+def test_container_lifecycles_without_ports_run_no_firewall_command(
+    ovs_world, tmp_path, monkeypatch
+):
+    from tests import world
+
+    calls = tmp_path / "calls"
+    wrappers = tmp_path / "bin"
+    wrappers.mkdir()
+    for tool in WRAPPED:
+        real = world.which(tool)
+        script = wrappers / tool
+        script.write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\nexec {real} "$@"\n')
+        script.chmod(0o755)
+    monkeypatch.setattr(world, "_SEARCH_PATH", f"{wrappers}{os.pathsep}{world._SEARCH_PATH}")
+    driver = ovs_world.start_driver()
+    net, ep = "7b" * 32, "5d" * 32
+    ids = {"NetworkID": net, "EndpointID": ep}
+
+    def ok(method, body):
+        status, reply = driver.post(method, body)
+        assert status == 200 and not reply.get("Err"), reply
+        return reply
+
+    def restores():
+        lines = calls.read_text().splitlines() if calls.exists() else []
+        return [line.split()[0] for line in lines if not line.startswith(("iptables-save", "ip6"))]
+
+    ok(
+        "NetworkDriver.CreateNetwork",
+        {
+            "NetworkID": net,
+            "Options": {"com.docker.network.generic": {}},
+            "IPv4Data": [{"Pool": "10.41.0.0/24", "Gateway": "10.41.0.1/24"}],
+        },
+    )
+    assert "iptables-restore" in restores()
+    before = restores()
+    for n in range(3):
+        endpoint = dict(ids, EndpointID=f"{n}" * 64)
+        ok(
+            "NetworkDriver.CreateEndpoint",
+            dict(endpoint, Interface={"Address": f"10.41.0.{n + 2}/24"}),
+        )
+        ok("NetworkDriver.Join", dict(endpoint, SandboxKey="/var/run/docker/netns/x"))
+        ok("NetworkDriver.ProgramExternalConnectivity", dict(endpoint, Options={}))
+        ok("NetworkDriver.EndpointOperInfo", endpoint)
+        ok("NetworkDriver.RevokeExternalConnectivity", endpoint)
+        ok("NetworkDriver.Leave", endpoint)
+        ok("NetworkDriver.DeleteEndpoint", endpoint)
+    assert restores() == before
+    # A published port: one iptables-restore (IPv4 only: no IPv6 in use; the
+    # bridge's route_localnet is written through /proc, not by a child).
+    ok("NetworkDriver.CreateEndpoint", dict(ids, Interface={"Address": "10.41.0.9/24"}))
+    portmap = [{"Proto": 6, "Port": 80, "HostPort": 8080}]
+    ok(
+        "NetworkDriver.ProgramExternalConnectivity",
+        dict(ids, Options={"com.docker.network.portmap": portmap}),
+    )
+    assert restores()[len(before) :] == ["iptables-restore"]
+    rules = ovs_world.netns.run(["iptables-save", "-t", "nat"]).stdout
+    assert "--to-destination 10.41.0.9:80" in rules
