@@ -405,11 +405,18 @@ def _line(tokens):
     return " ".join(tokens)
 
 
-def _forward_jump_placed(present, line):
-    """Whether our FORWARD jump *line* is where it belongs: first, or right
-    after DOCKER-USER when that comes first."""
+def _forward_position(present, line):
+    """Where our FORWARD jump *line* belongs (0-based, counting the rules
+    other than itself): right after DOCKER-USER when FORWARD jumps there
+    (a dockerd restart may put other rules before it), else first."""
     others = [rule for rule in present.forward if rule != line]
-    position = 1 if others[:1] == [f"-A FORWARD -j {DOCKER_USER}"] else 0
+    user = f"-A FORWARD -j {DOCKER_USER}"
+    return others.index(user) + 1 if user in others else 0
+
+
+def _forward_jump_placed(present, line):
+    """Whether our FORWARD jump *line* is where it belongs."""
+    position = _forward_position(present, line)
     return present.forward[position : position + 1] == (line,)
 
 
@@ -430,7 +437,7 @@ def drift(present, chains, family, docker):
         if count != 1:
             problems.append(f"the jump '{line}' is there {count} times")
         elif chain == "FORWARD" and not _forward_jump_placed(present, line):
-            problems.append(f"the jump '{line}' is not first (after {DOCKER_USER})")
+            problems.append(f"the jump '{line}' is not first (or right after {DOCKER_USER})")
     return problems
 
 
@@ -461,9 +468,7 @@ def restore_script(networks, family, present):
             if not keep:
                 position = 1
                 if chain == "FORWARD":
-                    others = [r for r in present.forward if r != line]
-                    if others[:1] == [f"-A FORWARD -j {DOCKER_USER}"]:
-                        position = 2
+                    position += _forward_position(present, line)
                 insertions.append(f"-I {chain} {position} " + line.split(" ", 2)[2])
         lines += deletions + insertions
         if chains is None:

@@ -539,3 +539,31 @@ def test_docker_bridge_networks_and_driver_networks_cannot_reach_each_other(ext_
     finally:
         for rule in ("-s 10.91.0.0/24 -d 10.92.0.0/24", "-s 10.92.0.0/24 -d 10.91.0.0/24"):
             ext.host("iptables", "-D", "DOCKER-USER", *rule.split(), "-j", "ACCEPT")
+
+
+def test_a_dockerd_restart_leaves_the_rules_whole_and_in_place(ext_iptables):
+    ext = ext_iptables
+    ext.network("ours2", "10.93.0.0/24")
+    ext.docker("network", "create", "-d", "bridge", "--subnet", "10.94.0.0/24", "theirs2")
+    ext.web("w2", "ours2", "-p", "8098:80")
+    ext.run("t2", "theirs2")
+    ext.world.dockerd.restart()
+    ext.docker("start", "w2", "t2")
+    url = f"http://{WORLD_IP}:8098/index.html"
+    ok, body = world.wait_until(lambda: _ok(ext.outside.get(url, timeout=1)), 30, 0.5)
+    assert body.strip() == "hello from w2"
+
+    def whole():
+        lines = _ours(ext)
+        jumps = [line for line in lines if line.startswith("-A ") and "-A OVSDRIVER" not in line]
+        forward = ext.host("iptables", "-S", "FORWARD").splitlines()
+        user = forward.index("-A FORWARD -j DOCKER-USER")
+        return (
+            len(lines) == len(set(lines))
+            and len(jumps) == 6  # FORWARD, INPUT, PREROUTING, OUTPUT, POSTROUTING, stage 2
+            and forward[user + 1] == "-A FORWARD -j OVSDRIVER-FORWARD"
+        )
+
+    world.wait_until(whole, 10, 0.5, lambda: "\n".join(_ours(ext)))
+    assert not ext.ping("t2", ext.ip("w2", "ours2"))
+    assert not ext.ping("w2", ext.ip("t2", "theirs2"))

@@ -648,3 +648,21 @@ def test_healer_checks_every_interval_and_survives_failures():
     healer.stopService()
     clock.advance(30)
     assert checked.calls == 3 and not clock.getDelayedCalls()
+
+
+def test_the_forward_jump_follows_docker_user_wherever_that_is():
+    # Seen after a dockerd restart: its isolation jump came back before DOCKER-USER.
+    present = Present(
+        forward=("-A FORWARD -j DOCKER-ISOLATION-STAGE-1", "-A FORWARD -j DOCKER-USER")
+    )
+    assert "-I FORWARD 3 -j OVSDRIVER-FORWARD" in script([network(1)], 4, present)
+    text = kernel_text([network(1)]).replace(
+        "-A FORWARD -j OVSDRIVER-FORWARD",
+        "-A FORWARD -j OVSDRIVER-FORWARD\n-A FORWARD -j DOCKER-ISOLATION-STAGE-1\n"
+        "-A FORWARD -j DOCKER-USER",
+    )
+    chains = firewall.written(check_networks([network(1)]), 4, False)
+    problems = firewall.drift(parse_save(text, 4), chains, 4, False)
+    assert problems == [
+        "the jump '-A FORWARD -j OVSDRIVER-FORWARD' is not first (or right after DOCKER-USER)"
+    ]
