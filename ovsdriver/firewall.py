@@ -516,7 +516,7 @@ def _hint(message):
     """What to do about an iptables failure, judged from its stderr."""
     text = message.lower()
     if "permission denied" in text or "you must be root" in text:
-        return "run the driver as root (it needs CAP_NET_ADMIN)"
+        return "run the driver as root, with CAP_NET_ADMIN"
     if "xtables lock" in text or "resource temporarily unavailable" in text:
         return "another program holds the xtables lock; the driver retries"
     if "couldn't load" in text or "no chain/target/match" in text or "not supported" in text:

@@ -490,20 +490,28 @@ class TestRealFirewall(FirewallContract):
 WRAPPED = ("iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore", "sysctl")
 
 
-def test_container_lifecycles_without_ports_run_no_firewall_command(
-    ovs_world, tmp_path, monkeypatch
-):
+def wrap_tools(tmp_path, monkeypatch, calls, fail=()):
+    """Put logging wrappers of the firewall's tools first on the driver's
+    PATH; those in *fail* print a kernel-like error and fail instead."""
     from tests import world
 
-    calls = tmp_path / "calls"
     wrappers = tmp_path / "bin"
     wrappers.mkdir()
     for tool in WRAPPED:
-        real = world.which(tool)
+        body = f'exec {world.which(tool)} "$@"'
+        if tool in fail:
+            body = f'echo "{tool}: {fail[tool]}" >&2; exit 1'
         script = wrappers / tool
-        script.write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\nexec {real} "$@"\n')
+        script.write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\n{body}\n')
         script.chmod(0o755)
     monkeypatch.setattr(world, "_SEARCH_PATH", f"{wrappers}{os.pathsep}{world._SEARCH_PATH}")
+
+
+def test_container_lifecycles_without_ports_run_no_firewall_command(
+    ovs_world, tmp_path, monkeypatch
+):
+    calls = tmp_path / "calls"
+    wrap_tools(tmp_path, monkeypatch, calls)
     driver = ovs_world.start_driver()
     net, ep = "7b" * 32, "5d" * 32
     ids = {"NetworkID": net, "EndpointID": ep}
@@ -551,3 +559,26 @@ def test_container_lifecycles_without_ports_run_no_firewall_command(
     assert restores()[len(before) :] == ["iptables-restore"]
     rules = ovs_world.netns.run(["iptables-save", "-t", "nat"]).stdout
     assert "--to-destination 10.41.0.9:80" in rules
+
+
+def test_a_firewall_that_refuses_the_rules_is_a_sentence_with_the_fix(
+    ovs_world, tmp_path, monkeypatch
+):
+    denied = "Permission denied (you must be root)"
+    wrap_tools(tmp_path, monkeypatch, tmp_path / "calls", fail={"iptables-restore": denied})
+    driver = ovs_world.start_driver()
+    net = "7c" * 32
+    status, reply = driver.post(
+        "NetworkDriver.CreateNetwork",
+        {
+            "NetworkID": net,
+            "Options": {"com.docker.network.generic": {}},
+            "IPv4Data": [{"Pool": "10.42.0.0/24", "Gateway": "10.42.0.1/24"}],
+        },
+    )
+    assert status == 200
+    assert reply["Err"] == (
+        "cannot update the IPv4 firewall rules: iptables-restore failed: iptables-restore: "
+        f"{denied} (run the driver as root, with CAP_NET_ADMIN)"
+    )
+    assert "obr-" + net[:11] not in ovs_world.ovs.bridges()  # nothing left behind
