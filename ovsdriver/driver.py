@@ -12,6 +12,7 @@ import attr
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from ovsdriver.firewall import FirewallError, check_published
 from ovsdriver.options import check_address, check_id, parse_network, parse_portmap
 from ovsdriver.ports import publish
 from ovsdriver.values import Endpoint, Network, NetworkRules, check_mac
@@ -39,6 +40,24 @@ def generate_mac(random_bytes=os.urandom):
     octets = bytearray(random_bytes(6))
     octets[0] = (octets[0] & 0xFC) | 0x02
     return ":".join(f"{b:02x}" for b in octets)
+
+
+def _publishable(endpoint, port):
+    """Whether the firewall takes *port* (recorded in OVSDB, where a hand
+    edit can make it anything): one bad record must not stop every update."""
+    try:
+        check_published(endpoint.network_id, port)
+    except FirewallError as e:
+        log.warn(
+            "not publishing {port} of endpoint {endpoint}: {e} (fix or remove "
+            "external_ids:ovsdriver-portmap of Interface {ifname})",
+            port=port,
+            endpoint=endpoint.endpoint_id[:12],
+            e=e,
+            ifname=endpoint.port,
+        )
+        return False
+    return True
 
 
 class Driver:
@@ -252,6 +271,7 @@ class Driver:
                         for ep in endpoints
                         if ep.network_id == network.network_id
                         for p in ep.published
+                        if _publishable(ep, p)
                     ],
                 )
                 for network in sorted(networks.values(), key=lambda n: n.network_id)

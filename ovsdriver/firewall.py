@@ -151,7 +151,9 @@ def _address(what, value):
         raise FirewallError(f"{what} {value!r} is not an IP address") from None
 
 
-def _published(network_id, port):
+def check_published(network_id, port):
+    """A published port of network *network_id*, checked and normalized; raise
+    FirewallError saying what is wrong."""
     what = f"published port of network {network_id[:12]}"
     if port.proto not in PROTOCOLS.values():
         raise FirewallError(
@@ -212,7 +214,7 @@ def check_networks(networks):
             raise FirewallError(f"network {name}: nat and internal must be true or false")
         published = []
         for port in network.published:
-            port = _published(network.network_id, port)
+            port = check_published(network.network_id, port)
             if port not in published:
                 published.append(port)
         checked.append(

@@ -239,3 +239,11 @@ def test_republishing_the_same_ports_writes_nothing_to_ovsdb():
     world.vswitch.set_published = lambda *a: writes.append(a) or defer.succeed(None)
     result_of(world.program(EP1, tcp(80, 8080)))
     assert writes == []
+
+
+def test_a_hand_edited_published_port_the_firewall_refuses_concerns_its_endpoint_only():
+    world = World()
+    bad = PublishedPort("tcp", 9000, "10.30.0.2", 80, "::1")  # valid JSON, impossible rule
+    result_of(world.vswitch.set_published(EP1, [bad]))
+    result_of(world.program(EP2, tcp(80, 8080)))
+    assert world.published() == {(8080, "10.30.0.3")}
