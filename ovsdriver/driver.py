@@ -12,10 +12,13 @@ import attr
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from ovsdriver.firewall import FirewallError, check_published
 from ovsdriver.options import check_address, check_id, parse_network, parse_portmap
+from ovsdriver.ports import publish
 from ovsdriver.values import Endpoint, Network, NetworkRules, check_mac
 from ovsdriver.vswitch import (
     IPV4,
+    IPV6,
     UnreadableRecord,
     gateway_ifname,
     port_name,
@@ -39,18 +42,22 @@ def generate_mac(random_bytes=os.urandom):
     return ":".join(f"{b:02x}" for b in octets)
 
 
-def _check_port_clash(published, other):
-    """Refuse a host port another endpoint already publishes on an overlapping
-    host address: its DNAT rule would silently win."""
-    for mine in published:
-        for theirs in other.published:
-            if (mine.proto, mine.host_port) != (theirs.proto, theirs.host_port):
-                continue
-            if None in (mine.host_ip, theirs.host_ip) or mine.host_ip == theirs.host_ip:
-                raise DriverError(
-                    f"host port {mine.host_port}/{mine.proto} is already published by "
-                    f"endpoint {other.endpoint_id[:12]}"
-                )
+def _publishable(endpoint, port):
+    """Whether the firewall takes *port* (recorded in OVSDB, where a hand
+    edit can make it anything): one bad record must not stop every update."""
+    try:
+        check_published(endpoint.network_id, port)
+    except FirewallError as e:
+        log.warn(
+            "not publishing {port} of endpoint {endpoint}: {e} (fix or remove "
+            "external_ids:ovsdriver-portmap of Interface {ifname})",
+            port=port,
+            endpoint=endpoint.endpoint_id[:12],
+            e=e,
+            ifname=endpoint.port,
+        )
+        return False
+    return True
 
 
 class Driver:
@@ -62,6 +69,7 @@ class Driver:
         self.firewall = firewall
         self.datapath_type = datapath_type
         self._firewall_lock = defer.DeferredLock()
+        self._publish_lock = defer.DeferredLock()
 
     async def _network(self, network_id):
         network = await self.vswitch.network(check_id("NetworkID", network_id))
@@ -192,24 +200,51 @@ class Driver:
     async def program_external_connectivity(self, network_id, endpoint_id, options):
         endpoint = await self._endpoint(network_id, endpoint_id)
         network = await self._network(network_id)
-        if IPV4 in endpoint.unreadable:
-            raise DriverError(
-                f"cannot publish ports of endpoint {endpoint_id[:12]}: its address in OVSDB "
-                f"(Interface {endpoint.port} external_ids:{IPV4}) cannot be read: "
-                f"{endpoint.unreadable[IPV4]}"
-            )
-        if network.internal or not endpoint.ipv4:
+        if network.internal:
             return
-        published = parse_portmap(options, endpoint.ipv4.split("/")[0])
-        for other in await self.vswitch.endpoints():
-            if other.endpoint_id != endpoint_id:
-                _check_port_clash(published, other)
-        await self.vswitch.set_published(endpoint_id, published)
+        requests = parse_portmap(options)
+        if not requests and not endpoint.published:
+            return  # nothing to publish: no OVSDB write, no firewall work
+        for key in (IPV4, IPV6):
+            if key in endpoint.unreadable:
+                raise DriverError(
+                    f"cannot publish ports of endpoint {endpoint_id[:12]}: its address in "
+                    f"OVSDB (Interface {endpoint.port} external_ids:{key}) cannot be read: "
+                    f"{endpoint.unreadable[key]}"
+                )
+        # Check and record under one lock: two endpoints asking for one host
+        # port at the same moment must not both get it.
+        await self._publish_lock.run(
+            lambda: defer.ensureDeferred(self._record_published(endpoint, requests))
+        )
         try:
             await self.sync_firewall()
         except Exception:
             await self._undo(self.revoke_external_connectivity(network_id, endpoint_id))
             raise
+
+    async def _record_published(self, endpoint, requests):
+        taken = [
+            (other.endpoint_id, port)
+            for other in await self.vswitch.endpoints()
+            if other.endpoint_id != endpoint.endpoint_id
+            for port in other.published
+        ]
+        address = {
+            v: ip.split("/")[0] if ip else None
+            for v, ip in ((4, endpoint.ipv4), (6, endpoint.ipv6))
+        }
+        published = publish(requests, address[4], address[6], taken)
+        for port in published:
+            log.info(
+                "endpoint {endpoint} publishes {proto} port {port} on host port {host_port}",
+                endpoint=endpoint.endpoint_id[:12],
+                proto=port.proto,
+                port=port.container_port,
+                host_port=port.host_port,
+            )
+        if published != endpoint.published:
+            await self.vswitch.set_published(endpoint.endpoint_id, published)
 
     async def revoke_external_connectivity(self, network_id, endpoint_id):
         endpoint = await self.vswitch.endpoint(check_id("EndpointID", endpoint_id))
@@ -236,6 +271,7 @@ class Driver:
                         for ep in endpoints
                         if ep.network_id == network.network_id
                         for p in ep.published
+                        if _publishable(ep, p)
                     ],
                 )
                 for network in sorted(networks.values(), key=lambda n: n.network_id)

@@ -7,15 +7,22 @@ same tables and chains as the engine's, so both see each other's rules, in a
 well-defined order, and ``iptables-save`` shows an operator everything.
 
 The driver calls `Firewall.apply` with the *complete* desired state after
-every change (and once at startup: `FirewallRestorer`). The firewall then
-rewrites its own chains in one ``iptables-restore --noflush`` per address
-family, which replaces each table atomically: a chain declared as
-``:CHAIN - [0:0]`` is flushed and refilled, every other rule (the engine's,
-the user's) stays as it is. Nothing is ever built as a shell string: every
-value that reaches a rule is validated (interface names, networks, ports,
-addresses, ids) and the commands run as argument lists.
+every change (and once at startup: `FirewallRestorer`). The firewall keeps
+what it last wrote: the same state again costs nothing (no child process on
+a container start that publishes nothing); a change rewrites only the chains
+that differ, in one ``iptables-restore --noflush`` per address family (a
+chain declared as ``:CHAIN - [0:0]`` is flushed and refilled atomically,
+every other rule, the engine's and the user's, stays as it is). The first
+apply, and any apply after the rules were found changed from outside, reads
+``iptables-save`` first to place the jumps into our chains exactly once.
+`FirewallHealer` compares ``iptables-save`` with what was written every few
+seconds and rewrites only when something of ours is missing or duplicated
+(``iptables -F``, a firewalld reload, a dockerd restart). Nothing is ever
+built as a shell string: every value that reaches a rule is validated
+(interface names, networks, ports, addresses, ids) and the commands run as
+argument lists.
 
-Chains (IPv4; IPv6 has the same filter chains and the POSTROUTING one):
+Chains (IPv4 and IPv6 alike unless said otherwise):
 
 ``filter OVSDRIVER-FORWARD`` (jumped to from FORWARD, right after
 DOCKER-USER when that comes first, so users' rules there still win)
@@ -25,18 +32,31 @@ DOCKER-USER when that comes first, so users' rules there still win)
     published port, and last, for a NAT network ``-o IF -j DROP`` (only
     replies and published ports come in, even if FORWARD's policy is
     ACCEPT) or, for a routed network (``ovs.nat=false``) ``-o IF -j ACCEPT``.
+    When dockerd manages iptables (its ``DOCKER-ISOLATION-STAGE-1/2``
+    exist), traffic from IF into Docker's bridges goes through Docker's
+    stage 2 (which drops it), traffic from Docker's bridges into a routed
+    network through Docker's stage 1, and Docker's stage 2 jumps to ours:
+    like between two of Docker's bridge networks, nothing crosses unless
+    ``DOCKER-USER`` allows it (published ports stay reachable).
 ``filter OVSDRIVER-ISOLATION-1`` / ``OVSDRIVER-ISOLATION-2``
     Docker's two-stage isolation, so rules stay O(networks): stage 1 sends
     traffic leaving a network (``-i IF ! -o IF``) to stage 2, which drops it
     if it enters another of the driver's networks (``-o IF2``). An internal
     network drops everything in or out through the host, by interface and
     by pool.
+``filter OVSDRIVER-INPUT`` (IPv4; from INPUT)
+    drops what a container sends to the host's 127.0.0.0/8: publishing on
+    127.0.0.1 needs ``route_localnet`` on the network's interface, which
+    would otherwise let containers reach the host's loopback services.
 ``nat OVSDRIVER-POSTROUTING``
-    ``-s POOL ! -o IF -j MASQUERADE`` for NAT networks; and hairpin: traffic
+    ``-s POOL ! -o IF -j MASQUERADE`` for NAT networks; hairpin: traffic
     from a network DNATed back into it is masqueraded, so that the reply
-    comes back through the host instead of straight over the bridge.
-``nat OVSDRIVER-DNAT`` (IPv4 only; from PREROUTING for local destinations,
-    and from OUTPUT for locally originated traffic, except to loopback)
+    comes back through the host instead of straight over the bridge; and
+    (IPv4) traffic from 127.0.0.0/8 DNATed into IF is masqueraded, so that
+    a port published on the host's loopback answers.
+``nat OVSDRIVER-DNAT`` (from PREROUTING for local destinations, and from
+    OUTPUT for locally originated traffic, 127.0.0.0/8 included; IPv6
+    except ``::1``, which the kernel cannot route to a container)
     one ``DNAT --to-destination CIP:CPORT`` per published port.
 
 With no network left, the chains and the jumps to them are removed.
@@ -62,41 +82,51 @@ log = Logger()
 FORWARD = "OVSDRIVER-FORWARD"
 ISOLATION_1 = "OVSDRIVER-ISOLATION-1"
 ISOLATION_2 = "OVSDRIVER-ISOLATION-2"
+INPUT = "OVSDRIVER-INPUT"
 POSTROUTING = "OVSDRIVER-POSTROUTING"
 DNAT = "OVSDRIVER-DNAT"
+#: Docker's isolation chains between its bridge networks (when dockerd
+#: manages iptables): stage 1 matches traffic leaving one of its bridges,
+#: stage 2 drops it when it enters another.
+DOCKER_STAGE_1 = "DOCKER-ISOLATION-STAGE-1"
+DOCKER_STAGE_2 = "DOCKER-ISOLATION-STAGE-2"
 
 #: The chains of each family, by table, in the order they are declared.
 CHAINS = {
-    4: {"filter": (FORWARD, ISOLATION_1, ISOLATION_2), "nat": (DNAT, POSTROUTING)},
-    6: {"filter": (FORWARD, ISOLATION_1, ISOLATION_2), "nat": (POSTROUTING,)},
+    4: {"filter": (FORWARD, ISOLATION_1, ISOLATION_2, INPUT), "nat": (DNAT, POSTROUTING)},
+    6: {"filter": (FORWARD, ISOLATION_1, ISOLATION_2), "nat": (DNAT, POSTROUTING)},
 }
-#: The jumps from built-in chains: (table, chain, match and target).
+_LOCAL = ("-m", "addrtype", "--dst-type", "LOCAL")
+#: The jumps into our chains: (table, chain, match and target). The last
+#: one exists only when dockerd manages iptables (see `jumps`).
 JUMPS = {
     4: (
         ("filter", "FORWARD", ("-j", FORWARD)),
-        ("nat", "PREROUTING", ("-m", "addrtype", "--dst-type", "LOCAL", "-j", DNAT)),
-        (
-            "nat",
-            "OUTPUT",
-            ("!", "-d", "127.0.0.0/8", "-m", "addrtype", "--dst-type", "LOCAL", "-j", DNAT),
-        ),
+        ("filter", "INPUT", ("-j", INPUT)),
+        ("nat", "PREROUTING", (*_LOCAL, "-j", DNAT)),
+        ("nat", "OUTPUT", (*_LOCAL, "-j", DNAT)),
         ("nat", "POSTROUTING", ("-j", POSTROUTING)),
+        ("filter", DOCKER_STAGE_2, ("-j", ISOLATION_2)),
     ),
     6: (
         ("filter", "FORWARD", ("-j", FORWARD)),
+        ("nat", "PREROUTING", (*_LOCAL, "-j", DNAT)),
+        ("nat", "OUTPUT", ("!", "-d", "::1/128", *_LOCAL, "-j", DNAT)),
         ("nat", "POSTROUTING", ("-j", POSTROUTING)),
+        ("filter", DOCKER_STAGE_2, ("-j", ISOLATION_2)),
     ),
 }
 TOOLS = {4: ("iptables-save", "iptables-restore"), 6: ("ip6tables-save", "ip6tables-restore")}
 FORWARDING_SYSCTL = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
 #: Users' rules go in DOCKER-USER, which the engine keeps first in FORWARD.
 DOCKER_USER = "DOCKER-USER"
+LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
 _SEARCH_PATH = os.pathsep.join(
     [os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"]
 )
 #: What a token of a rule may look like; everything else is refused.
-_TOKEN = re.compile(r"^[A-Za-z0-9_.:/@!,-]+$")
+_TOKEN = re.compile(r"^[A-Za-z0-9_.:/@!,\[\]-]+$")
 
 
 class FirewallError(Exception):
@@ -114,33 +144,40 @@ def _port(what, value):
     return value
 
 
-def _ipv4(what, value):
+def _address(what, value):
     try:
-        address = ipaddress.ip_address(value)
+        return ipaddress.ip_address(value)
     except (TypeError, ValueError):
         raise FirewallError(f"{what} {value!r} is not an IP address") from None
-    if address.version != 4:
-        raise FirewallError(
-            f"{what} {value} is an IPv6 address: the ovs driver publishes ports on IPv4 only"
-        )
-    return str(address)
 
 
-def _published(network_id, port):
+def check_published(network_id, port):
+    """A published port of network *network_id*, checked and normalized; raise
+    FirewallError saying what is wrong."""
     what = f"published port of network {network_id[:12]}"
     if port.proto not in PROTOCOLS.values():
         raise FirewallError(
             f"{what}: protocol {port.proto!r} is not one of {', '.join(PROTOCOLS.values())}"
         )
+    container_ip = _address(f"{what}: container address", port.container_ip)
     host_ip = port.host_ip
     if host_ip is not None:
-        host_ip = _ipv4(f"{what}: host address", host_ip)
-        if ipaddress.ip_address(host_ip).is_unspecified:
-            host_ip = None
+        address = _address(f"{what}: host address", host_ip)
+        if address.version != container_ip.version:
+            raise FirewallError(
+                f"{what}: host address {address} is IPv{address.version} but the container "
+                f"address {container_ip} is IPv{container_ip.version}"
+            )
+        if address == ipaddress.ip_address("::1"):
+            raise FirewallError(
+                f"{what}: the kernel cannot forward ::1 to a container: publish on "
+                "127.0.0.1 or on an IPv6 address of the host"
+            )
+        host_ip = None if address.is_unspecified else str(address)
     return attr.evolve(
         port,
         host_port=_port(f"{what}: host port", port.host_port),
-        container_ip=_ipv4(f"{what}: container address", port.container_ip),
+        container_ip=str(container_ip),
         container_port=_port(f"{what}: container port", port.container_port),
         host_ip=host_ip,
     )
@@ -151,7 +188,7 @@ def check_networks(networks):
 
     Returns a list of `NetworkRules` whose pools are normalized CIDR strings
     and whose published ports are checked, normalized and free of duplicates
-    (the engine may list one binding twice, e.g. for 0.0.0.0 and ``::``).
+    (the engine may list one binding twice, e.g. for 0.0.0.0 and none).
     """
     checked = []
     for network in networks:
@@ -177,7 +214,7 @@ def check_networks(networks):
             raise FirewallError(f"network {name}: nat and internal must be true or false")
         published = []
         for port in network.published:
-            port = _published(network.network_id, port)
+            port = check_published(network.network_id, port)
             if port not in published:
                 published.append(port)
         checked.append(
@@ -202,6 +239,24 @@ def forwarding_families(networks):
     return {f for f in (4, 6) for n in networks if not n.internal and n.pools(f)}
 
 
+def family_of(port):
+    """The address family (4 or 6) a published port is DNATed in."""
+    return ipaddress.ip_address(port.container_ip).version
+
+
+def loopback_published(port):
+    """Whether *port* (checked) is published on the host's 127.0.0.0/8."""
+    if family_of(port) != 4:
+        return False
+    return port.host_ip is None or ipaddress.ip_address(port.host_ip) in LOOPBACK
+
+
+def localnet_interfaces(networks):
+    """The interfaces that need ``route_localnet=1``: those of networks with
+    a port published on the host's loopback (as Docker sets it on its bridge)."""
+    return {n.ifname for n in networks if n.ipv4 and any(map(loopback_published, n.published))}
+
+
 # ---------------------------------------------------------------------------
 # The rules, as token lists (pure functions: unit-tested without iptables).
 # ---------------------------------------------------------------------------
@@ -211,8 +266,12 @@ def _comment(network):
     return ("-m", "comment", "--comment", f"ovsdriver:{network.network_id[:12]}")
 
 
-def rules(networks, family):
-    """The rules of our chains for checked *networks*: {(table, chain): [tokens]}."""
+def rules(networks, family, docker=False):
+    """The rules of our chains for checked *networks*: {(table, chain): [tokens]}.
+
+    *docker*: whether dockerd's isolation chains exist, so that traffic
+    between our networks and Docker's bridge networks is dropped as well.
+    """
     chains = {(t, c): [] for t, names in CHAINS[family].items() for c in names}
     forward = chains["filter", FORWARD]
     iso1 = chains["filter", ISOLATION_1]
@@ -230,35 +289,68 @@ def rules(networks, family):
             for pool in pools:
                 iso1 += [("-s", pool, *c, "-j", "DROP"), ("-d", pool, *c, "-j", "DROP")]
             continue
+        published = [p for p in n.published if family_of(p) == family]
         iso1.append((*i, "!", *o, *c, "-j", ISOLATION_2))
         iso2.append((*o, *c, "-j", "DROP"))
         forward.append(
             (*o, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", *c, "-j", "ACCEPT")
         )
+        if docker:  # into Docker's bridges: its stage 2 drops (not published ports)
+            forward.append(
+                (*i, "!", *o, "-m", "conntrack", "!", "--ctstate", "DNAT", *c)
+                + ("-j", DOCKER_STAGE_2)
+            )
         forward.append((*i, *c, "-j", "ACCEPT"))
-        for p in n.published if family == 4 else ():
+        for p in published:
             forward.append(
                 ("-d", p.container_ip + host, *o, "-p", p.proto, "-m", p.proto)
                 + ("--dport", str(p.container_port), "-m", "conntrack", "--ctstate", "DNAT")
                 + (*c, "-j", "ACCEPT")
             )
+        if docker and not n.nat:  # from Docker's bridges: its stage 1, then ours, drop
+            forward.append((*o, *c, "-j", DOCKER_STAGE_1))
         forward.append((*o, *c, "-j", "DROP" if n.nat else "ACCEPT"))
         for pool in pools:
             if n.nat:
                 post.append(("-s", pool, "!", *o, *c, "-j", "MASQUERADE"))
-            if family == 4:  # hairpin: published ports are IPv4 only
-                post.append(
-                    ("-s", pool, *o, "-m", "conntrack", "--ctstate", "DNAT")
-                    + (*c, "-j", "MASQUERADE")
-                )
+            post.append(
+                ("-s", pool, *o, "-m", "conntrack", "--ctstate", "DNAT") + (*c, "-j", "MASQUERADE")
+            )
         if family == 4:
-            for p in n.published:
-                where = ("-d", p.host_ip + host) if p.host_ip else ()
-                chains["nat", DNAT].append(
-                    (*where, "-p", p.proto, "-m", p.proto, "--dport", str(p.host_port), *c)
-                    + ("-j", "DNAT", "--to-destination", f"{p.container_ip}:{p.container_port}")
-                )
+            post.append(("-s", str(LOOPBACK), *o, *c, "-j", "MASQUERADE"))
+            chains["filter", INPUT].append(
+                (*i, "-d", str(LOOPBACK), "-m", "conntrack", "!", "--ctstate")
+                + ("RELATED,ESTABLISHED,DNAT", *c, "-j", "DROP")
+            )
+        for p in published:
+            where = ("-d", p.host_ip + host) if p.host_ip else ()
+            target = p.container_ip if family == 4 else f"[{p.container_ip}]"
+            chains["nat", DNAT].append(
+                (*where, "-p", p.proto, "-m", p.proto, "--dport", str(p.host_port), *c)
+                + ("-j", "DNAT", "--to-destination", f"{target}:{p.container_port}")
+            )
     return chains
+
+
+def jumps(family, docker):
+    """The jumps into our chains as ``iptables-save`` prints them:
+    [(table, chain, "-A CHAIN ...")]."""
+    return [
+        (table, chain, " ".join(("-A", chain, *spec)))
+        for table, chain, spec in JUMPS[family]
+        if docker or chain != DOCKER_STAGE_2
+    ]
+
+
+def written(networks, family, docker):
+    """What our chains hold for *networks*: {(table, chain): ("-A ...", ...)},
+    or None when no network needs *family* (then nothing of ours exists)."""
+    if not needs(networks, family):
+        return None
+    return {
+        key: tuple(_line(("-A", key[1], *rule)) for rule in chain)
+        for key, chain in rules(networks, family, docker).items()
+    }
 
 
 @attr.s(frozen=True, slots=True)
@@ -266,19 +358,26 @@ class Present:
     """What ``iptables-save`` says exists that concerns us, in one family."""
 
     chains = attr.ib(factory=frozenset)  # {(table, chain)} of ours
-    jumps = attr.ib(factory=tuple)  # ((table, builtin chain, "-A ..." line), ...) to ours
-    forward_first = attr.ib(default=None)  # the first rule of filter FORWARD
+    jumps = attr.ib(factory=tuple)  # ((table, chain, "-A ..." line), ...) into ours
+    forward = attr.ib(factory=tuple)  # every rule of filter FORWARD, in order
+    counts = attr.ib(factory=dict)  # {(table, chain): number of rules} of ours
+    docker = attr.ib(default=False)  # whether Docker's isolation chains exist
 
     @property
     def empty(self):
         return not self.chains and not self.jumps
 
+    @property
+    def forward_first(self):
+        """The first rule of filter FORWARD, or None."""
+        return self.forward[0] if self.forward else None
+
 
 def parse_save(text, family):
     """Read ``iptables-save`` output into a `Present`."""
     ours = {c for names in CHAINS[family].values() for c in names}
-    expected = {(table, chain, spec[-1]) for table, chain, spec in JUMPS[family]}
-    table, chains, jumps, first = None, set(), [], None
+    targets = {(table, chain, spec[-1]) for table, chain, spec in JUMPS[family]}
+    table, chains, found, forward, counts, docker = None, set(), [], [], {}, set()
     for line in text.splitlines():
         if line.startswith("*"):
             table = line[1:].strip()
@@ -286,14 +385,19 @@ def parse_save(text, family):
             name = line[1:].split()[0]
             if name in ours:
                 chains.add((table, name))
+            if table == "filter" and name in (DOCKER_STAGE_1, DOCKER_STAGE_2):
+                docker.add(name)
         elif line.startswith("-A ") and table:
+            line = line.strip()
             tokens = line.split()
             chain = tokens[1]
-            if table == "filter" and chain == "FORWARD" and first is None:
-                first = line.strip()
-            if tokens[-2:-1] == ["-j"] and (table, chain, tokens[-1]) in expected:
-                jumps.append((table, chain, line.strip()))
-    return Present(frozenset(chains), tuple(jumps), first)
+            if chain in ours:
+                counts[table, chain] = counts.get((table, chain), 0) + 1
+            if table == "filter" and chain == "FORWARD":
+                forward.append(line)
+            if tokens[-2:-1] == ["-j"] and (table, chain, tokens[-1]) in targets:
+                found.append((table, chain, line))
+    return Present(frozenset(chains), tuple(found), tuple(forward), counts, len(docker) == 2)
 
 
 def _line(tokens):
@@ -303,32 +407,92 @@ def _line(tokens):
     return " ".join(tokens)
 
 
+def _forward_position(present, line):
+    """Where our FORWARD jump *line* belongs (0-based, counting the rules
+    other than itself): right after DOCKER-USER when FORWARD jumps there
+    (a dockerd restart may put other rules before it), else first."""
+    others = [rule for rule in present.forward if rule != line]
+    user = f"-A FORWARD -j {DOCKER_USER}"
+    return others.index(user) + 1 if user in others else 0
+
+
+def _forward_jump_placed(present, line):
+    """Whether our FORWARD jump *line* is where it belongs."""
+    position = _forward_position(present, line)
+    return present.forward[position : position + 1] == (line,)
+
+
+def drift(present, chains, family, docker):
+    """How the kernel differs from what we wrote (*chains*, as `written`
+    returns it): a list of short descriptions, empty when all is in place."""
+    problems = []
+    if present.docker != docker:
+        problems.append("Docker's isolation chains " + ("appeared" if present.docker else "went"))
+    for (table, chain), lines in (chains or {}).items():
+        if (table, chain) not in present.chains:
+            problems.append(f"chain {table} {chain} is missing")
+        elif present.counts.get((table, chain), 0) != len(lines):
+            have = present.counts.get((table, chain), 0)
+            problems.append(f"chain {table} {chain} has {have} rules instead of {len(lines)}")
+    for table, chain, line in jumps(family, docker) if chains is not None else ():
+        count = sum(1 for t, _, found in present.jumps if (t, found) == (table, line))
+        if count != 1:
+            problems.append(f"the jump '{line}' is there {count} times")
+        elif chain == "FORWARD" and not _forward_jump_placed(present, line):
+            problems.append(f"the jump '{line}' is not first (or right after {DOCKER_USER})")
+    return problems
+
+
 def restore_script(networks, family, present):
     """The ``iptables-restore --noflush`` input that makes our chains say
-    *networks* (or removes them all when no network needs this family)."""
-    remove = not needs(networks, family)
-    chains = rules(networks, family)
-    jumped = {(t, c, line.split()[-1]) for t, c, line in present.jumps}
+    *networks* (or removes them all when no network needs this family), and
+    puts every jump into them in place exactly once."""
+    docker = present.docker
+    chains = written(networks, family, docker)
+    wanted = jumps(family, docker) if chains is not None else []
     lines = []
     for table, names in CHAINS[family].items():
         lines.append(f"*{table}")
         lines += [f":{name} - [0:0]" for name in names]  # creates or flushes
-        if remove:
-            lines += ["-D" + line[2:] for t, _, line in present.jumps if t == table]
-            lines += [f"-X {name}" for name in names]
-        else:
+        if chains is not None:
             for name in names:
-                lines += [_line(("-A", name, *rule)) for rule in chains[table, name]]
-            for t, builtin, spec in JUMPS[family]:
-                if t == table and (t, builtin, spec[-1]) not in jumped:
-                    position = 1
-                    if builtin == "FORWARD" and present.forward_first == (
-                        f"-A FORWARD -j {DOCKER_USER}"
-                    ):
-                        position = 2
-                    lines.append(_line(("-I", builtin, str(position), *spec)))
+                lines += chains[table, name]
+        deletions, insertions = [], []
+        for t, chain, line in present.jumps:
+            if t == table and (t, chain, line) not in wanted:
+                deletions.append("-D" + line[2:])  # stale or not wanted any more
+        for t, chain, line in wanted:
+            if t != table:
+                continue
+            count = sum(1 for t2, _, found in present.jumps if (t2, found) == (t, line))
+            keep = count >= 1 and (chain != "FORWARD" or _forward_jump_placed(present, line))
+            deletions += ["-D" + line[2:]] * (count - 1 if keep else count)
+            if not keep:
+                position = 1
+                if chain == "FORWARD":
+                    position += _forward_position(present, line)
+                insertions.append(f"-I {chain} {position} " + line.split(" ", 2)[2])
+        lines += deletions + insertions
+        if chains is None:
+            lines += [f"-X {name}" for name in names]
         lines.append("COMMIT")
     return "\n".join(lines) + "\n"
+
+
+def update_script(old, new):
+    """The ``iptables-restore --noflush`` input that rewrites only the chains
+    whose rules differ between *old* and *new* (both as `written` returns
+    them), or None when nothing differs."""
+    lines = []
+    for table in ("filter", "nat"):
+        changed = [key for key in new if key[0] == table and old.get(key) != new[key]]
+        if changed:
+            lines.append(f"*{table}")
+            lines += [f":{chain} - [0:0]" for _, chain in changed]
+            for key in changed:
+                lines += new[key]
+            lines.append("COMMIT")
+    return "\n".join(lines) + "\n" if lines else None
 
 
 # ---------------------------------------------------------------------------
@@ -339,6 +503,32 @@ def restore_script(networks, family, present):
 def which(program):
     """Where *program* is, looking in the sbin directories too."""
     return shutil.which(program, path=_SEARCH_PATH)
+
+
+@attr.s(slots=True)
+class _Family:
+    """What we last wrote in one family, and whether the kernel still says so."""
+
+    chains = attr.ib(default=None)  # as `written` returns it; None: nothing of ours
+    docker = attr.ib(default=False)  # whether it was written with Docker's chains
+    known = attr.ib(default=False)  # False: read iptables-save before writing
+
+
+def _hint(message):
+    """What to do about an iptables failure, judged from its stderr."""
+    text = message.lower()
+    if "permission denied" in text or "you must be root" in text:
+        return "run the driver as root, with CAP_NET_ADMIN"
+    if "xtables lock" in text or "resource temporarily unavailable" in text:
+        return "another program holds the xtables lock; the driver retries"
+    if "couldn't load" in text or "no chain/target/match" in text or "not supported" in text:
+        return (
+            "the kernel lacks a netfilter module the rules use (conntrack, addrtype, "
+            "comment, MASQUERADE, DNAT): load it with modprobe, e.g. modprobe xt_conntrack"
+        )
+    if "too many links" in text or "chain_del" in text or "chain_user_del" in text:
+        return "another rule jumps into an OVSDRIVER-* chain: remove that rule"
+    return "see the driver's log and iptables-save for the conflicting rule"
 
 
 class Firewall:
@@ -365,13 +555,21 @@ class Firewall:
             self.netns = netns if "/" in netns else f"/run/netns/{netns}"
         self._lock = defer.DeferredLock()
         self._env = dict(os.environ, PATH=_SEARCH_PATH, LC_ALL="C")
+        self._families = {4: _Family(), 6: _Family()}
+        self._wanted = None  # the last state applied (checked), for healing
+        self._forwarding = set()  # families whose forwarding we saw on
+        self._localnet = set()  # interfaces whose route_localnet we saw on
+        #: How often the rules were found changed from outside and rewritten.
+        self.heals = 0
+        self._problems = []  # what the last check found (logged once)
 
     def apply(self, networks):
         """Make our chains say exactly *networks* (a list of `NetworkRules`).
 
-        Calls are serialised; each one is atomic per table. Fails with
-        FirewallError, naming what failed, and then leaves the previous
-        rules of the failed table in place.
+        Calls are serialised; each one is atomic per table. The same state
+        as last time runs nothing. Fails with FirewallError, naming what
+        failed and what to do, and then leaves the previous rules of the
+        failed table in place.
         """
         try:
             checked = check_networks(networks)
@@ -382,23 +580,97 @@ class Firewall:
 
     async def _apply(self, networks):
         for family in (4, 6):
-            wanted = needs(networks, family)
-            try:
-                save = await self._tool(family, 0, [])
-            except FirewallError:
-                if wanted:
-                    raise
-                continue  # e.g. no ip6tables: nothing of ours can be there
-            present = parse_save(save, family)
-            if not wanted and present.empty:
-                continue
-            script = restore_script(networks, family, present)
-            try:
-                await self._tool(family, 1, ["--noflush", "-w"], script.encode())
-            except FirewallError as e:
-                raise FirewallError(f"cannot update the IPv{family} firewall rules: {e}") from None
-        for family in sorted(forwarding_families(networks)):
+            await self._apply_family(networks, family)
+        self._wanted = networks
+        for family in sorted(forwarding_families(networks) - self._forwarding):
             await self.enable_forwarding(family)
+            self._forwarding.add(family)
+        interfaces = localnet_interfaces(networks)
+        self._localnet &= {n.ifname for n in networks}  # a removed one may come back
+        for ifname in sorted(interfaces - self._localnet):
+            await self.enable_route_localnet(ifname)
+            self._localnet.add(ifname)
+
+    async def _apply_family(self, networks, family):
+        state = self._families[family]
+        if state.known:
+            new = written(networks, family, state.docker)
+            if new == state.chains:
+                return  # nothing changed: no child process at all
+            if new is not None and state.chains is not None:
+                script = update_script(state.chains, new)
+                try:
+                    await self._restore(family, script)
+                except FirewallError as e:
+                    log.warn("rewriting the changed chains failed ({e}); rewriting all", e=e)
+                    state.known = False
+                else:
+                    state.chains = new
+                    return
+        state.known = False
+        wanted = needs(networks, family)
+        try:
+            save = await self._tool(family, 0, [])
+        except FirewallError:
+            if wanted:
+                raise
+            return  # e.g. no ip6tables: nothing of ours can be there
+        present = parse_save(save, family)
+        if not wanted and present.empty:
+            self._families[family] = _Family(None, present.docker, True)
+            return
+        await self._restore(family, restore_script(networks, family, present))
+        self._families[family] = _Family(
+            written(networks, family, present.docker), present.docker, True
+        )
+
+    async def _restore(self, family, script):
+        try:
+            await self._tool(family, 1, ["--noflush", "-w"], script.encode())
+        except FirewallError as e:
+            self._families[family].known = False
+            raise FirewallError(
+                f"cannot update the IPv{family} firewall rules: {e} ({_hint(str(e))})"
+            ) from None
+
+    def check(self):
+        """Compare the kernel's rules with what was last applied; rewrite
+        them when something of ours is missing, duplicated or misplaced.
+
+        Reads ``iptables-save`` (only for families in use), writes nothing
+        when all is in place. The result: a list of what was found wrong.
+        """
+        return self._lock.run(lambda: defer.ensureDeferred(self._check()))
+
+    async def _check(self):
+        if self._wanted is None:
+            return []
+        problems = []
+        for family in (4, 6):
+            state = self._families[family]
+            if not needs(self._wanted, family):
+                continue
+            present = parse_save(await self._tool(family, 0, []), family)
+            found = drift(present, state.chains if state.known else None, family, state.docker)
+            if not state.known:
+                found.append("the last update failed")
+            if found:
+                state.known = False
+                problems += [f"IPv{family}: {problem}" for problem in found]
+        if problems:
+            if problems != self._problems:
+                log.warn(
+                    "the ovs driver's firewall rules were changed from outside "
+                    "({problems}); rewriting them",
+                    problems="; ".join(problems),
+                )
+            self._problems = problems
+            self.heals += 1
+            self._forwarding.clear()
+            self._localnet.clear()
+            await self._apply(self._wanted)
+        self._problems = problems
+        return problems
 
     async def _tool(self, family, which_tool, args, stdin=None):
         name = TOOLS[family][which_tool]
@@ -426,17 +698,27 @@ class Firewall:
     async def enable_forwarding(self, family):
         """Turn on IP forwarding of *family* (4 or 6) if it is off."""
         key = FORWARDING_SYSCTL[family]
-        if self.netns is None:
-            path = "/proc/sys/" + key.replace(".", "/")
-            changed = await self._in_thread(_enable, path)
-        else:
-            sysctl = which("sysctl") or "sysctl"
-            current = await self.run([sysctl, "-n", key])
-            changed = current.strip() != b"1"
-            if changed:
-                await self.run([sysctl, "-q", "-w", f"{key}=1"])
-        if changed:
+        if await self._enable_sysctl(key.replace(".", "/"), "IP forwarding"):
             log.info("turned on IPv{family} forwarding ({key}=1)", family=family, key=key)
+
+    async def enable_route_localnet(self, ifname):
+        """Let *ifname* route 127.0.0.0/8 (``route_localnet``), as ports
+        published on the host's loopback need (Docker does the same)."""
+        key = f"net/ipv4/conf/{ifname}/route_localnet"
+        if await self._enable_sysctl(key, f"ports published on 127.0.0.1 through {ifname}"):
+            log.info("set route_localnet=1 on {ifname}", ifname=ifname)
+
+    async def _enable_sysctl(self, key, what):
+        """Write 1 to sysctl *key* (slash-separated) unless it holds 1;
+        whether it changed."""
+        if self.netns is None:
+            return await self._in_thread(_enable, "/proc/sys/" + key, what)
+        sysctl = which("sysctl") or "sysctl"
+        current = await self.run([sysctl, "-n", key])
+        if current.strip() == b"1":
+            return False
+        await self.run([sysctl, "-q", "-w", f"{key}=1"])
+        return True
 
 
 def _run(name, argv, stdin, env, timeout):
@@ -462,7 +744,7 @@ def _run(name, argv, stdin, env, timeout):
     return done.stdout
 
 
-def _enable(path):
+def _enable(path, what="IP forwarding"):
     """Write 1 to a /proc/sys file unless it holds 1 already (in a thread)."""
     try:
         with open(path) as f:
@@ -471,12 +753,15 @@ def _enable(path):
         with open(path, "w") as f:
             f.write("1\n")
     except OSError as e:
-        raise FirewallError(f"cannot turn on forwarding in {path}: {e.strerror}") from None
+        raise FirewallError(
+            f"cannot turn on {what}: writing 1 to {path} failed ({e.strerror}); "
+            "run the driver as root, or set it yourself"
+        ) from None
     return True
 
 
 # ---------------------------------------------------------------------------
-# Restoring the rules when the driver starts.
+# Restoring the rules when the driver starts, and when they are flushed.
 # ---------------------------------------------------------------------------
 
 
@@ -532,3 +817,56 @@ class FirewallRestorer(service.Service):
             delay=delay,
         )
         self._call = self.reactor.callLater(delay, self._attempt)
+
+
+class FirewallHealer(service.Service):
+    """Puts the rules back when something outside removed them.
+
+    ``iptables -F``, ``iptables -t nat -F``, a firewalld reload or a dockerd
+    restart that rewrites its chains take the driver's rules or jumps away
+    without telling anyone. Every `interval` seconds `Firewall.check` reads
+    ``iptables-save`` (in the thread pool) and rewrites only when something
+    of ours is missing, duplicated or misplaced: a flush is repaired within
+    one interval, and nothing is duplicated.
+    """
+
+    interval = 3.0
+
+    def __init__(self, reactor, firewall, interval=None):
+        self.reactor = reactor
+        self.firewall = firewall
+        if interval is not None:
+            self.interval = interval
+        self._call = None
+        self._busy = None
+        self._last_error = None
+
+    def startService(self):
+        super().startService()
+        self._schedule()
+
+    def stopService(self):
+        super().stopService()
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        return self._busy  # let a check in flight finish
+
+    def _schedule(self):
+        if self.running:
+            self._call = self.reactor.callLater(self.interval, self._tick)
+
+    def _tick(self):
+        self._call = None
+        self._busy = defer.ensureDeferred(self._check())
+        self._busy.addBoth(lambda _: setattr(self, "_busy", None) or self._schedule())
+
+    async def _check(self):
+        try:
+            await self.firewall.check()
+        except Exception as e:  # logged once per message; checked again next time
+            if str(e) != self._last_error:
+                log.warn("cannot check the firewall rules: {e}", e=e)
+            self._last_error = str(e)
+        else:
+            self._last_error = None

@@ -462,13 +462,15 @@ def _network_firewall_problems(saved, network):
 
 
 def _published_firewall_problems(saved, endpoint):
-    text = (saved or {}).get(4)
-    if text is None:
-        return []
     problems = []
-    dnat = [tokens for chain, tokens in _our_lines(text) if chain == firewall.DNAT]
     for port in endpoint.published:
-        target = f"{port.container_ip}:{port.container_port}"
+        family = firewall.family_of(port)
+        text = (saved or {}).get(family)
+        if text is None:
+            continue
+        dnat = [tokens for chain, tokens in _our_lines(text) if chain == firewall.DNAT]
+        address = port.container_ip if family == 4 else f"[{port.container_ip}]"
+        target = f"{address}:{port.container_port}"
         if not any(
             _after(tokens, "--dport") == str(port.host_port)
             and _after(tokens, "--to-destination") == target
@@ -502,6 +504,8 @@ def _firewall_problems(facts):
                     problems.append(f"the IPv{family} firewall chain {table} {name} is missing")
         jumps = {(t, c, line.split()[-1]) for t, c, line in present.jumps}
         for table, chain, spec in firewall.JUMPS[family]:
+            if chain == firewall.DOCKER_STAGE_2 and not present.docker:
+                continue  # only when dockerd manages iptables
             if (table, chain, spec[-1]) not in jumps:
                 problems.append(
                     f"the IPv{family} firewall has no jump from {table} {chain} to {spec[-1]}"

@@ -7,12 +7,13 @@ here once, checked, and recorded in OVSDB as a `Network`.
 
 import ipaddress
 
+import attr
+
 from ovsdriver.values import (
     HEX_ID,
     PROTOCOLS,
     InvalidValue,
     Network,
-    PublishedPort,
     Subnet,
     check_ifname,
 )
@@ -149,46 +150,75 @@ def parse_network(network_id, options, ipv4_data, ipv6_data, default_datapath):
 PORTMAP_KEY = "com.docker.network.portmap"
 
 
-def parse_portmap(options, container_ip):
+@attr.s(frozen=True, slots=True)
+class PortRequest:
+    """One entry of the engine's portmap: publish container port `port` on a
+    host port from `host_port` to `host_port_end` (one port when equal)."""
+
+    proto = attr.ib()  # "tcp", "udp" or "sctp"
+    port = attr.ib()
+    host_port = attr.ib()
+    host_port_end = attr.ib()
+    host_ip = attr.ib(default=None)  # normalized; None: every address of both families
+
+    def describe(self):
+        """The request as the user wrote it with ``-p``."""
+        host = f"{self.host_port}"
+        if self.host_port_end != self.host_port:
+            host += f"-{self.host_port_end}"
+        if self.host_ip is not None:
+            ip = ipaddress.ip_address(self.host_ip)
+            host = (f"[{ip}]" if ip.version == 6 else str(ip)) + ":" + host
+        return f"-p {host}:{self.port}/{self.proto}"
+
+
+def _portmap_port(what, value, low=1):
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 65535:
+        raise OptionError(f"cannot publish {what} {value!r}: use a port from {low} to 65535")
+    return value
+
+
+def parse_portmap(options):
     """The engine's portmap (ProgramExternalConnectivity's Options) as
-    `PublishedPort` values; raise OptionError for what cannot be published."""
+    `PortRequest` values; raise OptionError, saying what to use instead, for
+    what the ovs driver cannot publish."""
     entries = (options or {}).get(PORTMAP_KEY) or []
     if not isinstance(entries, list):
         raise OptionError(f"{PORTMAP_KEY} must be a list")
-    published = []
+    requests = []
     for entry in entries:
         if not isinstance(entry, dict):
             raise OptionError(f"{PORTMAP_KEY} entries must be objects")
         proto = PROTOCOLS.get(entry.get("Proto"))
-        port, host_port = entry.get("Port"), entry.get("HostPort")
         if proto is None:
             raise OptionError(
                 f"cannot publish protocol {entry.get('Proto')!r}: use tcp, udp or sctp"
             )
-        if not isinstance(port, int) or not 1 <= port <= 65535:
-            raise OptionError(f"cannot publish container port {port!r}")
+        port = _portmap_port("container port", entry.get("Port"))
+        host_port = _portmap_port("host port", entry.get("HostPort") or 0, 0)
+        host_port_end = _portmap_port("host port", entry.get("HostPortEnd") or 0, 0)
         if not host_port:
             raise OptionError(
-                f"publish {port}/{proto} with an explicit host port (-p HOST_PORT:{port}): "
-                "the ovs driver does not pick host ports"
+                f"publish {port}/{proto} on a host port of your choice, e.g. "
+                f"-p 8080:{port}/{proto}, or a range, e.g. -p 8000-8100:{port}/{proto}: "
+                f"with -p {port} or -P Docker asks the driver to pick one, and the ovs "
+                "driver cannot report the port it picks back to the engine"
             )
-        if not isinstance(host_port, int) or not 1 <= host_port <= 65535:
-            raise OptionError(f"cannot publish on host port {host_port!r}")
+        if host_port_end and host_port_end < host_port:
+            raise OptionError(
+                f"cannot publish {port}/{proto} on host ports {host_port}-{host_port_end}: "
+                "the range ends before it starts"
+            )
         host_ip = entry.get("HostIP") or None
         if host_ip is not None:
             try:
                 host_ip = str(ipaddress.ip_address(host_ip))
             except ValueError:
                 raise OptionError(f"HostIP {host_ip!r} is not an IP address") from None
-            if ipaddress.ip_address(host_ip).is_unspecified:
-                host_ip = None
-            elif ipaddress.ip_address(host_ip).version == 6:
-                raise OptionError(
-                    f"cannot publish on the IPv6 address {host_ip}: the ovs driver "
-                    "publishes ports on IPv4 addresses only"
-                )
-        published.append(PublishedPort(proto, host_port, container_ip, port, host_ip))
-    return published
+        request = PortRequest(proto, port, host_port, host_port_end or host_port, host_ip)
+        if request not in requests:
+            requests.append(request)
+    return requests
 
 
 def check_address(field, value, version):

@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from ovsdriver.api import Handlers, PluginResource
 from ovsdriver.driver import Driver
-from ovsdriver.firewall import Firewall, FirewallRestorer
+from ovsdriver.firewall import Firewall, FirewallHealer, FirewallRestorer
 from ovsdriver.netlink import Netlink
 from ovsdriver.ovsdb import OVSDB
 from ovsdriver.reconcile import Reconciler
@@ -222,8 +222,10 @@ def makeService(options, reactor=None):
     NetlinkService(netlink).setServiceParent(top)
     firewall = Firewall(reactor)
     driver = Driver(VSwitch(ovsdb), netlink, firewall, options["datapath-type"])
-    # The firewall lives in the kernel only: rebuild it from OVSDB at start.
+    # The firewall lives in the kernel only: rebuild it from OVSDB at start,
+    # and put it back when something outside flushes it.
     FirewallRestorer(reactor, driver.sync_firewall).setServiceParent(top)
+    FirewallHealer(reactor, firewall).setServiceParent(top)
     # Orphan collection and repair after ovs-vswitchd restarts (see ovsdriver.reconcile).
     reconciler = Reconciler(reactor, driver.vswitch, netlink, after_collect=driver.sync_firewall)
     reconciler.setServiceParent(top)

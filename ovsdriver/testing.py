@@ -15,7 +15,14 @@ import time
 import attr
 from twisted.internet import defer
 
-from ovsdriver.firewall import FirewallError, check_networks, forwarding_families, needs
+from ovsdriver.firewall import (
+    FirewallError,
+    check_networks,
+    family_of,
+    forwarding_families,
+    localnet_interfaces,
+    needs,
+)
 from ovsdriver.netlink import (
     LinkError,
     LinkInfo,
@@ -703,14 +710,21 @@ class FakeFirewall:
 
     It validates like the real one (the same `check_networks`) and answers
     what the real one's chains would do: `isolated`, `masqueraded`,
-    `blocked`, `published`, `forwarding`. Tests make the next applies fail
-    with `fail_next`, as a failing iptables-restore would (nothing changes).
+    `blocked`, `published`, `forwarding`, `localnet`, `docker_isolated`.
+    Tests make the next applies fail with `fail_next`, as a failing
+    iptables-restore would (nothing changes); `flush` and `docker_appears`
+    change the "kernel" from outside, as `check` then notices.
     """
 
     def __init__(self):
         self.networks = ()  # the last applied state, validated and normalized
         self.forwarding = set()  # families whose IP forwarding was turned on
+        self.route_localnet = set()  # interfaces with route_localnet=1
         self.applied = 0  # successful applies
+        self.heals = 0
+        self.docker = False  # whether dockerd's isolation chains exist
+        self._docker_written = False
+        self._flushed = False
         self._failures = []
 
     # -- helpers for tests ---------------------------------------------------
@@ -719,39 +733,69 @@ class FakeFirewall:
         """Make the next `apply` fail with FirewallError(*message*)."""
         self._failures.append(message)
 
+    def flush(self):
+        """As ``iptables -F`` and ``iptables -t nat -F``: every rule is gone."""
+        self._flushed = True
+
+    def docker_appears(self):
+        """As dockerd starting with iptables: its isolation chains exist."""
+        self.docker = True
+
     def network(self, network_id):
         """The applied `NetworkRules` of *network_id*, or None."""
         return next((n for n in self.networks if n.network_id == network_id), None)
 
     @property
+    def _live(self):
+        return () if self._flushed else self.networks
+
+    @property
     def owned(self):
         """Whether the real firewall would have chains in place."""
-        return any(needs(self.networks, family) for family in (4, 6))
+        return any(needs(self._live, family) for family in (4, 6))
 
     def isolated(self):
         """{(family, ifname, "nat" | "routed" | "internal")} of every network."""
         return {
             (family, n.ifname, "internal" if n.internal else "nat" if n.nat else "routed")
-            for n in self.networks
+            for n in self._live
             for family in (4, 6)
             if n.pools(family)
         }
 
     def masqueraded(self):
         """{(pool, ifname)} whose traffic leaving the network is masqueraded."""
-        return {(pool, n.ifname) for n in self.networks if n.nat for pool in n.ipv4 + n.ipv6}
+        return {(pool, n.ifname) for n in self._live if n.nat for pool in n.ipv4 + n.ipv6}
 
     def blocked(self):
         """{pool} of internal networks: nothing is routed to or from them."""
-        return {pool for n in self.networks if n.internal for pool in n.ipv4 + n.ipv6}
+        return {pool for n in self._live if n.internal for pool in n.ipv4 + n.ipv6}
 
     def published(self):
         """{(proto, host_ip, host_port, container_ip, container_port)} DNATed."""
         return {
             (p.proto, p.host_ip, p.host_port, p.container_ip, p.container_port)
-            for n in self.networks
-            if n.ipv4 and not n.internal
+            for n in self._live
+            if not n.internal
             for p in n.published
+            if n.pools(family_of(p))
+        }
+
+    def localnet(self):
+        """{ifname} routing 127.0.0.0/8, with containers kept off the host's loopback."""
+        guarded = {n.ifname for n in self._live if n.ipv4 and not n.internal}
+        return self.route_localnet & guarded
+
+    def docker_isolated(self):
+        """{(family, ifname)} isolated from Docker's bridge networks."""
+        if not (self.docker and self._docker_written):
+            return set()
+        return {
+            (family, n.ifname)
+            for n in self._live
+            if not n.internal
+            for family in (4, 6)
+            if n.pools(family)
         }
 
     # -- the port --------------------------------------------------------------
@@ -765,5 +809,21 @@ class FakeFirewall:
             return defer.fail()
         self.networks = tuple(checked)
         self.forwarding |= forwarding_families(checked)
+        self.route_localnet |= localnet_interfaces(checked)
         self.applied += 1
+        if not self._docker_written or not checked:
+            self._docker_written = self.docker
         return defer.succeed(None)
+
+    def check(self):
+        """What the real one's check finds, and the rules put back."""
+        problems = []
+        if self._flushed and any(needs(self.networks, f) for f in (4, 6)):
+            problems.append("the rules were flushed")
+        if self.docker != self._docker_written and self.networks:
+            problems.append("Docker's isolation chains appeared")
+        self._flushed = False
+        if problems:
+            self.heals += 1
+            self._docker_written = self.docker
+        return defer.succeed(problems)

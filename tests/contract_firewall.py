@@ -39,6 +39,12 @@ class FirewallView:
     forwarding = attr.ib(factory=frozenset)
     #: Whether anything of the firewall's is there at all (chains, jumps).
     owned = attr.ib(default=False)
+    #: {ifname}: interfaces that route 127.0.0.0/8 (ports published on the
+    #: host's loopback reach the network), guarded against containers
+    #: reaching the host's loopback.
+    localnet = attr.ib(factory=frozenset)
+    #: {(family, ifname)}: networks isolated from Docker's bridge networks too.
+    docker_isolated = attr.ib(factory=frozenset)
 
 
 def network(n, nat=True, internal=False, ipv6=(), published=(), ipv4=None):
@@ -85,6 +91,14 @@ class FirewallContract:
 
     def snapshot(self):
         """An exact, comparable record of everything in place."""
+        raise NotImplementedError
+
+    def plant_docker_chains(self):
+        """Make the chains dockerd makes when it manages iptables."""
+        raise NotImplementedError
+
+    def flush_from_outside(self):
+        """Do what ``iptables -F; iptables -t nat -F`` (both families) does."""
         raise NotImplementedError
 
     def apply(self, *networks):
@@ -200,6 +214,67 @@ class FirewallContract:
         self.apply(network(1))
         assert self.view().published == set()
 
+    def test_published_on_the_hosts_loopback(self):
+        self.apply(network(1, published=[tcp(8080, "10.91.0.2", 80, "127.0.0.1")]))
+        view = self.view()
+        assert view.published == {("tcp", "127.0.0.1", 8080, "10.91.0.2", 80)}
+        assert view.localnet == {"fwc-1"}
+
+    def test_published_on_every_address_includes_loopback(self):
+        self.apply(network(1, published=[tcp(8080, "10.91.0.2", 80)]), network(2))
+        assert self.view().localnet == {"fwc-1"}
+
+    def test_published_on_ipv6(self):
+        ports = [
+            tcp(8080, "10.91.0.2", 80),
+            tcp(8080, "fd00:91::2", 80),
+            udp(5353, "fd00:91::3", 53, "2001:db8::1"),
+        ]
+        self.apply(network(1, ipv6=["fd00:91::/64"], published=ports))
+        assert self.view().published == {
+            ("tcp", None, 8080, "10.91.0.2", 80),
+            ("tcp", None, 8080, "fd00:91::2", 80),
+            ("udp", "2001:db8::1", 5353, "fd00:91::3", 53),
+        }
+
+    # -- Docker's own networks ---------------------------------------------------
+
+    def test_no_isolation_from_docker_without_dockers_chains(self):
+        self.apply(network(1))
+        assert self.view().docker_isolated == set()
+
+    def test_isolated_from_dockers_bridge_networks(self):
+        self.plant_docker_chains()
+        self.apply(
+            network(1, ipv6=["fd00:91::/64"]), network(2, nat=False), network(3, internal=True)
+        )
+        assert self.view().docker_isolated == {(4, "fwc-1"), (6, "fwc-1"), (4, "fwc-2")}
+        self.apply()
+        assert self.view() == FirewallView(forwarding=frozenset({4, 6}))
+
+    # -- healing -------------------------------------------------------------------
+
+    def test_check_with_everything_in_place_changes_nothing(self):
+        before = self._after_apply(network(1, published=[tcp(8080, "10.91.0.2", 80)]))
+        assert self.call(self.firewall.check) == []
+        assert self.snapshot() == before
+
+    def test_check_puts_flushed_rules_back_once(self):
+        networks = [network(1, ipv6=["fd00:91::/64"], published=[tcp(8080, "10.91.0.2", 80)])]
+        before, view = self._after_apply(*networks), self.view()
+        self.flush_from_outside()
+        assert self.view().published == set()
+        assert self.call(self.firewall.check)
+        assert self.view() == view
+        assert self.snapshot() == before
+        assert self.call(self.firewall.check) == []
+
+    def test_check_notices_dockers_chains_appearing(self):
+        self.apply(network(1))
+        self.plant_docker_chains()
+        assert self.call(self.firewall.check)
+        assert self.view().docker_isolated == {(4, "fwc-1")}
+
     # -- changes -----------------------------------------------------------------
 
     def test_apply_replaces_everything_of_a_removed_network(self):
@@ -272,7 +347,11 @@ class FirewallContract:
             (network(1, published=[tcp(0, "10.91.0.2", 80)]), ["host port", "0"]),
             (network(1, published=[tcp(80, "10.91.0.2", 65536)]), ["container port", "65536"]),
             (network(1, published=[tcp(80, "10.91.0.2\n-A", 80)]), ["container address"]),
-            (network(1, published=[tcp(80, "10.91.0.2", 80, "::1")]), ["::1", "IPv4 only"]),
+            (network(1, published=[tcp(80, "10.91.0.2", 80, "::1")]), ["::1", "IPv6", "10.91.0.2"]),
+            (
+                network(1, ipv6=["fd00:91::/64"], published=[tcp(80, "fd00:91::2", 80, "::1")]),
+                ["::1", "127.0.0.1"],
+            ),
         ],
     )
     def test_invalid_state_is_refused_by_name_and_changes_nothing(self, bad, words):

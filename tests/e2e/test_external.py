@@ -391,3 +391,179 @@ def test_rules_are_restored_when_the_driver_restarts(ext_iptables):
 def _ok(result):
     ok, body = result
     return (ok, body) if ok else None
+
+
+# -- issue 7: every -p form works or is refused; healing; Docker's networks ----------
+
+
+def test_published_on_loopback_is_reachable_from_the_host_only(ext_iptables):
+    ext = ext_iptables
+    ext.network("loop", "10.83.0.0/24")
+    ext.web("lo1", "loop", "-p", "127.0.0.1:8090:80")
+    url = "http://127.0.0.1:8090/index.html"
+    ok, body = world.wait_until(lambda: _ok(ext.outside.get(url, ext.world.netns.path)), 15, 0.5)
+    assert body.strip() == "hello from lo1"
+    assert not ext.outside.get(f"http://{WORLD_IP}:8090/index.html", timeout=2)[0]
+
+
+def test_published_on_every_address_answers_on_loopback_too(ext_iptables):
+    ext = ext_iptables
+    ext.network("loopall", "10.84.0.0/24")
+    ext.web("all1", "loopall", "-p", "8092:80")
+    url = "http://127.0.0.1:8092/index.html"
+    ok, body = world.wait_until(lambda: _ok(ext.outside.get(url, ext.world.netns.path)), 15, 0.5)
+    assert body.strip() == "hello from all1"
+
+
+def test_a_host_port_range_publishes_the_whole_range_or_picks_a_free_port(ext_iptables):
+    ext = ext_iptables
+    ext.network("ranges", "10.85.0.0/24")
+    ext.web("rg1", "ranges", "-p", "8100-8101:80")
+    ext.web("rg2", "ranges", "-p", "8100-8101:80")
+    for port, name in ((8100, "rg1"), (8101, "rg2")):
+        url = f"http://{WORLD_IP}:{port}/index.html"
+        ok, body = world.wait_until(lambda url=url: _ok(ext.outside.get(url)), 15, 0.5)
+        assert body.strip() == f"hello from {name}"
+    failed = ext.docker(
+        "run", "-d", "--network", "ranges", "-p", "8100-8101:80", IMAGE, "true", check=False
+    )
+    assert failed.returncode != 0
+    assert "every host port from 8100 to 8101 is already published" in failed.stderr
+    ext.run("rg3", "ranges", "-p", "8110-8112:80-82")
+    rules = ext.nat_rules()
+    cip = ext.ip("rg3", "ranges")
+    for n in range(3):
+        assert f"--dport {8110 + n} " in rules and f"{cip}:{80 + n}" in rules
+
+
+def test_ports_docker_would_pick_are_refused_with_what_to_use(ext_iptables):
+    ext = ext_iptables
+    ext.network("pick", "10.86.0.0/24")
+    for flag in (["-p", "80"], ["-P", "--expose", "80"]):
+        failed = ext.docker("run", "-d", "--network", "pick", *flag, IMAGE, "true", check=False)
+        assert failed.returncode != 0
+        assert "-p 8080:80/tcp" in failed.stderr and "internal error" not in failed.stderr
+    failed = ext.docker(
+        "run", "-d", "--network", "pick", "-p", "[::]:8093:80", IMAGE, "true", check=False
+    )
+    assert failed.returncode != 0 and "--ipv6" in failed.stderr
+
+
+def test_the_same_host_port_asked_at_once_is_given_once(ext_iptables):
+    import concurrent.futures
+
+    ext = ext_iptables
+    ext.network("race", "10.87.0.0/24")
+    argv = ["run", "-d", "--network", "race", "-p", "8094:80", IMAGE, "sleep", "600"]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(lambda _: ext.docker(*argv, check=False), range(4)))
+    assert [r.returncode for r in runs].count(0) == 1, [r.stderr for r in runs]
+    for r in runs:
+        assert r.returncode == 0 or "8094/tcp is already published" in r.stderr
+    assert ext.nat_rules().count("--dport 8094 ") == 1
+
+
+def test_published_on_ipv6_on_a_dual_stack_network(ext_iptables):
+    ext = ext_iptables
+    wn, on = ext.world.netns.name, ext.outside.name
+    world.run(["ip", "-n", wn, "addr", "add", "2001:db8:9::1/64", "dev", "ovx0", "nodad"])
+    world.run(["ip", "-n", on, "addr", "add", "2001:db8:9::2/64", "dev", "ovx1", "nodad"])
+    ext.network("dual", "10.88.0.0/24", "--ipv6", "--subnet", "fd00:88::/64")
+    ext.web("web6", "dual", "-p", "8095:80")
+    for host in (WORLD_IP, "[2001:db8:9::1]"):
+        url = f"http://{host}:8095/index.html"
+        ok, body = world.wait_until(lambda url=url: _ok(ext.outside.get(url)), 15, 0.5)
+        assert body.strip() == "hello from web6"
+    assert "fd00:88::" in ext.host("ip6tables-save", "-t", "nat")
+    # On an IPv4-only network an IPv6 host address is refused, saying what to do.
+    ext.network("v4only", "10.89.0.0/24")
+    failed = ext.docker(
+        "run",
+        "-d",
+        "--network",
+        "v4only",
+        "-p",
+        "[2001:db8:9::1]:8096:80",
+        IMAGE,
+        "true",
+        check=False,
+    )
+    assert failed.returncode != 0 and "no IPv6 address" in failed.stderr
+
+
+def test_flushed_rules_come_back_within_ten_seconds_once(ext_iptables):
+    ext = ext_iptables
+    ext.network("heal", "10.90.0.0/24")
+    ext.web("healed", "heal", "-p", "8097:80")
+    url = f"http://{WORLD_IP}:8097/index.html"
+    assert world.wait_until(lambda: _ok(ext.outside.get(url)), 15, 0.5)
+    before = _ours(ext)
+    ext.host("iptables", "-F")
+    ext.host("iptables", "-t", "nat", "-F")
+    assert "OVSDRIVER-DNAT" not in ext.host("iptables", "-t", "nat", "-S", "PREROUTING")
+    flushed = time.monotonic()
+    world.wait_until(lambda: _ok(ext.outside.get(url, timeout=1)), 20, 0.2)
+    elapsed = time.monotonic() - flushed
+    print(f"published port answers again {elapsed:.1f} s after the flush")
+    assert elapsed < 10
+    world.wait_until(lambda: _ours(ext) == before, 10, 0.5)
+    assert "were changed from outside" in ext.driver.log()
+
+
+def _ours(ext):
+    """Every rule line of the driver's (and every jump into its chains)."""
+    lines = ext.host("iptables-save").splitlines()
+    return sorted(line for line in lines if "OVSDRIVER" in line and not line.startswith("#"))
+
+
+def test_docker_bridge_networks_and_driver_networks_cannot_reach_each_other(ext_iptables):
+    ext = ext_iptables
+    ext.network("ours", "10.91.0.0/24")
+    ext.docker("network", "create", "-d", "bridge", "--subnet", "10.92.0.0/24", "theirs")
+    ext.run("o1", "ours")
+    ext.run("t1", "theirs")
+    ours, theirs = ext.ip("o1", "ours"), ext.ip("t1", "theirs")
+    url = ext.peer_server()
+    assert ext.wget("o1", url)[0] and ext.wget("t1", url)[0]  # both do get out
+    assert not ext.ping("o1", theirs)
+    assert not ext.ping("t1", ours)
+    # The user's DOCKER-USER rules decide, as between Docker's own networks.
+    ext.host(
+        "iptables", "-I", "DOCKER-USER", "-s", "10.91.0.0/24", "-d", "10.92.0.0/24", "-j", "ACCEPT"
+    )
+    ext.host(
+        "iptables", "-I", "DOCKER-USER", "-s", "10.92.0.0/24", "-d", "10.91.0.0/24", "-j", "ACCEPT"
+    )
+    try:
+        assert ext.ping("o1", theirs)
+    finally:
+        for rule in ("-s 10.91.0.0/24 -d 10.92.0.0/24", "-s 10.92.0.0/24 -d 10.91.0.0/24"):
+            ext.host("iptables", "-D", "DOCKER-USER", *rule.split(), "-j", "ACCEPT")
+
+
+def test_a_dockerd_restart_leaves_the_rules_whole_and_in_place(ext_iptables):
+    ext = ext_iptables
+    ext.network("ours2", "10.93.0.0/24")
+    ext.docker("network", "create", "-d", "bridge", "--subnet", "10.94.0.0/24", "theirs2")
+    ext.web("w2", "ours2", "-p", "8098:80")
+    ext.run("t2", "theirs2")
+    ext.world.dockerd.restart()
+    ext.docker("start", "w2", "t2")
+    url = f"http://{WORLD_IP}:8098/index.html"
+    ok, body = world.wait_until(lambda: _ok(ext.outside.get(url, timeout=1)), 30, 0.5)
+    assert body.strip() == "hello from w2"
+
+    def whole():
+        lines = _ours(ext)
+        jumps = [line for line in lines if line.startswith("-A ") and "-A OVSDRIVER" not in line]
+        forward = ext.host("iptables", "-S", "FORWARD").splitlines()
+        user = forward.index("-A FORWARD -j DOCKER-USER")
+        return (
+            len(lines) == len(set(lines))
+            and len(jumps) == 6  # FORWARD, INPUT, PREROUTING, OUTPUT, POSTROUTING, stage 2
+            and forward[user + 1] == "-A FORWARD -j OVSDRIVER-FORWARD"
+        )
+
+    world.wait_until(whole, 10, 0.5, lambda: "\n".join(_ours(ext)))
+    assert not ext.ping("t2", ext.ip("w2", "ours2"))
+    assert not ext.ping("w2", ext.ip("t2", "theirs2"))

@@ -21,7 +21,10 @@ from twisted.internet import defer
 
 from ovsdriver.firewall import (
     DNAT,
+    DOCKER_STAGE_1,
+    DOCKER_STAGE_2,
     FORWARD,
+    INPUT,
     ISOLATION_1,
     ISOLATION_2,
     POSTROUTING,
@@ -70,6 +73,11 @@ def namespace():
     try:
         # A new namespace may inherit forwarding from the host's: start from off.
         in_ns(name, "sysctl", "-q", "-w", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0")
+        # The networks' interfaces (route_localnet is set on them; no dummy
+        # interfaces in every kernel, veths are).
+        for n in range(1, 8):
+            link = ["ip", "-n", name, "link", "add", f"fwc-{n}", "type", "veth"]
+            subprocess.run([*link, "peer", "name", f"fwp-{n}"], check=True, timeout=10)
         yield name
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=True, timeout=30)
@@ -173,24 +181,25 @@ def family_view(tables, family):
         masquerade = rule == {"-s": rule.get("-s"), "-o": out, "-j": "MASQUERADE"}
         if masquerade and out.startswith("!") and modes.get(out[1:]) == NAT:
             masqueraded.add((rule["-s"], out[1:]))
+    output_jump = {"--dst-type": "LOCAL"} if family == 4 else {"-d": "!::1/128"}
     dnat = (
-        family == 4
-        and filtering
+        filtering
         and nat
         and jumped_once(tables, "nat", "PREROUTING", DNAT, **{"--dst-type": "LOCAL"})
-        and jumped_once(
-            tables, "nat", "OUTPUT", DNAT, **{"-d": "!127.0.0.0/8", "--dst-type": "LOCAL"}
-        )
+        and jumped_once(tables, "nat", "OUTPUT", DNAT, **output_jump)
+        and (family == 6 or "-d" not in chain(tables, "nat", "OUTPUT")[0])
     )
+    host = "/32" if family == 4 else "/128"
     for rule in chain(tables, "nat", DNAT) if dnat else ():
-        cip, _, cport = rule["--to-destination"].partition(":")
+        cip, _, cport = rule["--to-destination"].rpartition(":")
+        cip = cip.strip("[]")
         proto, host_ip = rule["-p"], rule.get("-d")
         if host_ip is not None:
             host_ip = str(ipaddress.ip_interface(host_ip).ip)
         for x, mode in modes.items():
             allowed = index(
                 forward,
-                d=f"{cip}/32",
+                d=f"{cip}{host}",
                 o=x,
                 p=proto,
                 dport=cport,
@@ -206,7 +215,45 @@ def family_view(tables, family):
             )
             if allowed is not None and hairpin and before_drop:
                 published.add((proto, host_ip, int(rule["--dport"]), cip, int(cport)))
-    return networks, masqueraded, blocked, published
+    return networks, masqueraded, blocked, published, docker_view(tables, family, modes)
+
+
+def docker_view(tables, family, modes):
+    """{(family, ifname)} isolated from Docker's bridges: out of the network
+    through Docker's stage 2 (which jumps to ours), and into a routed one
+    through Docker's stage 1."""
+    forward = chain(tables, "filter", FORWARD)
+    stage2 = chain(tables, "filter", DOCKER_STAGE_2)
+    if [r.get("-j") for r in stage2].count(ISOLATION_2) != 1:
+        return set()
+    isolated = set()
+    for x, mode in modes.items():
+        out = index(forward, i=x, o=f"!{x}", ctstate="!DNAT", j=DOCKER_STAGE_2)
+        into = index(forward, o=x, j=DOCKER_STAGE_1)
+        accept = index(forward, i=x, j="ACCEPT")
+        if out is not None and out < accept and (mode == NAT or into is not None):
+            isolated.add((family, x))
+    return isolated
+
+
+def localnet_view(tables, sysctl):
+    """{ifname} that routes 127.0.0.0/8 (``sysctl(ifname)``), where loopback
+    traffic is masqueraded into it and containers are kept off the host's."""
+    if not jumped_once(tables, "filter", "INPUT", INPUT):
+        return set()
+    guarded = set()
+    for rule in chain(tables, "filter", INPUT):
+        x = rule.get("-i")
+        guard = {
+            "-i": x,
+            "-d": "127.0.0.0/8",
+            "--ctstate": "!RELATED,ESTABLISHED,DNAT",
+            "-j": "DROP",
+        }
+        masquerade = {"-s": "127.0.0.0/8", "-o": x, "-j": "MASQUERADE"}
+        if rule == guard and masquerade in chain(tables, "nat", POSTROUTING) and sysctl(x):
+            guarded.add(x)
+    return guarded
 
 
 _OURS = re.compile(r"OVSDRIVER-")
@@ -226,18 +273,43 @@ class TestRealFirewall(FirewallContract):
         return in_ns(self.namespace, "iptables-save" if family == 4 else "ip6tables-save")
 
     def view(self):
-        facts = [set(), set(), set(), set()]
-        owned = False
+        facts = [set(), set(), set(), set(), set()]
+        owned, localnet = False, set()
         for family in (4, 6):
             text = self.save(family)
             owned = owned or bool(_OURS.search(text))
             for whole, part in zip(facts, family_view(parse_save(text), family)):
                 whole |= part
+            if family == 4:
+                localnet = localnet_view(parse_save(text), self.route_localnet)
         forwarding = set()
         for family, key in ((4, "net.ipv4.ip_forward"), (6, "net.ipv6.conf.all.forwarding")):
             if in_ns(self.namespace, "sysctl", "-n", key).strip() == "1":
                 forwarding.add(family)
-        return FirewallView(*map(frozenset, facts), frozenset(forwarding), owned)
+        *facts, docker = map(frozenset, facts)
+        return FirewallView(
+            *facts, frozenset(forwarding), owned, frozenset(localnet), docker_isolated=docker
+        )
+
+    def route_localnet(self, ifname):
+        key = f"net/ipv4/conf/{ifname}/route_localnet"
+        return in_ns(self.namespace, "sysctl", "-n", key).strip() == "1"
+
+    def plant_docker_chains(self):
+        for tool in ("iptables", "ip6tables"):
+            for argv in (
+                ["-N", DOCKER_STAGE_1],
+                ["-N", DOCKER_STAGE_2],
+                ["-A", DOCKER_STAGE_1, "-i", "br-d0", "!", "-o", "br-d0", "-j", DOCKER_STAGE_2],
+                ["-A", DOCKER_STAGE_2, "-o", "br-d0", "-j", "DROP"],
+                ["-A", "FORWARD", "-j", DOCKER_STAGE_1],
+            ):
+                in_ns(self.namespace, tool, *argv)
+
+    def flush_from_outside(self):
+        for tool in ("iptables", "ip6tables"):
+            in_ns(self.namespace, tool, "-F")
+            in_ns(self.namespace, tool, "-t", "nat", "-F")
 
     def plant_foreign_rules(self):
         ns = self.namespace
@@ -304,7 +376,7 @@ class TestRealFirewall(FirewallContract):
         self.apply(network(1))
         assert self.rules_of(4, "filter", "FORWARD")[0] == {"-j": FORWARD}
 
-    def test_rules_flushed_from_outside_come_back_on_the_next_apply(self):
+    def test_rules_changed_from_outside_come_back_on_the_next_check(self):
         networks = [network(1, published=[tcp(8080, "10.91.0.2", 80)]), network(2)]
         self.apply(*networks)
         before, view = self.snapshot(), self.view()
@@ -314,9 +386,60 @@ class TestRealFirewall(FirewallContract):
         broken = self.view()
         assert broken.networks == set() and broken.masqueraded == set()
         assert broken.published == set()
-        self.apply(*networks)
+        self.apply(*networks)  # the same state: not even looked at
+        assert self.view() == broken
+        problems = self.call(self.firewall.check)
+        assert "IPv4: chain filter OVSDRIVER-ISOLATION-2 has 0 rules instead of 2" in problems
         assert self.snapshot() == before
         assert self.view() == view
+
+    def test_a_dockerd_restart_that_puts_its_jumps_first_is_repaired(self):
+        self.plant_foreign_rules()  # DOCKER-USER first, then ours
+        self.apply(network(1))
+        before = self.snapshot()
+        ns = self.namespace
+        in_ns(ns, "iptables", "-N", "DOCKER-FORWARD")
+        in_ns(ns, "iptables", "-D", "FORWARD", "-j", "DOCKER-USER")
+        in_ns(ns, "iptables", "-I", "FORWARD", "1", "-j", "DOCKER-FORWARD")
+        in_ns(ns, "iptables", "-I", "FORWARD", "1", "-j", "DOCKER-USER")
+        in_ns(ns, "iptables", "-A", "INPUT", "-j", INPUT)  # and a duplicate
+        assert self.call(self.firewall.check)
+        forward = self.rules_of(4, "filter", "FORWARD")
+        assert forward[:3] == [{"-j": "DOCKER-USER"}, {"-j": FORWARD}, {"-j": "DOCKER-FORWARD"}]
+        assert [r.get("-j") for r in self.rules_of(4, "filter", "INPUT")] == [INPUT]
+        assert self.call(self.firewall.check) == []
+        in_ns(ns, "iptables", "-D", "FORWARD", "-j", "DOCKER-FORWARD")
+        in_ns(ns, "iptables", "-X", "DOCKER-FORWARD")
+        assert self.snapshot() == before
+
+    def test_the_same_state_again_runs_no_command_and_a_change_one_restore(self):
+        calls = []
+        run = self.firewall.run
+
+        def counted(argv, stdin=None):
+            calls.append(os.path.basename(argv[0]))
+            return run(argv, stdin)
+
+        self.firewall.run = counted
+        state = [network(1, ipv6=["fd00:91::/64"], published=[tcp(8080, "10.91.0.2", 80)])]
+        self.apply(*state)
+        calls.clear()
+        self.apply(*state)
+        assert calls == []
+        state.append(network(2))
+        self.apply(*state)
+        assert calls == ["iptables-restore"]  # IPv6 did not change
+        calls.clear()
+        state.append(network(3, ipv6=["fd00:93::/64"]))
+        self.apply(*state)
+        assert calls == ["iptables-restore", "ip6tables-restore"]
+        assert self.view().networks == {
+            (4, "fwc-1", NAT),
+            (6, "fwc-1", NAT),
+            (4, "fwc-2", NAT),
+            (4, "fwc-3", NAT),
+            (6, "fwc-3", NAT),
+        }
 
     def test_iptables_failure_names_the_command_and_keeps_the_rules(self):
         self.apply(network(1))
@@ -360,3 +483,102 @@ class TestRealFirewall(FirewallContract):
         self.firewall.timeout = 0.5
         with pytest.raises(FirewallError, match="sleep did not finish within 0.5 seconds"):
             self.call(self.firewall.run, ["sleep", "10"])
+
+
+# -- the driver's path: no child process unless a published port changes (issue 9) ------
+
+WRAPPED = ("iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore", "sysctl")
+
+
+def wrap_tools(tmp_path, monkeypatch, calls, fail=()):
+    """Put logging wrappers of the firewall's tools first on the driver's
+    PATH; those in *fail* print a kernel-like error and fail instead."""
+    from tests import world
+
+    wrappers = tmp_path / "bin"
+    wrappers.mkdir()
+    for tool in WRAPPED:
+        body = f'exec {world.which(tool)} "$@"'
+        if tool in fail:
+            body = f'echo "{tool}: {fail[tool]}" >&2; exit 1'
+        script = wrappers / tool
+        script.write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\n{body}\n')
+        script.chmod(0o755)
+    monkeypatch.setattr(world, "_SEARCH_PATH", f"{wrappers}{os.pathsep}{world._SEARCH_PATH}")
+
+
+def test_container_lifecycles_without_ports_run_no_firewall_command(
+    ovs_world, tmp_path, monkeypatch
+):
+    calls = tmp_path / "calls"
+    wrap_tools(tmp_path, monkeypatch, calls)
+    driver = ovs_world.start_driver()
+    net, ep = "7b" * 32, "5d" * 32
+    ids = {"NetworkID": net, "EndpointID": ep}
+
+    def ok(method, body):
+        status, reply = driver.post(method, body)
+        assert status == 200 and not reply.get("Err"), reply
+        return reply
+
+    def restores():
+        lines = calls.read_text().splitlines() if calls.exists() else []
+        return [line.split()[0] for line in lines if not line.startswith(("iptables-save", "ip6"))]
+
+    ok(
+        "NetworkDriver.CreateNetwork",
+        {
+            "NetworkID": net,
+            "Options": {"com.docker.network.generic": {}},
+            "IPv4Data": [{"Pool": "10.41.0.0/24", "Gateway": "10.41.0.1/24"}],
+        },
+    )
+    assert "iptables-restore" in restores()
+    before = restores()
+    for n in range(3):
+        endpoint = dict(ids, EndpointID=f"{n}" * 64)
+        ok(
+            "NetworkDriver.CreateEndpoint",
+            dict(endpoint, Interface={"Address": f"10.41.0.{n + 2}/24"}),
+        )
+        ok("NetworkDriver.Join", dict(endpoint, SandboxKey="/var/run/docker/netns/x"))
+        ok("NetworkDriver.ProgramExternalConnectivity", dict(endpoint, Options={}))
+        ok("NetworkDriver.EndpointOperInfo", endpoint)
+        ok("NetworkDriver.RevokeExternalConnectivity", endpoint)
+        ok("NetworkDriver.Leave", endpoint)
+        ok("NetworkDriver.DeleteEndpoint", endpoint)
+    assert restores() == before
+    # A published port: one iptables-restore (IPv4 only: no IPv6 in use; the
+    # bridge's route_localnet is written through /proc, not by a child).
+    ok("NetworkDriver.CreateEndpoint", dict(ids, Interface={"Address": "10.41.0.9/24"}))
+    portmap = [{"Proto": 6, "Port": 80, "HostPort": 8080}]
+    ok(
+        "NetworkDriver.ProgramExternalConnectivity",
+        dict(ids, Options={"com.docker.network.portmap": portmap}),
+    )
+    assert restores()[len(before) :] == ["iptables-restore"]
+    rules = ovs_world.netns.run(["iptables-save", "-t", "nat"]).stdout
+    assert "--to-destination 10.41.0.9:80" in rules
+
+
+def test_a_firewall_that_refuses_the_rules_is_a_sentence_with_the_fix(
+    ovs_world, tmp_path, monkeypatch
+):
+    denied = "Permission denied (you must be root)"
+    wrap_tools(tmp_path, monkeypatch, tmp_path / "calls", fail={"iptables-restore": denied})
+    driver = ovs_world.start_driver()
+    net = "7c" * 32
+    status, reply = driver.post(
+        "NetworkDriver.CreateNetwork",
+        {
+            "NetworkID": net,
+            "Options": {"com.docker.network.generic": {}},
+            "IPv4Data": [{"Pool": "10.42.0.0/24", "Gateway": "10.42.0.1/24"}],
+        },
+    )
+    assert status == 200
+    assert reply["Err"] == (
+        "cannot update the IPv4 firewall rules: iptables-restore failed: iptables-restore: "
+        f"{denied} (run the driver as root, with CAP_NET_ADMIN)"
+    )
+    assert "obr-" + net[:11] not in ovs_world.ovs.bridges()  # nothing left behind

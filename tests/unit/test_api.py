@@ -262,9 +262,9 @@ def test_published_ports_reach_the_firewall_and_go_with_revoke(world):
 @pytest.mark.parametrize(
     "entry, message",
     [
-        ({"Proto": 6, "Port": 80, "HostPort": 0}, "explicit host port"),
+        ({"Proto": 6, "Port": 80, "HostPort": 0}, "-p 8080:80/tcp"),
         ({"Proto": 1, "Port": 80, "HostPort": 80}, "protocol"),
-        ({"Proto": 6, "Port": 80, "HostPort": 80, "HostIP": "::1"}, "IPv4 addresses only"),
+        ({"Proto": 6, "Port": 80, "HostPort": 80, "HostIP": "::1"}, "publish on 127.0.0.1"),
     ],
 )
 def test_unpublishable_ports_are_refused(world, entry, message):

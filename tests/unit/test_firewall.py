@@ -47,6 +47,7 @@ def test_a_nat_network_with_a_published_port_gets_exactly_these_rules():
         ":OVSDRIVER-FORWARD - [0:0]",
         ":OVSDRIVER-ISOLATION-1 - [0:0]",
         ":OVSDRIVER-ISOLATION-2 - [0:0]",
+        ":OVSDRIVER-INPUT - [0:0]",
         "-A OVSDRIVER-FORWARD -j OVSDRIVER-ISOLATION-1",
         f"-A OVSDRIVER-FORWARD -o fwc-1 -m conntrack --ctstate RELATED,ESTABLISHED {c} -j ACCEPT",
         f"-A OVSDRIVER-FORWARD -i fwc-1 {c} -j ACCEPT",
@@ -55,7 +56,10 @@ def test_a_nat_network_with_a_published_port_gets_exactly_these_rules():
         f"-A OVSDRIVER-FORWARD -o fwc-1 {c} -j DROP",
         f"-A OVSDRIVER-ISOLATION-1 -i fwc-1 ! -o fwc-1 {c} -j OVSDRIVER-ISOLATION-2",
         f"-A OVSDRIVER-ISOLATION-2 -o fwc-1 {c} -j DROP",
+        "-A OVSDRIVER-INPUT -i fwc-1 -d 127.0.0.0/8 -m conntrack ! --ctstate"
+        f" RELATED,ESTABLISHED,DNAT {c} -j DROP",
         "-I FORWARD 1 -j OVSDRIVER-FORWARD",
+        "-I INPUT 1 -j OVSDRIVER-INPUT",
         "COMMIT",
         "*nat",
         ":OVSDRIVER-DNAT - [0:0]",
@@ -65,11 +69,72 @@ def test_a_nat_network_with_a_published_port_gets_exactly_these_rules():
         f"-A OVSDRIVER-POSTROUTING -s 10.91.0.0/24 ! -o fwc-1 {c} -j MASQUERADE",
         f"-A OVSDRIVER-POSTROUTING -s 10.91.0.0/24 -o fwc-1 -m conntrack --ctstate DNAT {c}"
         " -j MASQUERADE",
+        f"-A OVSDRIVER-POSTROUTING -s 127.0.0.0/8 -o fwc-1 {c} -j MASQUERADE",
         "-I PREROUTING 1 -m addrtype --dst-type LOCAL -j OVSDRIVER-DNAT",
-        "-I OUTPUT 1 ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j OVSDRIVER-DNAT",
+        "-I OUTPUT 1 -m addrtype --dst-type LOCAL -j OVSDRIVER-DNAT",
         "-I POSTROUTING 1 -j OVSDRIVER-POSTROUTING",
         "COMMIT",
     ]
+
+
+def test_loopback_is_dnated_from_output_and_masqueraded_into_the_network():
+    # What makes -p 127.0.0.1:8080:80 reachable: the OUTPUT jump does not
+    # skip 127.0.0.0/8 and traffic from it into the bridge is masqueraded.
+    lines = script([network(1, published=[tcp(8080, "10.91.0.2", 80, "127.0.0.1")])])
+    assert "-I OUTPUT 1 -m addrtype --dst-type LOCAL -j OVSDRIVER-DNAT" in lines
+    assert any(line.startswith("-A OVSDRIVER-DNAT -d 127.0.0.1/32 -p tcp") for line in lines)
+    assert any(
+        line.startswith("-A OVSDRIVER-POSTROUTING -s 127.0.0.0/8 -o fwc-1") for line in lines
+    )
+
+
+def test_localnet_is_wanted_where_a_port_is_published_on_loopback():
+    nets = check_networks(
+        [
+            network(1, published=[tcp(8080, "10.91.0.2", 80, "127.0.0.1")]),
+            network(2, published=[tcp(8081, "10.92.0.2", 80)]),
+            network(3, published=[tcp(8082, "10.93.0.2", 80, "192.0.2.1")]),
+            network(4, ipv6=["fd00:94::/64"], published=[tcp(8083, "fd00:94::2", 80)]),
+        ]
+    )
+    assert firewall.localnet_interfaces(nets) == {"fwc-1", "fwc-2"}
+
+
+def test_ipv6_ports_are_dnated_in_ip6tables_only():
+    ports = [tcp(8080, "fd00:91::2", 80), udp(53, "10.91.0.2", 53)]
+    net = network(1, ipv6=["fd00:91::/64"], published=ports)
+    c = "-m comment --comment ovsdriver:111111111111"
+    six = script([net], 6)
+    assert [line for line in six if "DNAT" in line and line.startswith("-A")] == [
+        "-A OVSDRIVER-FORWARD -d fd00:91::2/128 -o fwc-1 -p tcp -m tcp --dport 80"
+        f" -m conntrack --ctstate DNAT {c} -j ACCEPT",
+        f"-A OVSDRIVER-DNAT -p tcp -m tcp --dport 8080 {c}"
+        " -j DNAT --to-destination [fd00:91::2]:80",
+        f"-A OVSDRIVER-POSTROUTING -s fd00:91::/64 -o fwc-1 -m conntrack --ctstate DNAT {c}"
+        " -j MASQUERADE",
+    ]
+    assert "-I OUTPUT 1 ! -d ::1/128 -m addrtype --dst-type LOCAL -j OVSDRIVER-DNAT" in six
+    assert "INPUT" not in "\n".join(six) and "127.0.0.0/8" not in "\n".join(six)
+    four = "\n".join(script([net], 4))
+    assert "fd00:91::2" not in four and "--dport 53" in four
+
+
+def test_docker_bridges_are_isolated_when_dockerd_manages_iptables():
+    present = Present(docker=True)
+    lines = script([network(1), network(2, nat=False)], 4, present)
+    c1, c2 = ("-m comment --comment ovsdriver:" + f"{n}" * 12 for n in (1, 2))
+    # Out of a network into Docker's bridges: Docker's stage 2 drops it
+    # (not DNATed traffic: published ports stay reachable, as with docker-proxy).
+    assert (
+        f"-A OVSDRIVER-FORWARD -i fwc-1 ! -o fwc-1 -m conntrack ! --ctstate DNAT {c1}"
+        " -j DOCKER-ISOLATION-STAGE-2"
+    ) in lines
+    # Into a routed network from Docker's bridges: Docker's stage 1, whose
+    # stage 2 jumps to ours; a NAT network drops new traffic in anyway.
+    assert f"-A OVSDRIVER-FORWARD -o fwc-2 {c2} -j DOCKER-ISOLATION-STAGE-1" in lines
+    assert f"-A OVSDRIVER-FORWARD -o fwc-1 {c1} -j DOCKER-ISOLATION-STAGE-1" not in lines
+    assert "-I DOCKER-ISOLATION-STAGE-2 1 -j OVSDRIVER-ISOLATION-2" in lines
+    assert "DOCKER-ISOLATION" not in "\n".join(script([network(1)], 4))
 
 
 def test_an_internal_network_only_drops():
@@ -104,16 +169,40 @@ def test_a_routed_network_accepts_new_traffic_in_and_is_not_masqueraded():
     assert not any("! -o fwc-1" in line and "MASQUERADE" in line for line in lines)
 
 
-def test_ipv6_has_no_dnat_chain_and_no_hairpin():
-    lines = script([network(1, ipv6=["fd00:91::/64"], published=[udp(53, "10.91.0.2", 53)])], 6)
-    text = "\n".join(lines)
-    assert "DNAT" not in text and "10.91" not in text
-    assert "-A OVSDRIVER-POSTROUTING -s fd00:91::/64 ! -o fwc-1" in text
-
-
 def test_the_forward_jump_goes_after_docker_user():
-    present = Present(forward_first="-A FORWARD -j DOCKER-USER")
+    present = Present(forward=("-A FORWARD -j DOCKER-USER",))
     assert "-I FORWARD 2 -j OVSDRIVER-FORWARD" in script([network(1)], 4, present)
+
+
+def test_a_misplaced_or_duplicated_jump_is_put_back_once():
+    # A dockerd restart puts its own jumps first; a second copy of ours must go.
+    saved = "\n".join(
+        [
+            "*filter",
+            ":OVSDRIVER-FORWARD - [0:0]",
+            "-A FORWARD -j DOCKER-USER",
+            "-A FORWARD -j DOCKER-FORWARD",
+            "-A FORWARD -j OVSDRIVER-FORWARD",
+            "-A INPUT -j OVSDRIVER-INPUT",
+            "-A INPUT -j OVSDRIVER-INPUT",
+            "COMMIT",
+            "*nat",
+            "-A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j OVSDRIVER-DNAT",
+            "COMMIT",
+        ]
+    )
+    lines = script([network(1)], 4, parse_save(saved, 4))
+    changes = [line for line in lines if line.startswith(("-I", "-D"))]
+    assert changes == [
+        "-D FORWARD -j OVSDRIVER-FORWARD",
+        "-D INPUT -j OVSDRIVER-INPUT",
+        "-I FORWARD 2 -j OVSDRIVER-FORWARD",
+        # an older driver's OUTPUT jump that skipped loopback is replaced
+        "-D OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j OVSDRIVER-DNAT",
+        "-I PREROUTING 1 -m addrtype --dst-type LOCAL -j OVSDRIVER-DNAT",
+        "-I OUTPUT 1 -m addrtype --dst-type LOCAL -j OVSDRIVER-DNAT",
+        "-I POSTROUTING 1 -j OVSDRIVER-POSTROUTING",
+    ]
 
 
 def test_existing_jumps_are_not_added_again():
@@ -132,8 +221,9 @@ def test_existing_jumps_are_not_added_again():
     )
     lines = script([network(1)], 4, parse_save(saved, 4))
     assert [line for line in lines if line.startswith("-I")] == [
+        "-I INPUT 1 -j OVSDRIVER-INPUT",
         "-I PREROUTING 1 -m addrtype --dst-type LOCAL -j OVSDRIVER-DNAT",
-        "-I OUTPUT 1 ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j OVSDRIVER-DNAT",
+        "-I OUTPUT 1 -m addrtype --dst-type LOCAL -j OVSDRIVER-DNAT",
     ]
 
 
@@ -174,6 +264,7 @@ def test_nothing_left_removes_our_jumps_and_chains():
         "-X OVSDRIVER-FORWARD",
         "-X OVSDRIVER-ISOLATION-1",
         "-X OVSDRIVER-ISOLATION-2",
+        "-X OVSDRIVER-INPUT",
         "-X OVSDRIVER-DNAT",
         "-X OVSDRIVER-POSTROUTING",
     ]
@@ -213,6 +304,7 @@ class Recording(Firewall):
         self.hold = False
         self.failures = {}  # tool name -> message
         self.forwarded = []
+        self.localnet = []
 
     def run(self, argv, stdin=None):
         name = argv[0].rsplit("/", 1)[-1]
@@ -228,6 +320,9 @@ class Recording(Firewall):
 
     async def enable_forwarding(self, family):
         self.forwarded.append(family)
+
+    async def enable_route_localnet(self, ifname):
+        self.localnet.append(ifname)
 
 
 @pytest.fixture(autouse=True)
@@ -269,6 +364,7 @@ def test_a_failed_restore_is_an_error_that_names_the_family_and_the_tool():
         result_of(fw.apply([network(1)]))
     assert str(caught.value) == (
         "cannot update the IPv4 firewall rules: iptables-restore failed: line 3: RULE_APPEND failed"
+        " (see the driver's log and iptables-save for the conflicting rule)"
     )
     assert fw.forwarded == []  # never forwarding without the rules in place
 
@@ -321,7 +417,9 @@ def test_enable_writes_one_only_when_needed(tmp_path):
     assert firewall._enable(str(path)) is True
     assert path.read_text() == "1\n"
     assert firewall._enable(str(path)) is False
-    with pytest.raises(FirewallError, match="cannot turn on forwarding"):
+    with pytest.raises(
+        FirewallError, match="cannot turn on IP forwarding: .* run the driver as root"
+    ):
         firewall._enable(str(tmp_path / "missing" / "ip_forward"))
 
 
@@ -362,3 +460,209 @@ def test_restorer_stops_retrying_when_stopped():
     restorer.stopService()
     clock.advance(100)
     assert calls == [1] and not clock.getDelayedCalls()
+
+
+# -- doing nothing when nothing changed (issue 9), healing (issue 7) -------------------
+
+
+def kernel_text(networks, family=4, docker=False):
+    """``iptables-save`` of a kernel holding exactly our rules for *networks*."""
+    chains = firewall.written(check_networks(networks), family, docker)
+    lines = []
+    for table, names in firewall.CHAINS[family].items():
+        lines.append(f"*{table}")
+        lines += [f":{name} - [0:0]" for name in names]
+        lines += [line for t, _, line in firewall.jumps(family, docker) if t == table]
+        for name in names:
+            lines += chains[table, name]
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def names(fw):
+    return [name for name, _, _ in fw.commands]
+
+
+def test_the_same_state_again_runs_no_command():
+    fw = Recording()
+    state = [network(1, published=[tcp(8080, "10.91.0.2", 80)])]
+    result_of(fw.apply(state))
+    before = len(fw.commands)
+    for _ in range(3):
+        result_of(fw.apply(list(state)))
+    assert len(fw.commands) == before
+    assert fw.forwarded == [4]  # forwarding checked once, not on every apply
+
+
+def test_a_change_rewrites_only_the_changed_chains_in_one_restore():
+    fw = Recording()
+    result_of(fw.apply([network(1), network(2)]))
+    fw.commands.clear()
+    result_of(fw.apply([network(1, published=[tcp(8080, "10.91.0.2", 80)]), network(2)]))
+    assert names(fw) == ["iptables-restore"]  # no save, no IPv6 at all
+    script = fw.commands[0][2].decode().splitlines()
+    declared = [line for line in script if line.startswith(":")]
+    assert declared == [":OVSDRIVER-FORWARD - [0:0]", ":OVSDRIVER-DNAT - [0:0]"]
+    assert not any(line.startswith(("-I", "-D", "-X")) for line in script)
+    assert "fwc-2" in "\n".join(script)  # the whole chain is refilled
+
+
+def test_publishing_nothing_new_on_a_running_network_runs_nothing():
+    fw = Recording()
+    result_of(fw.apply([network(1, ipv6=["fd00:91::/64"])]))
+    fw.commands.clear()
+    result_of(fw.apply([network(1, ipv6=["fd00:91::/64"], published=[])]))
+    assert fw.commands == []
+
+
+def test_a_failed_partial_update_falls_back_to_a_full_rewrite():
+    fw = Recording()
+    result_of(fw.apply([network(1)]))
+    fw.commands.clear()
+    failures = iter(["line 2: RULE_APPEND failed"])
+
+    def run(argv, stdin=None):
+        name = argv[0].rsplit("/", 1)[-1]
+        fw.commands.append((name, argv[1:], stdin))
+        if name == "iptables-restore" and (message := next(failures, None)):
+            return defer.fail(FirewallError(f"{name} failed: {message}"))
+        return defer.succeed(b"")
+
+    fw.run = run
+    result_of(fw.apply([network(2)]))
+    assert names(fw) == ["iptables-restore", "iptables-save", "iptables-restore"]
+    fw.commands.clear()
+    result_of(fw.apply([network(2)]))
+    assert fw.commands == []
+
+
+def test_route_localnet_is_set_once_per_interface_that_publishes_on_loopback():
+    fw = Recording()
+    localnet = fw.localnet
+    result_of(fw.apply([network(1, published=[tcp(8080, "10.91.0.2", 80, "192.0.2.1")])]))
+    assert localnet == []
+    result_of(fw.apply([network(1, published=[tcp(8080, "10.91.0.2", 80, "127.0.0.1")])]))
+    result_of(fw.apply([network(1, published=[tcp(8080, "10.91.0.2", 80)])]))
+    assert localnet == ["fwc-1"]
+    result_of(fw.apply([]))
+    result_of(fw.apply([network(1, published=[tcp(8080, "10.91.0.2", 80)])]))
+    assert localnet == ["fwc-1", "fwc-1"]  # the interface may be a new one
+
+
+def test_check_with_everything_in_place_only_reads():
+    state = [network(1, published=[tcp(8080, "10.91.0.2", 80)])]
+    fw = Recording(saved=(kernel_text(state), ""))
+    result_of(fw.apply(state))
+    fw.commands.clear()
+    assert result_of(fw.check()) == []
+    assert names(fw) == ["iptables-save"]  # no IPv6 in use: not even read
+    assert fw.heals == 0
+
+
+def test_check_before_any_apply_does_nothing():
+    fw = Recording()
+    assert result_of(fw.check()) == [] and fw.commands == []
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda t: "", "chain filter OVSDRIVER-FORWARD is missing"),
+        (
+            lambda t: "\n".join(x for x in t.splitlines() if not x.startswith("-A OVSDRIVER-DNAT")),
+            "chain nat OVSDRIVER-DNAT has 0 rules instead of 1",
+        ),
+        (
+            lambda t: t.replace("-A FORWARD -j OVSDRIVER-FORWARD", ""),
+            "the jump '-A FORWARD -j OVSDRIVER-FORWARD' is there 0 times",
+        ),
+        (
+            lambda t: t.replace("*filter\n", "*filter\n-A FORWARD -j DOCKER-FORWARD\n"),
+            "the jump '-A FORWARD -j OVSDRIVER-FORWARD' is not first",
+        ),
+        (
+            lambda t: t.replace(
+                "-A POSTROUTING -j OVSDRIVER-POSTROUTING",
+                "-A POSTROUTING -j OVSDRIVER-POSTROUTING\n-A POSTROUTING -j OVSDRIVER-POSTROUTING",
+            ),
+            "the jump '-A POSTROUTING -j OVSDRIVER-POSTROUTING' is there 2 times",
+        ),
+        (
+            lambda t: t.replace(
+                "*filter\n",
+                "*filter\n:DOCKER-ISOLATION-STAGE-1 - [0:0]\n:DOCKER-ISOLATION-STAGE-2 - [0:0]\n",
+            ),
+            "Docker's isolation chains appeared",
+        ),
+    ],
+)
+def test_check_rewrites_what_was_changed_from_outside(damage, problem):
+    state = [network(1, published=[tcp(8080, "10.91.0.2", 80)])]
+    fw = Recording(saved=(kernel_text(state), ""))
+    result_of(fw.apply(state))
+    fw.saved["iptables-save"] = damage(kernel_text(state))
+    fw.commands.clear()
+    found = result_of(fw.check())
+    assert any(f.startswith(f"IPv4: {problem}") for f in found), found
+    assert names(fw) == ["iptables-save", "iptables-save", "iptables-restore"]
+    restored = fw.commands[-1][2].decode().splitlines()
+    # What the rewrite puts back is what a first apply on that kernel would.
+    assert restored == script(state, 4, parse_save(fw.saved["iptables-save"], 4))
+    assert fw.heals == 1
+
+
+def test_a_failing_check_is_reported_and_the_next_one_tries_again():
+    fw = Recording()
+    result_of(fw.apply([network(1)]))
+    fw.failures["iptables-save"] = "iptables: permission denied"
+    with pytest.raises(FirewallError, match="permission denied"):
+        result_of(fw.check())
+
+
+def test_failures_name_the_fix():
+    assert "root" in firewall._hint("iptables-restore failed: Permission denied (you must be root)")
+    assert "modprobe" in firewall._hint("iptables-restore: Couldn't load match `conntrack'")
+    assert "xtables lock" in firewall._hint("Another app is currently holding the xtables lock")
+
+
+def test_healer_checks_every_interval_and_survives_failures():
+    clock = Clock()
+
+    class Checked:
+        calls = 0
+
+        def check(self):
+            self.calls += 1
+            if self.calls == 2:
+                return defer.fail(FirewallError("iptables-save failed: boom"))
+            return defer.succeed([])
+
+    checked = Checked()
+    healer = firewall.FirewallHealer(clock, checked, interval=3)
+    healer.startService()
+    clock.advance(2.9)
+    assert checked.calls == 0
+    for _ in range(3):
+        clock.advance(3)
+    assert checked.calls == 3
+    healer.stopService()
+    clock.advance(30)
+    assert checked.calls == 3 and not clock.getDelayedCalls()
+
+
+def test_the_forward_jump_follows_docker_user_wherever_that_is():
+    # Seen after a dockerd restart: its isolation jump came back before DOCKER-USER.
+    present = Present(
+        forward=("-A FORWARD -j DOCKER-ISOLATION-STAGE-1", "-A FORWARD -j DOCKER-USER")
+    )
+    assert "-I FORWARD 3 -j OVSDRIVER-FORWARD" in script([network(1)], 4, present)
+    text = kernel_text([network(1)]).replace(
+        "-A FORWARD -j OVSDRIVER-FORWARD",
+        "-A FORWARD -j OVSDRIVER-FORWARD\n-A FORWARD -j DOCKER-ISOLATION-STAGE-1\n"
+        "-A FORWARD -j DOCKER-USER",
+    )
+    chains = firewall.written(check_networks([network(1)]), 4, False)
+    problems = firewall.drift(parse_save(text, 4), chains, 4, False)
+    assert problems == [
+        "the jump '-A FORWARD -j OVSDRIVER-FORWARD' is not first (or right after DOCKER-USER)"
+    ]

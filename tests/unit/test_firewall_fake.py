@@ -36,6 +36,8 @@ class TestFakeFirewall(FirewallContract):
             published=frozenset(fake.published()),
             forwarding=frozenset(fake.forwarding),
             owned=fake.owned,
+            localnet=frozenset(fake.localnet()),
+            docker_isolated=frozenset(fake.docker_isolated()),
         )
 
     def plant_foreign_rules(self):
@@ -46,6 +48,12 @@ class TestFakeFirewall(FirewallContract):
 
     def snapshot(self):
         return (self.firewall.networks, frozenset(self.firewall.forwarding))
+
+    def plant_docker_chains(self):
+        self.firewall.docker_appears()
+
+    def flush_from_outside(self):
+        self.firewall.flush()
 
 
 def test_fail_next_fails_one_apply_and_changes_nothing():

@@ -274,7 +274,7 @@ def test_firewall_syncs_are_counted_by_outcome(metrics, monkeypatch):
     fw.metrics = metrics
     fw.apply([network(1)])
     fw.failures["iptables-restore"] = "no"
-    fw.apply([network(1)]).addErrback(lambda _: None)
+    fw.apply([network(2)]).addErrback(lambda _: None)  # a change: the same state runs nothing
     assert value(metrics, "ovsdriver_firewall_syncs_total", outcome="ok") == 1
     assert value(metrics, "ovsdriver_firewall_syncs_total", outcome="failed") == 1
     assert value(metrics, "ovsdriver_firewall_sync_seconds_count") == 2

@@ -1,0 +1,249 @@
+"""Publishing ports: the engine's portmap, host port ranges, IPv6, and one
+host port for one endpoint even when two ask at the same moment; the driver
+on verified fakes."""
+
+import pytest
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from ovsdriver.driver import Driver
+from ovsdriver.options import OptionError, PortRequest, parse_portmap
+from ovsdriver.ports import PortUnavailable, publish
+from ovsdriver.testing import FakeFirewall, FakeNetlink, FakeVSwitch
+from ovsdriver.values import PublishedPort
+
+NET = "4e" * 32
+EP1, EP2, EP3 = "e1" * 32, "e2" * 32, "e3" * 32
+V4 = [{"Pool": "10.30.0.0/24", "Gateway": "10.30.0.1/24"}]
+V6 = [{"Pool": "fd00:30::/64", "Gateway": "fd00:30::1/64"}]
+
+
+def result_of(deferred):
+    box = []
+    deferred.addBoth(box.append)
+    assert box, "the Deferred has not fired"
+    if isinstance(box[0], Failure):
+        box[0].raiseException()
+    return box[0]
+
+
+def portmap(*entries):
+    return {"com.docker.network.portmap": list(entries)}
+
+
+def tcp(port, host_port, end=0, host_ip=""):
+    return {"Proto": 6, "Port": port, "HostPort": host_port, "HostPortEnd": end, "HostIP": host_ip}
+
+
+# -- the portmap --------------------------------------------------------------------
+
+
+def test_parse_portmap_keeps_ranges_and_addresses():
+    requests = parse_portmap(portmap(tcp(80, 8000, 8010), tcp(80, 8080, 8080, "127.0.0.1")))
+    assert requests == [
+        PortRequest("tcp", 80, 8000, 8010, None),
+        PortRequest("tcp", 80, 8080, 8080, "127.0.0.1"),
+    ]
+    assert requests[0].describe() == "-p 8000-8010:80/tcp"
+
+
+@pytest.mark.parametrize(
+    "entry, words",
+    [
+        (tcp(80, 0), ["-p 8080:80/tcp", "-p 8000-8100:80/tcp", "cannot report"]),
+        (tcp(80, 9000, 8000), ["9000-8000", "ends before it starts"]),
+        (tcp(0, 80), ["container port 0"]),
+        (tcp(80, 70000), ["host port 70000"]),
+        ({"Proto": 1, "Port": 1, "HostPort": 1}, ["protocol 1", "tcp, udp or sctp"]),
+        (tcp(80, 80, 0, "nonsense"), ["'nonsense'"]),
+    ],
+)
+def test_parse_portmap_refuses_with_what_to_use_instead(entry, words):
+    with pytest.raises(OptionError) as caught:
+        parse_portmap(portmap(entry))
+    for word in words:
+        assert word in str(caught.value)
+
+
+# -- choosing host ports -----------------------------------------------------------
+
+
+def test_every_address_is_both_families_when_the_container_has_both():
+    [request] = parse_portmap(portmap(tcp(80, 8080)))
+    assert publish([request], "10.30.0.2", "fd00:30::2", []) == (
+        PublishedPort("tcp", 8080, "10.30.0.2", 80),
+        PublishedPort("tcp", 8080, "fd00:30::2", 80),
+    )
+    assert publish([request], "10.30.0.2", None, []) == (
+        PublishedPort("tcp", 8080, "10.30.0.2", 80),
+    )
+
+
+def test_ipv6_host_addresses_need_an_ipv6_container():
+    requests = parse_portmap(portmap(tcp(80, 8080, 0, "2001:db8::1")))
+    assert publish(requests, "10.30.0.2", "fd00:30::2", []) == (
+        PublishedPort("tcp", 8080, "fd00:30::2", 80, "2001:db8::1"),
+    )
+    with pytest.raises(PortUnavailable, match=r"no IPv6 address .* --ipv6"):
+        publish(requests, "10.30.0.2", None, [])
+    with pytest.raises(PortUnavailable, match="publish on 127.0.0.1"):
+        publish(parse_portmap(portmap(tcp(80, 8080, 0, "::1"))), "10.30.0.2", "fd00:30::2", [])
+
+
+def test_unspecified_ipv6_listed_next_to_ipv4_is_skipped_without_ipv6():
+    requests = parse_portmap(portmap(tcp(80, 8080, 0, "0.0.0.0"), tcp(80, 8080, 0, "::")))
+    assert publish(requests, "10.30.0.2", None, []) == (
+        PublishedPort("tcp", 8080, "10.30.0.2", 80),
+    )
+    with pytest.raises(PortUnavailable, match="no IPv6 address"):
+        publish(parse_portmap(portmap(tcp(80, 8080, 0, "::"))), "10.30.0.2", None, [])
+
+
+def test_a_host_range_takes_the_first_free_port():
+    taken = [
+        (EP2, PublishedPort("tcp", 8000, "10.30.0.9", 80)),
+        (EP3, PublishedPort("udp", 8001, "10.30.0.8", 80)),
+    ]
+    requests = parse_portmap(portmap(tcp(80, 8000, 8002)))
+    assert publish(requests, "10.30.0.2", None, taken) == (
+        PublishedPort("tcp", 8001, "10.30.0.2", 80),
+    )
+    taken.append((EP3, PublishedPort("tcp", 8001, "10.30.0.8", 80, "192.0.2.1")))
+    taken.append((EP3, PublishedPort("tcp", 8002, "10.30.0.8", 80)))
+    with pytest.raises(PortUnavailable, match="every host port from 8000 to 8002"):
+        publish(requests, "10.30.0.2", None, taken)
+
+
+def test_clashes_are_per_family_and_address():
+    theirs = [(EP2, PublishedPort("tcp", 8080, "10.30.0.9", 80, "192.0.2.1"))]
+    ok = parse_portmap(portmap(tcp(80, 8080, 0, "192.0.2.2"), tcp(81, 8080, 0, "2001:db8::1")))
+    assert len(publish(ok, "10.30.0.2", "fd00:30::2", theirs)) == 2
+    for clash in (tcp(80, 8080), tcp(80, 8080, 0, "192.0.2.1"), tcp(80, 8080, 0, "0.0.0.0")):
+        with pytest.raises(PortUnavailable, match=f"already published by endpoint {EP2[:12]}"):
+            publish(parse_portmap(portmap(clash)), "10.30.0.2", None, theirs)
+    with pytest.raises(PortUnavailable, match="already published by this container"):
+        publish(parse_portmap(portmap(tcp(80, 8080), tcp(81, 8080))), "10.30.0.2", None, [])
+
+
+# -- through the driver ---------------------------------------------------------------
+
+
+class SlowVSwitch(FakeVSwitch):
+    """A FakeVSwitch whose reads of endpoints and published ports answer one
+    reactor turn later (`turn`), so two requests can interleave."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.slow = False
+        self.pending = []
+
+    def _later(self, d):
+        if not self.slow:
+            return d
+        later = defer.Deferred()
+        self.pending.append(lambda: d.chainDeferred(later))
+        return later
+
+    def endpoints(self):
+        return self._later(super().endpoints())
+
+    def endpoint(self, endpoint_id):
+        everyone = FakeVSwitch.endpoints(self).result
+        found = next((ep for ep in everyone if ep.endpoint_id == endpoint_id), None)
+        return self._later(defer.succeed(found))
+
+    def set_published(self, endpoint_id, published):
+        return self._later(super().set_published(endpoint_id, published))
+
+    def turn(self):
+        while self.pending:
+            self.pending.pop(0)()
+
+
+class World:
+    def __init__(self, ipv6=False):
+        self.kernel = FakeNetlink()
+        self.vswitch = SlowVSwitch(kernel=self.kernel)
+        self.firewall = FakeFirewall()
+        self.driver = Driver(self.vswitch, self.kernel, self.firewall, "netdev")
+        options = {"com.docker.network.generic": {}}
+        result_of(
+            defer.ensureDeferred(self.driver.create_network(NET, options, V4, V6 if ipv6 else []))
+        )
+        for n, ep in enumerate((EP1, EP2, EP3), start=2):
+            interface = {"Address": f"10.30.0.{n}/24"}
+            if ipv6:
+                interface["AddressIPv6"] = f"fd00:30::{n}/64"
+            result_of(defer.ensureDeferred(self.driver.create_endpoint(NET, ep, interface)))
+
+    def program(self, endpoint_id, *entries):
+        return defer.ensureDeferred(
+            self.driver.program_external_connectivity(NET, endpoint_id, portmap(*entries))
+        )
+
+    def published(self):
+        return {(p.host_port, p.container_ip) for n in self.firewall.networks for p in n.published}
+
+
+def test_two_endpoints_asking_for_one_port_at_once_one_wins():
+    world = World()
+    world.vswitch.slow = True
+    first = world.program(EP1, tcp(80, 8080))
+    second = world.program(EP2, tcp(80, 8080))
+    for _ in range(20):
+        world.vswitch.turn()
+    assert result_of(first) is None
+    with pytest.raises(PortUnavailable, match=f"already published by endpoint {EP1[:12]}"):
+        result_of(second)
+    assert world.published() == {(8080, "10.30.0.2")}
+
+
+def test_two_endpoints_asking_for_one_range_at_once_get_different_ports():
+    world = World()
+    world.vswitch.slow = True
+    asks = [world.program(ep, tcp(80, 8000, 8010)) for ep in (EP1, EP2, EP3)]
+    for _ in range(30):
+        world.vswitch.turn()
+    for d in asks:
+        result_of(d)
+    assert world.published() == {(8000, "10.30.0.2"), (8001, "10.30.0.3"), (8002, "10.30.0.4")}
+
+
+def test_a_whole_range_is_published():
+    world = World()
+    # docker run -p 8000-8002:80-82: the engine lists one entry per port.
+    result_of(world.program(EP1, *(tcp(80 + n, 8000 + n, 8000 + n) for n in range(3))))
+    assert world.published() == {(8000, "10.30.0.2"), (8001, "10.30.0.2"), (8002, "10.30.0.2")}
+
+
+def test_dual_stack_publishes_on_both_families():
+    world = World(ipv6=True)
+    result_of(world.program(EP1, tcp(80, 8080)))
+    assert world.published() == {(8080, "10.30.0.2"), (8080, "fd00:30::2")}
+
+
+def test_nothing_to_publish_touches_neither_ovsdb_nor_the_firewall():
+    world = World()
+    applied = world.firewall.applied
+    writes = []
+    world.vswitch.set_published = lambda *a: writes.append(a) or defer.succeed(None)
+    result_of(world.program(EP1))
+    result_of(defer.ensureDeferred(world.driver.revoke_external_connectivity(NET, EP1)))
+    assert world.firewall.applied == applied and writes == []
+
+
+def test_republishing_the_same_ports_writes_nothing_to_ovsdb():
+    world = World()
+    result_of(world.program(EP1, tcp(80, 8080)))
+    writes = []
+    world.vswitch.set_published = lambda *a: writes.append(a) or defer.succeed(None)
+    result_of(world.program(EP1, tcp(80, 8080)))
+    assert writes == []
+
+
+def test_a_hand_edited_published_port_the_firewall_refuses_concerns_its_endpoint_only():
+    world = World()
+    bad = PublishedPort("tcp", 9000, "10.30.0.2", 80, "::1")  # valid JSON, impossible rule
+    result_of(world.vswitch.set_published(EP1, [bad]))
+    result_of(world.program(EP2, tcp(80, 8080)))
+    assert world.published() == {(8080, "10.30.0.3")}
