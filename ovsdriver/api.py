@@ -14,8 +14,10 @@ from twisted.web import resource, server
 
 from ovsdriver.driver import DriverError
 from ovsdriver.firewall import FirewallError
+from ovsdriver.ipam import ADDRESS_SPACE, Ipam
 from ovsdriver.metrics import NO_METRICS
 from ovsdriver.netlink import LinkError
+from ovsdriver.northbound import NorthboundError
 from ovsdriver.ovsdb import OVSDBUnavailable
 from ovsdriver.values import InvalidValue
 from ovsdriver.vswitch import VSwitchError
@@ -24,7 +26,15 @@ log = Logger()
 
 MAX_BODY = 1024 * 1024
 #: Failures whose message is a sentence for the user; anything else is a bug.
-USER_ERRORS = (DriverError, FirewallError, InvalidValue, LinkError, OVSDBUnavailable, VSwitchError)
+USER_ERRORS = (
+    DriverError,
+    FirewallError,
+    InvalidValue,
+    LinkError,
+    NorthboundError,
+    OVSDBUnavailable,
+    VSwitchError,
+)
 
 # Each method: the Handlers coroutine that serves it, and the fields it reads
 # (name -> (type, required)).
@@ -59,6 +69,28 @@ METHODS = {
     "NetworkDriver.DiscoverDelete": ("nothing", {}),
     "NetworkDriver.AllocateNetwork": ("allocate_network", {}),
     "NetworkDriver.FreeNetwork": ("nothing", {}),
+    # The IPAM driver of OVN networks (ovsdriver.ipam); its errors are {"Error": ...}.
+    "IpamDriver.GetCapabilities": ("ipam_capabilities", {}),
+    "IpamDriver.GetDefaultAddressSpaces": ("ipam_spaces", {}),
+    "IpamDriver.RequestPool": (
+        "request_pool",
+        {
+            "AddressSpace": (str, False),
+            "Pool": (str, False),
+            "SubPool": (str, False),
+            "Options": (dict, False),
+            "V6": (bool, False),
+        },
+    ),
+    "IpamDriver.ReleasePool": ("release_pool", {"PoolID": (str, True)}),
+    "IpamDriver.RequestAddress": (
+        "request_address",
+        {"PoolID": (str, True), "Address": (str, False), "Options": (dict, False)},
+    ),
+    "IpamDriver.ReleaseAddress": (
+        "release_address",
+        {"PoolID": (str, True), "Address": (str, True)},
+    ),
 }
 _INTERFACE_FIELDS = ("Address", "AddressIPv6", "MacAddress")
 
@@ -97,17 +129,18 @@ def parse_body(method, raw):
 
 
 def _json_type(kind):
-    return {str: "string", dict: "JSON object", list: "JSON array"}[kind]
+    return {str: "string", dict: "JSON object", list: "JSON array", bool: "boolean"}[kind]
 
 
 class Handlers:
     """The API methods, each a coroutine from a parsed body to a response."""
 
-    def __init__(self, driver):
+    def __init__(self, driver, ipam=None):
         self.driver = driver
+        self.ipam = ipam if ipam is not None else Ipam(None, None)
 
     async def activate(self, body):
-        return {"Implements": ["NetworkDriver"]}
+        return {"Implements": ["NetworkDriver", "IpamDriver"]}
 
     async def capabilities(self, body):
         return {"Scope": "local", "ConnectivityScope": "local"}
@@ -159,6 +192,38 @@ class Handlers:
     async def allocate_network(self, body):
         return {"Options": {}}
 
+    async def ipam_capabilities(self, body):
+        return {"RequiresMACAddress": False, "RequiresRequestReplay": False}
+
+    async def ipam_spaces(self, body):
+        return {
+            "LocalDefaultAddressSpace": ADDRESS_SPACE,
+            "GlobalDefaultAddressSpace": ADDRESS_SPACE,
+        }
+
+    async def request_pool(self, body):
+        return await self.ipam.request_pool(
+            body.get("AddressSpace"),
+            body.get("Pool"),
+            body.get("SubPool"),
+            body.get("Options"),
+            bool(body.get("V6")),
+        )
+
+    async def release_pool(self, body):
+        await self.ipam.release_pool(body["PoolID"])
+        return {}
+
+    async def request_address(self, body):
+        address = await self.ipam.request_address(
+            body["PoolID"], body.get("Address"), body.get("Options")
+        )
+        return {"Address": address, "Data": {}}
+
+    async def release_address(self, body):
+        await self.ipam.release_address(body["PoolID"], body["Address"])
+        return {}
+
     def route(self, method):
         """The coroutine serving `method`, or None for an unknown one."""
         entry = METHODS.get(method)
@@ -202,11 +267,13 @@ class PluginResource(resource.Resource):
 
 
 def _error_response(failure, method):
+    # The IPAM API reads {"Error": ...}; with "Err" the engine hides the message.
+    key = "Error" if method.startswith("IpamDriver.") else "Err"
     if failure.check(*USER_ERRORS):
         log.info("{method} failed: {error}", method=method, error=failure.getErrorMessage())
-        return {"Err": failure.getErrorMessage()}
+        return {key: failure.getErrorMessage()}
     log.failure("{method} failed unexpectedly", failure, method=method)
-    return {"Err": f"internal error in the ovs driver during {method}: {failure.getErrorMessage()}"}
+    return {key: f"internal error in the ovs driver during {method}: {failure.getErrorMessage()}"}
 
 
 def _respond(response, request):

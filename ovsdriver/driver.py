@@ -13,7 +13,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from ovsdriver.firewall import FirewallError, check_published
-from ovsdriver.options import check_address, check_id, parse_network, parse_portmap
+from ovsdriver.options import check_address, check_id, ovn_request, parse_network, parse_portmap
+from ovsdriver.ovn import ADDRESS_SPACE, disabled
 from ovsdriver.ports import publish
 from ovsdriver.values import Endpoint, Network, NetworkRules, check_mac
 from ovsdriver.vswitch import (
@@ -63,11 +64,12 @@ def _publishable(endpoint, port):
 class Driver:
     """The network driver, over a vswitch and a netlink port."""
 
-    def __init__(self, vswitch, netlink, firewall, datapath_type="netdev"):
+    def __init__(self, vswitch, netlink, firewall, datapath_type="netdev", ovn=None):
         self.vswitch = vswitch
         self.netlink = netlink
         self.firewall = firewall
         self.datapath_type = datapath_type
+        self.ovn = ovn  # ovsdriver.ovn.OVN when --ovn-nb is given
         self._firewall_lock = defer.DeferredLock()
         self._publish_lock = defer.DeferredLock()
 
@@ -81,11 +83,18 @@ class Driver:
 
     async def create_network(self, network_id, options, ipv4_data, ipv6_data):
         network = parse_network(network_id, options, ipv4_data, ipv6_data, self.datapath_type)
+        ovn, switch, mtu_given = ovn_request(options, ipv4_data, ADDRESS_SPACE)
         existing = await self.vswitch.network(network_id)
         if existing is not None:
             return
+        if ovn:
+            if self.ovn is None:
+                raise disabled()
+            network = await self.ovn.prepare_network(network, switch, mtu_given)
         try:
             await self.vswitch.add_network(network)
+            if network.ovn_switch:
+                await self.ovn.network_created(network)
             if network.gateways:
                 ifname = gateway_ifname(network)
                 await self.netlink.wait_for_link(ifname)
@@ -137,6 +146,8 @@ class Driver:
             endpoint = existing
         else:
             try:
+                if network.ovn_switch:
+                    endpoint = await self._ovn().bind_endpoint(network, endpoint)
                 if endpoint.port_type == "veth":
                     await self.netlink.create_veth(
                         endpoint.port, endpoint.ifname, endpoint.mtu, mac
@@ -151,6 +162,8 @@ class Driver:
         check_id("EndpointID", endpoint_id)
         endpoint = await self.vswitch.endpoint(endpoint_id)
         await self.vswitch.remove_endpoint(endpoint_id)
+        if endpoint is not None and endpoint.iface_id and self.ovn is not None:
+            await self.ovn.unbind_endpoint(endpoint)
         if endpoint is None or endpoint.port_type == "veth":
             # The veth's host end, also one a half-done CreateEndpoint left.
             await self.netlink.delete_link(veth_host_name(endpoint_id))
@@ -179,6 +192,9 @@ class Driver:
         network = await self._network(network_id)
         endpoint = await self._endpoint(network_id, endpoint_id)
         await self.vswitch.set_sandbox(endpoint_id, sandbox_key)
+        if network.ovn_switch:
+            # The container's first packet must find its port installed.
+            await self._ovn().wait_installed(endpoint)
         gateway4 = next((s.gateway_ip for s in network.ipv4 if s.gateway), None)
         gateway6 = next((s.gateway_ip for s in network.ipv6 if s.gateway), None)
         response = {
@@ -279,6 +295,11 @@ class Driver:
             await self.firewall.apply(rules)
         finally:
             self._firewall_lock.release()
+
+    def _ovn(self):
+        if self.ovn is None:
+            raise disabled()
+        return self.ovn
 
     async def _undo(self, d):
         """Run a clean-up step of a failed operation, keeping the first error."""

@@ -406,6 +406,9 @@ class _Worker:
             self.close()
             raise LinkError(f"{what}: {_reason(e)}") from e
 
+    def host_links(self):
+        return self.call("cannot list the network interfaces", _link_infos)
+
     def sandbox_links(self, sandbox):
         what = f"cannot list the links of sandbox {sandbox}"
         return self._in_sandbox(sandbox, what, _link_infos)
@@ -757,6 +760,11 @@ class Netlink:
     def delete_link(self, ifname):
         """Delete a link (both ends, for a veth); a missing link is fine."""
         return self._run(self._worker.delete_link, ifname)
+
+    def host_links(self):
+        """Deferred[tuple[LinkInfo]]: the links of the driver's own namespace
+        (read through netlink: /sys shows another namespace under nsenter)."""
+        return self._run(self._worker.host_links)
 
     def sandbox_links(self, sandbox):
         """Deferred[tuple[LinkInfo]]: the links inside the network namespace

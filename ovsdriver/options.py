@@ -100,7 +100,34 @@ NETWORK_OPTIONS = {
     MTU_KEY: "68-65535",
     "ovs.nat": "true or false",
     "ovs.datapath_type": "system or netdev",
+    "ovs.ovn.switch": "the OVN logical switch (given with --ipam-opt)",
 }
+OVN_SWITCH = "ovs.ovn.switch"
+#: Options of a bridge of the network's own, which an OVN network has not.
+LOCAL_ONLY = ("ovs.bridge", "ovs.vlan", "ovs.uplink", "ovs.port_type", "ovs.datapath_type")
+
+
+def ovn_request(options, ipv4_data, address_space):
+    """Whether CreateNetwork asks for an OVN network (its pool came from the ovs
+    IPAM, in `address_space`), and the ``-o ovs.ovn.switch`` given if any;
+    refuse what an OVN network cannot do."""
+    generic = (options or {}).get(GENERIC) or {}
+    switch = generic.get(OVN_SWITCH) if isinstance(generic, dict) else None
+    pools = [d for d in ipv4_data or () if isinstance(d, dict)]
+    ovn = any(d.get("AddressSpace") == address_space for d in pools)
+    if switch is not None and not ovn:
+        raise OptionError(
+            f"{OVN_SWITCH} needs the ovs IPAM, which allocates the addresses in OVN: "
+            f"create the network with --ipam-driver ovs --ipam-opt {OVN_SWITCH}={switch}"
+        )
+    if ovn:
+        for key in LOCAL_ONLY:
+            if key in generic:
+                raise OptionError(
+                    f"{key} cannot be used on an OVN network: its ports are on the "
+                    "OVN integration bridge"
+                )
+    return ovn, switch, MTU_KEY in generic
 
 
 def parse_network(network_id, options, ipv4_data, ipv6_data, default_datapath):

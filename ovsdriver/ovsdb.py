@@ -27,7 +27,7 @@ log = Logger()
 
 #: What the driver reads and writes; nothing else is replicated.
 TABLES = {
-    "Open_vSwitch": ["bridges", "next_cfg", "cur_cfg"],
+    "Open_vSwitch": ["bridges", "next_cfg", "cur_cfg", "external_ids"],
     "Bridge": ["name", "ports", "datapath_type", "external_ids"],
     "Port": ["name", "interfaces", "tag", "external_ids"],
     "Interface": [
@@ -226,10 +226,18 @@ class OVSDB(service.Service):
         tables=TABLES,
         unavailable_timeout=3.0,
         apply_timeout=15.0,
+        database="Open_vSwitch",
+        name="OVSDB",
+        wait_for_vswitchd=True,
     ):
         self.reactor = reactor
         self.remote = remote
         self.tables = tables
+        # Another database (OVN Northbound) has no ovs-vswitchd to wait for:
+        # its operations finish when the server confirms the commit.
+        self.database = database
+        self.name = name
+        self.wait_for_vswitchd = wait_for_vswitchd
         self.unavailable_timeout = unavailable_timeout
         self.apply_timeout = apply_timeout
         self.idl = None
@@ -265,7 +273,7 @@ class OVSDB(service.Service):
             self.idl = None
 
     def _fetch_schema(self):
-        d = fetch_schema(self.reactor, self.remote)
+        d = fetch_schema(self.reactor, self.remote, self.database)
         d.addCallbacks(self._start_idl, self._schema_failed)
 
     def _schema_failed(self, failure):
@@ -274,7 +282,8 @@ class OVSDB(service.Service):
         error = failure.getErrorMessage() or failure.type.__name__
         if error != self._last_error:  # say it once, not every second
             log.warn(
-                "cannot fetch the schema from OVSDB at {remote}: {error}; retrying",
+                "cannot fetch the schema from {name} at {remote}: {error}; retrying",
+                name=self.name,
                 remote=self.remote,
                 error=error,
             )
@@ -288,7 +297,7 @@ class OVSDB(service.Service):
         for table, columns in self.tables.items():
             helper.register_columns(table, columns)
         self.idl = ovs.db.idl.Idl(self.remote, helper)
-        log.info("connecting to OVSDB at {remote}", remote=self.remote)
+        log.info("connecting to {name} at {remote}", name=self.name, remote=self.remote)
         self._schedule(0)
 
     @property
@@ -300,7 +309,8 @@ class OVSDB(service.Service):
 
     def unavailable(self):
         return OVSDBUnavailable(
-            f"cannot reach OVSDB at {self.remote} ({self._last_error}); is ovsdb-server running?"
+            f"cannot reach {self.name} at {self.remote} ({self._last_error}); "
+            "is its ovsdb-server running?"
         )
 
     # -- the public operations ---------------------------------------------
@@ -450,7 +460,7 @@ class OVSDB(service.Service):
             except Exception as e:
                 self._fail(op, e)
                 continue
-            op.wait = ctx.wait_for_vswitchd
+            op.wait = ctx.wait_for_vswitchd and self.wait_for_vswitchd
             op.phase = "committing"
             built.append(op)
         return txn, built
@@ -486,7 +496,7 @@ class OVSDB(service.Service):
         else:
             error = txn.get_error() or status
             for op in ops:
-                self._fail(op, OVSDBUnavailable(f"OVSDB refused the change: {error}"))
+                self._fail(op, OVSDBUnavailable(f"{self.name} refused the change: {error}"))
         if self._queue:
             self._schedule(0)
 
@@ -546,7 +556,8 @@ class OVSDB(service.Service):
             )
         elif op.phase == "committing":
             error = OVSDBUnavailable(
-                f"OVSDB at {self.remote} did not confirm the change within {self.apply_timeout:g} s"
+                f"{self.name} at {self.remote} did not confirm the change"
+                f" within {self.apply_timeout:g} s"
             )
         else:
             error = self.unavailable()

@@ -17,7 +17,10 @@ from zope.interface import implementer
 from ovsdriver.api import Handlers, PluginResource
 from ovsdriver.driver import Driver
 from ovsdriver.firewall import Firewall, FirewallHealer, FirewallRestorer
+from ovsdriver.ipam import Ipam
 from ovsdriver.netlink import Netlink
+from ovsdriver.northbound import NB_TABLES, Northbound
+from ovsdriver.ovn import OVN
 from ovsdriver.ovsdb import OVSDB
 from ovsdriver.reconcile import Reconciler
 from ovsdriver.vswitch import VSwitch
@@ -49,6 +52,13 @@ class Options(usage.Options):
         ],
         ["ovsdb", None, DEFAULT_OVSDB, "OVSDB remote: unix:PATH or tcp:HOST:PORT."],
         [
+            "ovn-nb",
+            None,
+            None,
+            "OVN Northbound database (unix:PATH or tcp:HOST:PORT): enables multi-host "
+            "OVN networks (--ipam-driver ovs --ipam-opt ovs.ovn.switch=NAME). Off by default.",
+        ],
+        [
             "datapath-type",
             None,
             "auto",
@@ -73,6 +83,8 @@ class Options(usage.Options):
             raise usage.UsageError("--datapath-type must be system, netdev or auto")
         if not self["ovsdb"].startswith(("unix:", "tcp:")):
             raise usage.UsageError("--ovsdb must look like unix:PATH or tcp:HOST:PORT")
+        if self["ovn-nb"] is not None and not self["ovn-nb"].startswith(("unix:", "tcp:")):
+            raise usage.UsageError("--ovn-nb must look like unix:PATH or tcp:HOST:PORT")
 
 
 class NetlinkService(service.Service):
@@ -220,8 +232,21 @@ def makeService(options, reactor=None):
     ovsdb.setServiceParent(top)
     netlink = Netlink(reactor)
     NetlinkService(netlink).setServiceParent(top)
+    vswitch = VSwitch(ovsdb)
+    ovn = None
+    if options.get("ovn-nb"):
+        nb = OVSDB(
+            reactor,
+            options["ovn-nb"],
+            tables=NB_TABLES,
+            database="OVN_Northbound",
+            name="the OVN Northbound database",
+            wait_for_vswitchd=False,
+        )
+        nb.setServiceParent(top)
+        ovn = OVN(reactor, Northbound(nb), vswitch, netlink)
     firewall = Firewall(reactor)
-    driver = Driver(VSwitch(ovsdb), netlink, firewall, options["datapath-type"])
+    driver = Driver(vswitch, netlink, firewall, options["datapath-type"], ovn=ovn)
     # The firewall lives in the kernel only: rebuild it from OVSDB at start,
     # and put it back when something outside flushes it.
     FirewallRestorer(reactor, driver.sync_firewall).setServiceParent(top)
@@ -229,7 +254,7 @@ def makeService(options, reactor=None):
     # Orphan collection and repair after ovs-vswitchd restarts (see ovsdriver.reconcile).
     reconciler = Reconciler(reactor, driver.vswitch, netlink, after_collect=driver.sync_firewall)
     reconciler.setServiceParent(top)
-    plugin = PluginResource(Handlers(driver))
+    plugin = PluginResource(Handlers(driver, Ipam(reactor, ovn)))
     if options["metrics"]:
         hooked = (plugin, reconciler, firewall)
         serve_metrics(options["metrics"], reactor, ovsdb, hooked).setServiceParent(top)

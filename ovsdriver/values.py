@@ -74,6 +74,7 @@ class Network:
     internal = attr.ib(default=False)
     ipv4 = attr.ib(default=(), converter=tuple)
     ipv6 = attr.ib(default=(), converter=tuple)
+    ovn_switch = attr.ib(default=None)  # an OVN network's Logical_Switch (see ovsdriver.ovn)
 
     @property
     def gateways(self):
@@ -157,6 +158,7 @@ class Endpoint:
     published = attr.ib(default=(), converter=tuple)  # PublishedPort values
     #: Values in OVSDB that could not be read (hand-edited?): {key: why}.
     unreadable = attr.ib(factory=dict, eq=False, hash=False)
+    iface_id = attr.ib(default=None)  # OVN's logical port when not the endpoint id
 
 
 @attr.s(frozen=True, slots=True)

@@ -12,6 +12,8 @@ import time
 
 from twisted.logger import Logger
 
+from ovsdriver.northbound import gateway_mac as ovn_gateway_mac
+from ovsdriver.northbound import gateway_port_name as ovn_gateway_port
 from ovsdriver.ovsdb import by_name
 from ovsdriver.values import Endpoint, InvalidValue, Network, PublishedPort, check_mac
 
@@ -101,6 +103,7 @@ def _endpoint_from_rows(bridge_name, port, iface):
         created=read(CREATED, float),
         published=read(PORTMAP, PublishedPort.list_from_json, ()),
         unreadable=unreadable,
+        iface_id=_iface_id(ids),
     )
 
 
@@ -133,6 +136,12 @@ def _warn_unreadable(where, key, value, error):
         table=table,
         name=name,
     )
+
+
+def _iface_id(ids):
+    """An OVN endpoint's logical port; None where it is the endpoint id."""
+    iface_id = ids.get("iface-id")
+    return iface_id if iface_id not in (None, ids[ENDPOINT_ID]) else None
 
 
 def _interface_failure(iface):
@@ -182,9 +191,14 @@ class VSwitch:
 
         def build(ctx):
             bridge = ctx.find("Bridge", network.bridge)
+            if bridge is None and network.ovn_switch:
+                raise VSwitchError(
+                    f"the OVN integration bridge {network.bridge} is missing: start "
+                    "ovn-controller (or set external_ids:ovn-bridge to the right bridge)"
+                )
             if bridge is None:
                 bridge = _add_bridge(ctx, network)
-            else:
+            elif not network.ovn_switch:  # OVN keeps its switches apart itself
                 _check_bridge_shareable(bridge, network)
             key = NETWORK_RECORD + network.network_id
             if _ids(bridge).get(key) != network.to_json():
@@ -193,8 +207,13 @@ class VSwitch:
                 name = gateway_port_name(network.network_id)
                 if ctx.find("Port", name) is None:
                     ids = {NETWORK_ID: network.network_id, OWNER: OWNER_VALUE}
-                    gateway = _add_port(ctx, bridge, name, "internal", network.vlan, ids, ids)
+                    iface_ids = dict(ids)
+                    if network.ovn_switch:
+                        iface_ids["iface-id"] = ovn_gateway_port(network.ovn_switch)
+                    gateway = _add_port(ctx, bridge, name, "internal", network.vlan, ids, iface_ids)
                     gateway.mtu_request = [network.mtu]
+                    if network.ovn_switch:
+                        gateway.mac = [ovn_gateway_mac(network.ovn_switch)]
             if network.uplink:
                 _add_uplink(ctx, bridge, network.uplink)
             return lambda idl: _check_interfaces(idl, network.bridge)
@@ -251,7 +270,8 @@ class VSwitch:
                 OWNER: OWNER_VALUE,
             }
             iface_ids = dict(port_ids)
-            iface_ids.update({"attached-mac": endpoint.mac, "iface-id": endpoint.endpoint_id})
+            iface_id = endpoint.iface_id or endpoint.endpoint_id
+            iface_ids.update({"attached-mac": endpoint.mac, "iface-id": iface_id})
             iface_ids[CREATED] = f"{endpoint.created or time.time():.0f}"
             if endpoint.ipv4:
                 iface_ids[IPV4] = endpoint.ipv4

@@ -73,7 +73,7 @@ def world():
 
 
 def test_activate_and_capabilities(world):
-    assert world.post("Plugin.Activate") == {"Implements": ["NetworkDriver"]}
+    assert world.post("Plugin.Activate") == {"Implements": ["NetworkDriver", "IpamDriver"]}
     assert world.post("NetworkDriver.GetCapabilities") == {
         "Scope": "local",
         "ConnectivityScope": "local",

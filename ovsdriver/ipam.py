@@ -1,0 +1,142 @@
+"""Docker's remote IPAM driver (``--ipam-driver ovs``), for OVN networks.
+
+The engine shows IPAM only ``--ipam-opt`` and calls it before the network
+driver, so the user names the switch here, once: ``--ipam-opt
+ovs.ovn.switch=NAME``. The pool id carries the switch (``ovn/NAME/SUBNET``),
+the pools are in the address space `ADDRESS_SPACE`, and CreateNetwork then
+knows from the address space that the network is an OVN one and finds the
+switch this host requested that subnet of. Addresses are claimed in the OVN
+Northbound database (see `ovsdriver.northbound`), so no two hosts hand out
+the same one. Local networks keep Docker's default IPAM: a request without
+``ovs.ovn.switch`` is refused with a message saying so.
+"""
+
+import ipaddress
+import uuid
+
+from twisted.internet import task
+from twisted.logger import Logger
+
+from ovsdriver.northbound import CONFLICT, NorthboundError, check_switch_name
+from ovsdriver.ovn import ADDRESS_SPACE, disabled
+from ovsdriver.ovsdb import OVSDBUnavailable
+
+log = Logger()
+
+SWITCH_OPTION = "ovs.ovn.switch"
+GATEWAY_TYPE = "com.docker.network.gateway"
+REQUEST_TYPE = "RequestAddressType"
+GATEWAY_DATA = "com.docker.network.gateway"
+POOL_PREFIX = "ovn/"
+#: Claims lost to another host allocating at the same moment, before giving up.
+ATTEMPTS = 20
+
+
+class IpamError(NorthboundError):
+    """An IPAM request cannot be served; the message says why."""
+
+
+def pool_id(switch, subnet):
+    return f"{POOL_PREFIX}{switch}/{subnet}"
+
+
+def parse_pool_id(value):
+    """(switch, subnet) of a pool id made by `pool_id`."""
+    if isinstance(value, str) and value.startswith(POOL_PREFIX):
+        switch, _, subnet = value[len(POOL_PREFIX) :].partition("/")
+        try:
+            return check_switch_name(switch), str(ipaddress.ip_network(subnet))
+        except (ValueError, NorthboundError):
+            pass
+    raise IpamError(f"pool {value!r} was not made by the ovs IPAM driver")
+
+
+class Ipam:
+    """The IpamDriver methods, over the OVN glue (None without --ovn-nb)."""
+
+    def __init__(self, reactor, ovn):
+        self.reactor = reactor
+        self.ovn = ovn
+
+    def _ovn(self):
+        if self.ovn is None:
+            raise disabled()
+        return self.ovn
+
+    async def request_pool(self, space, pool, sub_pool, options, v6):
+        options = options or {}
+        switch = options.get(SWITCH_OPTION)
+        unknown = sorted(k for k in options if k.startswith("ovs.") and k != SWITCH_OPTION)
+        if unknown:
+            raise IpamError(
+                f"unknown IPAM option {unknown[0]!r}: the ovs IPAM driver knows {SWITCH_OPTION}"
+            )
+        if switch is None:
+            raise IpamError(
+                "the ovs IPAM driver allocates addresses of OVN networks: give --ipam-opt "
+                f"{SWITCH_OPTION}=NAME, or leave --ipam-driver out for a local network"
+            )
+        check_switch_name(switch)
+        if v6:
+            raise IpamError("OVN networks of the ovs driver are IPv4 only: leave --ipv6 out")
+        if sub_pool:
+            raise IpamError("--ip-range is not supported on OVN networks: leave it out")
+        subnet = None
+        if pool:
+            try:
+                net = ipaddress.ip_network(pool, strict=False)
+            except ValueError:
+                raise IpamError(f"--subnet {pool!r} is not a subnet") from None
+            if net.version != 4 or net.prefixlen > 30:
+                raise IpamError(f"--subnet {pool} must be an IPv4 subnet of at most /30")
+            subnet = str(net)
+        ovn = self._ovn()
+        chassis = await ovn.chassis()
+        for network in (await ovn.vswitch.networks()).values():
+            if network.ovn_switch == switch:
+                raise IpamError(
+                    f"OVN switch {switch} is already Docker network "
+                    f"{network.network_id[:12]} on this host"
+                )
+        info = await ovn.northbound.request_pool(switch, subnet, chassis.system_id)
+        data = {GATEWAY_DATA: info.gateway} if info.gateway else {}
+        return {"PoolID": pool_id(switch, info.subnet), "Pool": info.subnet, "Data": data}
+
+    async def release_pool(self, pool):
+        switch, _ = parse_pool_id(pool)
+        ovn = self._ovn()
+        chassis = await ovn.chassis()
+        if await ovn.northbound.release_pool(switch, chassis.system_id):
+            log.info("deleted OVN switch {switch}: no host uses it", switch=switch)
+
+    async def request_address(self, pool, address, options):
+        switch, _ = parse_pool_id(pool)
+        ovn = self._ovn()
+        if (options or {}).get(REQUEST_TYPE) == GATEWAY_TYPE:
+            return await ovn.northbound.set_gateway(switch, address or None)
+        chassis = await ovn.chassis()
+        token = uuid.uuid4().hex
+        for attempt in range(ATTEMPTS):
+            try:
+                return await ovn.northbound.claim_address(
+                    switch, address or None, token, chassis.system_id
+                )
+            except OVSDBUnavailable as e:
+                if CONFLICT not in str(e) or attempt == ATTEMPTS - 1:
+                    raise
+            # Another host took that address at the same moment: look again
+            # once its claim is in the replica.
+            await task.deferLater(self.reactor, 0.01 * (attempt + 1), lambda: None)
+        raise AssertionError("unreachable")
+
+    async def release_address(self, pool, address):
+        switch, _ = parse_pool_id(pool)
+        ovn = self._ovn()
+        info = await ovn.northbound.switch(switch)
+        ip = ipaddress.ip_interface(address).ip
+        if info is not None and info.gateway and ipaddress.ip_interface(info.gateway).ip == ip:
+            return  # the switch's gateway stays as long as the switch
+        await ovn.northbound.release_address(switch, address)
+
+
+__all__ = ["ADDRESS_SPACE", "Ipam", "IpamError"]

@@ -1,0 +1,443 @@
+"""The OVN Northbound database: logical switches, address claims, ports.
+
+A second `OVSDB` engine (database ``OVN_Northbound``, nothing to wait for
+after a commit) replicates only `NB_TABLES`. Every host's driver writes here,
+so this is where multi-host state and address allocation live:
+
+- A Docker network with ``ovs.ovn.switch=NAME`` is the Logical_Switch NAME.
+  Its subnet and gateway are in the switch's external_ids, so later hosts need
+  no ``--subnet``. Each host using it has a key ``ovsdriver-host-<system-id>``
+  there (``pending`` until its Docker network exists, then the network id).
+- The switch is created together with its gateway port ``NAME/gateway`` (an
+  OVN ``localport`` every host binds to its own gateway interface).
+  Logical_Switch names are not a unique index, but Logical_Switch_Port names
+  are: two hosts creating the switch at once cannot both commit.
+- **Every address in use is a Logical_Switch_Port named ``NAME/IP``** (a
+  claim). Allocating inserts it; a host allocating the same address at the
+  same moment fails on the unique index and the allocator tries again with
+  what it then sees. The gateway address is recorded once on the switch
+  (under verify) and never handed out. A claim becomes the endpoint's logical
+  port at CreateEndpoint (MAC, IP, port security, requested-chassis) and is
+  deleted when Docker releases the address.
+"""
+
+import hashlib
+import ipaddress
+import re
+
+import attr
+
+from ovsdriver.ovsdb import by_name
+
+NB_TABLES = {
+    "Logical_Switch": ["name", "ports", "external_ids"],
+    "Logical_Switch_Port": [
+        "name",
+        "type",
+        "addresses",
+        "port_security",
+        "options",
+        "external_ids",
+    ],
+}
+
+OWNER = "owner"
+OWNER_VALUE = "ovsdriver"
+SUBNET = "ovsdriver-subnet"  # on the switch: the IPv4 subnet, CIDR
+GATEWAY = "ovsdriver-gateway"  # on the switch: the gateway address, CIDR
+HOST = "ovsdriver-host-"  # + system-id, on the switch: "pending" or a network id
+PENDING = "pending"
+SWITCH = "ovsdriver-switch"  # on a port: the switch it claims an address of
+ADDRESS = "ovsdriver-address"  # on a port: the address it claims
+CLAIM = "ovsdriver-claim"  # on a port: the allocation's token (idempotent retries)
+SYSTEM_ID = "system-id"
+NETWORK_ID = "docker-network-id"
+ENDPOINT_ID = "docker-endpoint-id"
+SWITCH_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+#: How a port whose insert lost against another host's shows up in the error.
+CONFLICT = "constraint violation"
+
+
+class NorthboundError(Exception):
+    """The OVN Northbound database refuses an operation; the message says why."""
+
+
+def check_switch_name(value):
+    if not isinstance(value, str) or not SWITCH_NAME.fullmatch(value):
+        raise NorthboundError(
+            f"ovs.ovn.switch={value!r} is invalid: use 1 to 64 letters, digits or '_.-'"
+        )
+    return value
+
+
+def claim_name(switch, ip):
+    """The logical port that claims address `ip` on `switch`."""
+    return f"{switch}/{ip}"
+
+
+def gateway_port_name(switch):
+    """The switch's gateway localport (bound on every host)."""
+    return f"{switch}/gateway"
+
+
+def gateway_mac(switch):
+    """The gateway's MAC: the same on every host, derived from the switch name."""
+    octets = bytearray(hashlib.sha256(b"ovsdriver-gateway:" + switch.encode()).digest()[:6])
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+def choose_address(subnet, gateway, taken):
+    """The first host address of `subnet` that is neither the gateway nor
+    `taken(ip)`; None when the subnet is full."""
+    net = ipaddress.ip_network(subnet)
+    gateway_ip = ipaddress.ip_interface(gateway).ip if gateway else None
+    for ip in net.hosts():
+        if ip != gateway_ip and not taken(ip):
+            return ip
+    return None
+
+
+def check_address(switch, subnet, gateway, address):
+    """`address` (plain or CIDR) as an ip_address a container may hold on
+    `switch`, or NorthboundError naming what is wrong."""
+    net = ipaddress.ip_network(subnet)
+    try:
+        ip = ipaddress.ip_interface(address).ip
+    except ValueError:
+        raise NorthboundError(f"{address!r} is not an IP address") from None
+    if ip not in net or ip in (net.network_address, net.broadcast_address):
+        raise NorthboundError(
+            f"address {ip} is not a host address of subnet {subnet} of OVN switch {switch}"
+        )
+    if gateway and ip == ipaddress.ip_interface(gateway).ip:
+        raise NorthboundError(f"address {ip} is the gateway of OVN switch {switch}")
+    return ip
+
+
+@attr.s(frozen=True, slots=True)
+class SwitchInfo:
+    """A snapshot of one logical switch the driver uses."""
+
+    name = attr.ib()
+    subnet = attr.ib()
+    gateway = attr.ib()  # CIDR or None until the first network chose it
+    hosts = attr.ib(converter=lambda d: tuple(sorted(d.items())))  # (system-id, value)
+    claims = attr.ib()  # number of claimed addresses (ports besides the gateway)
+
+    def host(self, system_id):
+        return dict(self.hosts).get(system_id)
+
+
+def _ids(row):
+    return dict(row.external_ids)
+
+
+def switch_info(row):
+    if row is None:
+        return None
+    ids = _ids(row)
+    gateway = gateway_port_name(row.name)
+    return SwitchInfo(
+        name=row.name,
+        subnet=ids.get(SUBNET),
+        gateway=ids.get(GATEWAY),
+        hosts={k[len(HOST) :]: v for k, v in ids.items() if k.startswith(HOST)},
+        claims=sum(1 for port in row.ports if port.name != gateway),
+    )
+
+
+def _switch(ctx, name):
+    row = ctx.find("Logical_Switch", name)
+    if row is None:
+        raise NorthboundError(
+            f"OVN logical switch {name} does not exist (any more); "
+            "create the network again with --subnet"
+        )
+    if SUBNET not in _ids(row):
+        raise NorthboundError(
+            f"OVN logical switch {name} was not made by the ovs driver; name another switch"
+        )
+    return row
+
+
+class Northbound:
+    """The driver's operations on the OVN Northbound database (one `OVSDB`)."""
+
+    def __init__(self, ovsdb):
+        self.ovsdb = ovsdb
+
+    @property
+    def remote(self):
+        return self.ovsdb.remote
+
+    # -- reads -------------------------------------------------------------------
+
+    def switch(self, name):
+        """Deferred[SwitchInfo | None]."""
+        return self.ovsdb.query(lambda idl: switch_info(by_name(idl, "Logical_Switch", name)))
+
+    def switches(self):
+        """Deferred[list[SwitchInfo]]: the switches the driver made."""
+
+        def read(idl):
+            rows = idl.tables["Logical_Switch"].rows.values()
+            return [switch_info(row) for row in rows if SUBNET in row.external_ids]
+
+        return self.ovsdb.query(read)
+
+    def ports(self):
+        """Deferred[list[dict]]: the driver's logical ports, each its
+        external_ids plus ``name``."""
+
+        def read(idl):
+            return [
+                dict(_ids(row), name=row.name)
+                for row in idl.tables["Logical_Switch_Port"].rows.values()
+                if _ids(row).get(OWNER) == OWNER_VALUE and CLAIM in row.external_ids
+            ]
+
+        return self.ovsdb.query(read)
+
+    # -- switches ----------------------------------------------------------------
+
+    def request_pool(self, name, subnet, system_id):
+        """Find switch `name` (creating it with `subnet` if missing) and record
+        that this host uses it. Deferred[SwitchInfo]."""
+
+        def build(ctx):
+            row = ctx.find("Logical_Switch", name)
+            if row is None:
+                if subnet is None:
+                    raise NorthboundError(
+                        f"OVN logical switch {name} does not exist yet: create the first "
+                        "network on it with --subnet"
+                    )
+                _check_subnet_free(ctx, name, subnet, system_id)
+                row = ctx.insert("Logical_Switch", name)
+                row.external_ids = {OWNER: OWNER_VALUE, SUBNET: subnet, HOST + system_id: PENDING}
+                gateway = ctx.insert("Logical_Switch_Port", gateway_port_name(name))
+                gateway.type = "localport"
+                gateway.external_ids = {OWNER: OWNER_VALUE, SWITCH: name}
+                row.ports = [gateway.uuid]
+            else:
+                have = _switch(ctx, name).external_ids[SUBNET]
+                if subnet is not None and subnet != have:
+                    raise NorthboundError(
+                        f"OVN logical switch {name} has subnet {have}, not {subnet}: "
+                        f"repeat --subnet {have} or leave --subnet out"
+                    )
+                _check_subnet_free(ctx, name, have, system_id)
+                if HOST + system_id not in _ids(row):
+                    row.setkey("external_ids", HOST + system_id, PENDING)
+            return lambda idl: switch_info(by_name(idl, "Logical_Switch", name))
+
+        return self.ovsdb.transact(build)
+
+    def set_gateway(self, name, address):
+        """The switch's gateway (CIDR): `address` (or the first host address)
+        the first time, the recorded one afterwards. Deferred[str]."""
+
+        def build(ctx):
+            row = _switch(ctx, name)
+            ids = _ids(row)
+            subnet, have = ids[SUBNET], ids.get(GATEWAY)
+            prefix = ipaddress.ip_network(subnet).prefixlen
+            if have:
+                have_ip = ipaddress.ip_interface(have).ip
+                if address and ipaddress.ip_interface(address).ip != have_ip:
+                    raise NorthboundError(
+                        f"OVN logical switch {name} has gateway {have_ip}: leave --gateway "
+                        f"out or use --gateway {have_ip}"
+                    )
+                return lambda idl: have
+            if address:
+                ip = check_address(name, subnet, None, address)
+                if ctx.find("Logical_Switch_Port", claim_name(name, ip)) is not None:
+                    raise NorthboundError(f"address {ip} is already in use on OVN switch {name}")
+            else:
+                ip = choose_address(
+                    subnet, None, lambda ip: ctx.find("Logical_Switch_Port", claim_name(name, ip))
+                )
+            gateway = f"{ip}/{prefix}"
+            row.verify("external_ids")  # two hosts choosing at once: one wins
+            row.setkey("external_ids", GATEWAY, gateway)
+            port = ctx.find("Logical_Switch_Port", gateway_port_name(name))
+            if port is not None:
+                port.addresses = [f"{gateway_mac(name)} {ip}"]
+            return lambda idl: gateway
+
+        return self.ovsdb.transact(build)
+
+    def attach_network(self, name, system_id, network_id):
+        """Record which Docker network of this host uses the switch."""
+
+        def build(ctx):
+            row = _switch(ctx, name)
+            if _ids(row).get(HOST + system_id) != network_id:
+                row.setkey("external_ids", HOST + system_id, network_id)
+
+        return self.ovsdb.transact(build)
+
+    def release_pool(self, name, system_id):
+        """This host no longer uses the switch; delete it when no host does and
+        no address is claimed. Deferred[bool]: whether it was deleted."""
+
+        def build(ctx):
+            row = ctx.find("Logical_Switch", name)
+            if row is None:
+                return lambda idl: False
+            ids = _ids(row)
+            if HOST + system_id in ids:
+                row.delkey("external_ids", HOST + system_id)
+            others = [k for k in ids if k.startswith(HOST) and k != HOST + system_id]
+            claims = [p for p in row.ports if p.name != gateway_port_name(name)]
+            if others or claims or ids.get(OWNER) != OWNER_VALUE:
+                return lambda idl: False
+            # A host joining or claiming at the same moment makes this retry.
+            row.verify("external_ids")
+            row.verify("ports")
+            for port in row.ports:
+                ctx.delete(port)
+            ctx.delete(row)
+            return lambda idl: True
+
+        return self.ovsdb.transact(build)
+
+    # -- addresses ---------------------------------------------------------------
+
+    def claim_address(self, name, address, token, system_id):
+        """Claim `address` (or the first free one) on the switch for this host.
+        Deferred[str]: the address, CIDR. Fails with OVSDBUnavailable naming a
+        `CONFLICT` when another host claimed the same address at once."""
+
+        def build(ctx):
+            row = _switch(ctx, name)
+            ids = _ids(row)
+            subnet, gateway = ids[SUBNET], ids.get(GATEWAY)
+            prefix = ipaddress.ip_network(subnet).prefixlen
+            for port in row.ports:
+                if _ids(port).get(CLAIM) == token:  # committed before a reconnect
+                    claimed = _ids(port)[ADDRESS]
+                    return lambda idl: f"{claimed}/{prefix}"
+            if address:
+                ip = check_address(name, subnet, gateway, address)
+                if ctx.find("Logical_Switch_Port", claim_name(name, ip)) is not None:
+                    raise NorthboundError(
+                        f"address {ip} is already in use on OVN switch {name} "
+                        "(by a container on this or another host)"
+                    )
+            else:
+                ip = choose_address(
+                    subnet,
+                    gateway,
+                    lambda ip: ctx.find("Logical_Switch_Port", claim_name(name, ip)),
+                )
+                if ip is None:
+                    raise NorthboundError(f"no free address left in {subnet} on OVN switch {name}")
+            port = ctx.insert("Logical_Switch_Port", claim_name(name, ip))
+            port.external_ids = {
+                OWNER: OWNER_VALUE,
+                SWITCH: name,
+                ADDRESS: str(ip),
+                CLAIM: token,
+                SYSTEM_ID: system_id,
+            }
+            row.addvalue("ports", port.uuid)
+            return lambda idl: f"{ip}/{prefix}"
+
+        return self.ovsdb.transact(build)
+
+    def release_address(self, name, address):
+        """Give an address back (its port goes with it)."""
+
+        def build(ctx):
+            ip = ipaddress.ip_interface(address).ip
+            port = ctx.find("Logical_Switch_Port", claim_name(name, ip))
+            if port is None or CLAIM not in _ids(port):
+                return
+            row = ctx.find("Logical_Switch", name)
+            if row is not None:
+                row.delvalue("ports", port.uuid)
+            ctx.delete(port)
+
+        return self.ovsdb.transact(build)
+
+    def forget_claims(self, names):
+        """Delete the claims (ports) named `names` (orphans of this host)."""
+
+        def build(ctx):
+            for port_name in names:
+                port = ctx.find("Logical_Switch_Port", port_name)
+                if port is None or CLAIM not in _ids(port):
+                    continue
+                row = ctx.find("Logical_Switch", _ids(port).get(SWITCH))
+                if row is not None:
+                    row.delvalue("ports", port.uuid)
+                ctx.delete(port)
+
+        return self.ovsdb.transact(build)
+
+    # -- endpoint ports ----------------------------------------------------------
+
+    def bind_port(self, name, address, mac, network_id, endpoint_id, system_id):
+        """Make the claim of `address` the endpoint's logical port, bound to this
+        host. Deferred[str]: the logical port's name (the Interface's iface-id)."""
+        ip = ipaddress.ip_interface(address).ip
+        port_name = claim_name(name, ip)
+
+        def build(ctx):
+            port = ctx.find("Logical_Switch_Port", port_name)
+            if port is None or _ids(port).get(SWITCH) != name:
+                raise NorthboundError(
+                    f"address {ip} was not allocated on OVN switch {name}: create the "
+                    "network with --ipam-driver ovs"
+                )
+            ids = _ids(port)
+            owner = ids.get(ENDPOINT_ID)
+            if owner and owner != endpoint_id:
+                raise NorthboundError(
+                    f"address {ip} on OVN switch {name} already belongs to endpoint {owner[:12]}"
+                )
+            addresses = [f"{mac} {ip}"]
+            if list(port.addresses) != addresses:
+                port.addresses = addresses
+                port.port_security = addresses
+            if dict(port.options) != {"requested-chassis": system_id}:
+                port.options = {"requested-chassis": system_id}
+            ids.update({NETWORK_ID: network_id, ENDPOINT_ID: endpoint_id, SYSTEM_ID: system_id})
+            if ids != _ids(port):
+                port.external_ids = ids
+            return lambda idl: port_name
+
+        return self.ovsdb.transact(build)
+
+    def unbind_port(self, port_name, endpoint_id):
+        """The endpoint is gone: its logical port is a bare claim again
+        (Docker releases the address next)."""
+
+        def build(ctx):
+            port = ctx.find("Logical_Switch_Port", port_name)
+            if port is None or _ids(port).get(ENDPOINT_ID) != endpoint_id:
+                return
+            ids = _ids(port)
+            ids.pop(NETWORK_ID, None)
+            ids.pop(ENDPOINT_ID, None)
+            port.addresses = []
+            port.port_security = []
+            port.options = {}
+            port.external_ids = ids
+
+        return self.ovsdb.transact(build)
+
+
+def _check_subnet_free(ctx, name, subnet, system_id):
+    """A host joins one switch per subnet: the network driver finds a network's
+    switch by this host's key and the subnet."""
+    for row in ctx.rows("Logical_Switch"):
+        ids = _ids(row)
+        if row.name != name and HOST + system_id in ids and ids.get(SUBNET) == subnet:
+            raise NorthboundError(
+                f"this host already uses subnet {subnet} on OVN switch {row.name}; "
+                "one host joins one switch per subnet"
+            )

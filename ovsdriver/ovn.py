@@ -1,0 +1,198 @@
+"""OVN networks: the network kind whose switch lives in the OVN Northbound
+database and whose ports sit on this host's integration bridge.
+
+A local network is a bridge of its own; an OVN network is a Logical_Switch
+shared by every host (see `ovsdriver.northbound`). On this host it is:
+
+- its endpoints: internal ports on the integration bridge (Open_vSwitch
+  ``external_ids:ovn-bridge``, default ``br-int``) whose ``iface-id`` names the
+  endpoint's logical port (bound to this chassis with requested-chassis); Join
+  returns once ovn-controller marked the Interface ``ovn-installed``;
+- its gateway: an internal port ``ogw-*`` on the integration bridge bound to
+  the switch's ``localport`` (same MAC and address on every host, never
+  tunnelled), holding the gateway address, so that NAT, isolation and ``-p``
+  work on each host as for a local network;
+- its MTU: the encapsulation interface's (the one holding ``ovn-encap-ip``)
+  less Geneve's 58 bytes (78 over IPv6), unless the user gave one.
+"""
+
+import ipaddress
+
+import attr
+from twisted.internet import task
+from twisted.logger import Logger
+
+from ovsdriver.northbound import NorthboundError, gateway_mac, gateway_port_name
+from ovsdriver.ovsdb import by_name
+
+log = Logger()
+
+GENEVE_OVERHEAD = {4: 58, 6: 78}
+DEFAULT_BRIDGE = "br-int"
+#: The address space the ovs IPAM reports: CreateNetwork's IPv4Data says
+#: through it that a network's pool came from OVN.
+ADDRESS_SPACE = "OVN"
+INSTALL_TIMEOUT = 10.0
+POLL_INTERVAL = 0.02
+
+
+class OVNDisabled(NorthboundError):
+    pass
+
+
+def disabled():
+    return OVNDisabled(
+        "OVN networks are off: start the driver with --ovn-nb REMOTE (the OVN Northbound "
+        "database, e.g. tcp:CENTRAL:6641 or unix:/var/run/ovn/ovnnb_db.sock)"
+    )
+
+
+@attr.s(frozen=True, slots=True)
+class ChassisSettings:
+    """This host as ovn-controller is configured in the local Open_vSwitch row."""
+
+    system_id = attr.ib()
+    bridge = attr.ib()
+    encap_ip = attr.ib()
+
+
+def _settings(idl):
+    root = next(iter(idl.tables["Open_vSwitch"].rows.values()), None)
+    ids = dict(root.external_ids) if root is not None else {}
+    encap = ids.get("ovn-encap-ip", "").split(",")[0].strip() or None
+    return ChassisSettings(ids.get("system-id"), ids.get("ovn-bridge") or DEFAULT_BRIDGE, encap)
+
+
+def encap_mtu(links, encap_ip):
+    """The MTU containers get across Geneve tunnels from `encap_ip`, or None
+    when no link holds that address."""
+    ip = ipaddress.ip_address(encap_ip)
+    for link in links:
+        if any(ipaddress.ip_interface(a).ip == ip for a in link.addresses):
+            return link.mtu - GENEVE_OVERHEAD[ip.version]
+    return None
+
+
+class OVN:
+    """OVN networks on this host: the Northbound database and the local chassis."""
+
+    def __init__(self, reactor, northbound, vswitch, netlink):
+        self.reactor = reactor
+        self.northbound = northbound
+        self.vswitch = vswitch
+        self.netlink = netlink
+
+    async def chassis(self):
+        settings = await self.vswitch.ovsdb.query(_settings)
+        if not settings.system_id:
+            raise NorthboundError(
+                "Open vSwitch has no external_ids:system-id: configure this host as an "
+                "OVN chassis (ovs-vsctl set open . external_ids:system-id=NAME ...)"
+            )
+        return settings
+
+    async def default_mtu(self, settings):
+        if settings.encap_ip:
+            try:
+                mtu = encap_mtu(await self.netlink.host_links(), settings.encap_ip)
+            except Exception as e:
+                log.warn("cannot read the MTU of the OVN encap interface: {e}", e=e)
+                mtu = None
+            if mtu is not None:
+                return mtu
+        log.warn(
+            "no interface holds ovn-encap-ip {ip}; assuming a 1500-byte underlay",
+            ip=settings.encap_ip,
+        )
+        return 1500 - GENEVE_OVERHEAD[4]
+
+    async def switch_for(self, settings, pool):
+        """The switch this host requested the pool `pool` of (RequestPool)."""
+        for switch in await self.northbound.switches():
+            if switch.subnet == pool and switch.host(settings.system_id) is not None:
+                return switch
+        raise NorthboundError(
+            f"no OVN switch of this host has subnet {pool}: create the network with "
+            "--ipam-driver ovs --ipam-opt ovs.ovn.switch=NAME"
+        )
+
+    # -- networks ----------------------------------------------------------------
+
+    async def prepare_network(self, network, switch_option, mtu_given):
+        """The OVN network `network` as this host plugs it in."""
+        settings = await self.chassis()
+        if not network.ipv4:
+            raise NorthboundError("an OVN network needs an IPv4 pool from --ipam-driver ovs")
+        switch = await self.switch_for(settings, network.ipv4[0].pool)
+        if switch_option and switch_option != switch.name:
+            raise NorthboundError(
+                f"-o ovs.ovn.switch={switch_option} does not match --ipam-opt "
+                f"ovs.ovn.switch={switch.name}; name the switch once, with --ipam-opt"
+            )
+        held = switch.host(settings.system_id)
+        if held not in (None, "pending", network.network_id):
+            raise NorthboundError(
+                f"OVN switch {switch.name} is already Docker network {held[:12]} on this host"
+            )
+        fields = {
+            "bridge": settings.bridge,
+            "shared_bridge": True,
+            "ovn_switch": switch.name,
+        }
+        if not mtu_given:
+            fields["mtu"] = await self.default_mtu(settings)
+        return attr.evolve(network, **fields)
+
+    async def network_created(self, network):
+        settings = await self.chassis()
+        await self.northbound.attach_network(
+            network.ovn_switch, settings.system_id, network.network_id
+        )
+
+    # -- endpoints ---------------------------------------------------------------
+
+    async def bind_endpoint(self, network, endpoint):
+        """Make the endpoint's logical port; the endpoint with its iface-id."""
+        if not endpoint.ipv4:
+            raise NorthboundError(
+                "an endpoint of an OVN network needs an address from --ipam-driver ovs"
+            )
+        settings = await self.chassis()
+        port = await self.northbound.bind_port(
+            network.ovn_switch,
+            endpoint.ipv4,
+            endpoint.mac,
+            network.network_id,
+            endpoint.endpoint_id,
+            settings.system_id,
+        )
+        return attr.evolve(endpoint, iface_id=port)
+
+    async def unbind_endpoint(self, endpoint):
+        if endpoint.iface_id:
+            await self.northbound.unbind_port(endpoint.iface_id, endpoint.endpoint_id)
+
+    async def wait_installed(self, endpoint, timeout=INSTALL_TIMEOUT):
+        """Return once ovn-controller has installed the endpoint's port."""
+        deadline = self.reactor.seconds() + timeout
+        while True:
+            installed = await self.vswitch.ovsdb.query(lambda idl: _installed(idl, endpoint.port))
+            if installed:
+                return
+            if self.reactor.seconds() >= deadline:
+                raise NorthboundError(
+                    f"ovn-controller did not install port {endpoint.port} (logical port "
+                    f"{endpoint.iface_id}) within {timeout:g} s; is ovn-controller running "
+                    "and connected to the OVN Southbound database?"
+                )
+            await task.deferLater(self.reactor, POLL_INTERVAL, lambda: None)
+
+
+def _installed(idl, port):
+    iface = by_name(idl, "Interface", port)
+    return iface is not None and dict(iface.external_ids).get("ovn-installed") == "true"
+
+
+def gateway_interface_ids(network):
+    """external_ids and MAC of an OVN network's gateway port on this host."""
+    return {"iface-id": gateway_port_name(network.ovn_switch)}, gateway_mac(network.ovn_switch)
