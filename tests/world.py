@@ -1346,3 +1346,324 @@ class DockerWorld(OVSWorld):
             Dockerd(self.netns, self.directory / "docker", iptables=self._iptables)
         )
         self.dockerd.import_busybox()
+
+
+# --------------------------------------------------------------------------
+# Several hosts with OVN
+
+OVN_NB_SCHEMA = "/usr/share/ovn/ovn-nb.ovsschema"
+OVN_SB_SCHEMA = "/usr/share/ovn/ovn-sb.ovsschema"
+#: The underlay network joining the simulated hosts (inside their namespaces).
+UNDERLAY = "172.31.250.0/24"
+
+
+class OVNCentral(_Closing):
+    """An OVN central in a namespace of its own: the Northbound and Southbound
+    ovsdb-servers on UNIX sockets in ``directory`` and ovn-northd.
+
+    ``nb_remote`` / ``sb_remote`` are what hosts and drivers connect to.
+    :meth:`stop_nb` / :meth:`start_nb` keep the database file.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], start: bool = True) -> None:
+        self.directory = Path(directory).resolve()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        d = self.directory
+        self.nb_db, self.sb_db = d / "nb.db", d / "sb.db"
+        self.nb_socket, self.sb_socket = d / "nb.sock", d / "sb.sock"
+        self.nb_remote, self.sb_remote = f"unix:{self.nb_socket}", f"unix:{self.sb_socket}"
+        self._closed = False
+        self.netns = Netns()
+        if start:
+            try:
+                self.start()
+            except BaseException:
+                self.close()
+                raise
+
+    @property
+    def env(self) -> dict[str, str]:
+        d = str(self.directory)
+        return _env(OVS_RUNDIR=d, OVS_LOGDIR=d, OVN_RUNDIR=d, OVN_LOGDIR=d, OVN_DBDIR=d)
+
+    def _daemon(self, name: str, argv: list[str], timeout: float = 30) -> None:
+        with open(self.directory / f"{name}.out", "ab") as out:
+            proc = self.netns.popen(
+                argv, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            )
+            try:
+                rc = proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                stop_process(proc.pid, popen=proc)
+                rc = None
+        if rc != 0:
+            raise WorldError(
+                f"{name} failed ({rc}):\n{tail(self.directory / f'{name}.out')}"
+                f"{tail(self.directory / f'{name}.log')}"
+            )
+
+    def _ovsdb_argv(self, name: str, db: Path, sock: Path) -> list[str]:
+        d = self.directory
+        return [
+            _tool("ovsdb-server"),
+            str(db),
+            f"--remote=punix:{sock}",
+            f"--unixctl={d / (name + '.ctl')}",
+            f"--pidfile={d / (name + '.pid')}",
+            f"--log-file={d / (name + '.log')}",
+            "--detach",
+        ]
+
+    def start(self) -> None:
+        for db, schema in ((self.nb_db, OVN_NB_SCHEMA), (self.sb_db, OVN_SB_SCHEMA)):
+            if not db.exists():
+                run([_tool("ovsdb-tool"), "create", db, schema], env=self.env)
+        self.start_nb()
+        self._daemon("sb", self._ovsdb_argv("sb", self.sb_db, self.sb_socket))
+        d = self.directory
+        self._daemon(
+            "ovn-northd",
+            [
+                _tool("ovn-northd"),
+                f"--ovnnb-db={self.nb_remote}",
+                f"--ovnsb-db={self.sb_remote}",
+                f"--unixctl={d / 'northd.ctl'}",
+                f"--pidfile={d / 'ovn-northd.pid'}",
+                f"--log-file={d / 'ovn-northd.log'}",
+                "--detach",
+            ],
+        )
+
+    def start_nb(self) -> None:
+        """Start the Northbound ovsdb-server on its existing database."""
+        self._daemon("nb", self._ovsdb_argv("nb", self.nb_db, self.nb_socket))
+
+    def _stop(self, name: str) -> None:
+        pidfile = self.directory / f"{name}.pid"
+        pid = read_pidfile(pidfile)
+        if self.netns.owns(pid):
+            stop_process(pid)
+        _unlink(pidfile)
+
+    def stop_nb(self) -> None:
+        """Stop the Northbound ovsdb-server (the database file stays)."""
+        self._stop("nb")
+
+    def nbctl(self, *args: str, check: bool = True, timeout: float = 10) -> str:
+        """``ovn-nbctl`` against this central; stdout stripped."""
+        argv = [_tool("ovn-nbctl"), f"--db={self.nb_remote}", f"--timeout={timeout:g}", *args]
+        return run(argv, check=check, timeout=timeout + 10, env=self.env).stdout.strip()
+
+    def switches(self) -> list[str]:
+        return self.nbctl("--bare", "--columns=name", "list", "Logical_Switch").split()
+
+    def ports(self) -> list[str]:
+        return self.nbctl("--bare", "--columns=name", "list", "Logical_Switch_Port").split()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        _close_all(
+            [
+                lambda: self._stop("ovn-northd"),
+                lambda: self._stop("sb"),
+                self.stop_nb,
+                self.netns.close,
+            ]
+        )
+        self._closed = True
+
+
+class OVNHost(_Closing):
+    """One simulated OVN host: a namespace with its own Open vSwitch (``br-int``
+    netdev fail_mode=secure, ``br-phy`` holding the encap address ``encap_ip``
+    on the underlay link ``underlay``), ovn-controller as chassis
+    ``system_id``, and optionally a dockerd (``docker=True``).
+    """
+
+    def __init__(
+        self,
+        central: OVNCentral,
+        directory: str | os.PathLike[str],
+        system_id: str,
+        encap_ip: str,
+        docker: bool = False,
+        iptables: bool = True,
+    ) -> None:
+        self.central = central
+        self.directory = Path(directory).resolve()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.system_id = system_id
+        self.encap_ip = encap_ip
+        self.underlay = "underlay0"
+        self._stack = contextlib.ExitStack()
+        self._drivers = contextlib.ExitStack()
+        self.dockerd: Dockerd | None = None
+        try:
+            self.netns = self._stack.enter_context(Netns())
+            self.ovs = self._stack.enter_context(OVS(self.netns, self.directory / "ovs"))
+            self._stack.callback(self.stop_controller)
+            self._stack.callback(self._drivers.close)
+            if docker:
+                self.dockerd = self._stack.enter_context(
+                    Dockerd(self.netns, self.directory / "docker", iptables=iptables)
+                )
+                self.dockerd.import_busybox()
+        except BaseException:
+            self._stack.close()
+            raise
+
+    @property
+    def env(self) -> dict[str, str]:
+        d = str(self.directory / "ovs")
+        return _env(OVS_RUNDIR=d, OVS_LOGDIR=d, OVN_RUNDIR=d, OVN_LOGDIR=d)
+
+    def configure(self) -> None:
+        """Bridges, encap address and the chassis settings (the underlay link
+        must be in the namespace already)."""
+        prefix = UNDERLAY.split("/")[1]
+        self.ovs.vsctl(
+            "--", "add-br", "br-int",
+            "--", "set", "bridge", "br-int", "datapath_type=netdev", "fail_mode=secure",
+            "other_config:disable-in-band=true",
+            "--", "add-br", "br-phy",
+            "--", "set", "bridge", "br-phy", "datapath_type=netdev",
+            "--", "add-port", "br-phy", self.underlay,
+            "--", "set", "open", ".",
+            f"external_ids:system-id={self.system_id}",
+            f"external_ids:ovn-remote={self.central.sb_remote}",
+            "external_ids:ovn-encap-type=geneve",
+            f"external_ids:ovn-encap-ip={self.encap_ip}",
+            "external_ids:ovn-bridge-datapath-type=netdev",
+        )  # fmt: skip
+        self.netns.run(["ip", "link", "set", self.underlay, "up"])
+        self.netns.run(["ip", "addr", "add", f"{self.encap_ip}/{prefix}", "dev", "br-phy"])
+        self.netns.run(["ip", "link", "set", "br-phy", "up"])
+
+    @property
+    def controller_pidfile(self) -> Path:
+        return self.directory / "ovs" / "ovn-controller.pid"
+
+    def start_controller(self, timeout: float = 30) -> None:
+        d = self.directory / "ovs"
+        argv = [
+            _tool("ovn-controller"),
+            self.ovs.remote,
+            f"--pidfile={self.controller_pidfile}",
+            f"--log-file={d / 'ovn-controller.log'}",
+            "--detach",
+        ]
+        with open(d / "ovn-controller.out", "ab") as out:
+            proc = self.netns.popen(
+                argv, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            )
+            rc = proc.wait(timeout)
+        if rc != 0:
+            raise WorldError(f"ovn-controller failed:\n{tail(d / 'ovn-controller.out')}")
+
+    def stop_controller(self) -> None:
+        pid = read_pidfile(self.controller_pidfile)
+        if self.netns.owns(pid):
+            stop_process(pid)
+        _unlink(self.controller_pidfile)
+
+    def restart_controller(self) -> None:
+        self.stop_controller()
+        self.start_controller()
+
+    def start_driver(self, name: str | None = None, **kwargs: Any) -> Driver:
+        """The driver of this host, with ``--ovn-nb`` (closed with the host)."""
+        name = name or unique_driver_name()
+        extra = ["--ovn-nb", self.central.nb_remote, *kwargs.pop("extra_args", ())]
+        driver = Driver(
+            self.netns,
+            name,
+            self.ovs.remote,
+            self.directory / f"driver-{name}",
+            extra_args=extra,
+            **kwargs,
+        )
+        return self._drivers.enter_context(driver)
+
+    def docker(self, *args: str, **kw: Any) -> subprocess.CompletedProcess:
+        assert self.dockerd is not None, "this host has no dockerd"
+        return self.dockerd.docker(*args, **kw)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __repr__(self) -> str:
+        return f"<OVNHost {self.system_id} in {self.netns.name}>"
+
+
+class OVNWorld(_Closing):
+    """An OVN central and ``hosts`` simulated hosts joined by veth underlays.
+
+    Hosts are ``world.hosts`` (chassis ``host0``, ``host1``...; encap
+    addresses 172.31.250.1, .2...). Host 0 and host 1 share one veth pair;
+    more hosts are not supported. ``docker=True`` gives each host a dockerd.
+    """
+
+    def __init__(self, docker: bool = False, iptables: bool = True, hosts: int = 2) -> None:
+        if hosts != 2:
+            raise ValueError("an OVNWorld has two hosts")
+        self._stack = contextlib.ExitStack()
+        try:
+            directory = make_world_dir()
+            if os.environ.get("OVSW_KEEP") != "1":
+                self._stack.callback(remove_tree, directory)
+            self.directory = directory
+            self.central = self._stack.enter_context(OVNCentral(directory / "c"))
+            self.hosts = []
+            for i in range(hosts):
+                net = UNDERLAY.rsplit(".", 1)[0]
+                host = OVNHost(
+                    self.central, directory / f"h{i}", f"host{i}", f"{net}.{i + 1}",
+                    docker=docker, iptables=iptables,
+                )  # fmt: skip
+                self.hosts.append(self._stack.enter_context(host))
+            a, b = self.hosts
+            run(["ip", "link", "add", "ovsw-ul0", "netns", a.netns.name, "type", "veth",
+                 "peer", "name", "ovsw-ul1", "netns", b.netns.name])  # fmt: skip
+            for i, host in enumerate(self.hosts):
+                host.netns.run(["ip", "link", "set", f"ovsw-ul{i}", "name", host.underlay])
+                host.configure()
+                host.start_controller()
+            # Userspace tunnels need the peer's underlay MAC first: warm up.
+            wait_until(
+                lambda: (
+                    a.netns.run(["ping", "-c1", "-W1", b.encap_ip], check=False).returncode == 0
+                ),
+                15,
+                0.2,
+                "the underlay between the hosts does not carry pings",
+            )
+            wait_until(
+                lambda: self.chassis_count() == 2,
+                30,
+                0.2,
+                lambda: "ovn-controllers did not register:\n" + self.logs(),
+            )
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def chassis_count(self) -> int:
+        out = run(
+            [_tool("ovn-sbctl"), f"--db={self.central.sb_remote}", "--bare",
+             "--columns=name", "list", "Chassis"],
+            env=self.central.env, check=False,
+        ).stdout  # fmt: skip
+        return len(out.split())
+
+    def logs(self, lines: int = 40) -> str:
+        parts = []
+        for path in sorted(Path(self.directory).rglob("*.log")):
+            parts.append(f"--- {path} ---\n{tail(path, lines)}")
+        return "\n".join(parts)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __repr__(self) -> str:
+        return f"<OVNWorld in {self.directory}>"
