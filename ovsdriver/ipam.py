@@ -51,6 +51,21 @@ def parse_pool_id(value):
     raise IpamError(f"pool {value!r} was not made by the ovs IPAM driver")
 
 
+async def allocate(reactor, northbound, switch, address, system_id):
+    """Claim `address` (or the first free one) on `switch`; when another host
+    claimed the same address at the same moment, look again. Deferred[str]."""
+    token = uuid.uuid4().hex
+    for attempt in range(ATTEMPTS):
+        try:
+            return await northbound.claim_address(switch, address or None, token, system_id)
+        except OVSDBUnavailable as e:
+            if CONFLICT not in str(e) or attempt == ATTEMPTS - 1:
+                raise
+        # Let the winner's claim reach the replica before choosing again.
+        await task.deferLater(reactor, 0.01 * (attempt + 1), lambda: None)
+    raise AssertionError("unreachable")
+
+
 class Ipam:
     """The IpamDriver methods, over the OVN glue (None without --ovn-nb)."""
 
@@ -115,19 +130,7 @@ class Ipam:
         if (options or {}).get(REQUEST_TYPE) == GATEWAY_TYPE:
             return await ovn.northbound.set_gateway(switch, address or None)
         chassis = await ovn.chassis()
-        token = uuid.uuid4().hex
-        for attempt in range(ATTEMPTS):
-            try:
-                return await ovn.northbound.claim_address(
-                    switch, address or None, token, chassis.system_id
-                )
-            except OVSDBUnavailable as e:
-                if CONFLICT not in str(e) or attempt == ATTEMPTS - 1:
-                    raise
-            # Another host took that address at the same moment: look again
-            # once its claim is in the replica.
-            await task.deferLater(self.reactor, 0.01 * (attempt + 1), lambda: None)
-        raise AssertionError("unreachable")
+        return await allocate(self.reactor, ovn.northbound, switch, address, chassis.system_id)
 
     async def release_address(self, pool, address):
         switch, _ = parse_pool_id(pool)

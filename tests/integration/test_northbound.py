@@ -1,0 +1,155 @@
+"""Address allocation in a real OVN Northbound database: two drivers' engines
+allocating at once never hand out one address twice; switches come and go
+with the hosts using them."""
+
+import ipaddress
+
+import pytest
+from twisted.internet import defer
+
+from ovsdriver.ipam import allocate
+from ovsdriver.northbound import NB_TABLES, Northbound, NorthboundError
+from ovsdriver.ovsdb import OVSDB
+from tests import world
+from tests.reactor_thread import get_reactor, run_in_reactor
+
+SUBNET = "10.70.0.0/24"
+
+
+@pytest.fixture
+def central():
+    world.require()
+    directory = world.make_world_dir()
+    try:
+        with world.OVNCentral(directory / "c") as c:
+            yield c
+    finally:
+        world.remove_tree(directory)
+
+
+@pytest.fixture
+def engines(central):
+    """Two Northbound engines, as two hosts' drivers have them."""
+    started = []
+    for _ in range(2):
+        nb = OVSDB(
+            get_reactor(),
+            central.nb_remote,
+            tables=NB_TABLES,
+            database="OVN_Northbound",
+            name="the OVN Northbound database",
+            wait_for_vswitchd=False,
+        )
+        run_in_reactor(nb.startService)
+        started.append(nb)
+    yield [Northbound(nb) for nb in started]
+    for nb in started:
+        run_in_reactor(nb.stopService)
+
+
+def claims(central, switch="blue"):
+    names = central.nbctl("--bare", "--columns=name", "list", "Logical_Switch_Port").split()
+    return sorted(n for n in names if n.startswith(switch + "/") and n != switch + "/gateway")
+
+
+def test_two_hosts_allocating_at_once_get_distinct_addresses(central, engines):
+    a, b = engines
+    reactor = get_reactor()
+    run_in_reactor(a.request_pool, "blue", SUBNET, "host-a")
+    run_in_reactor(b.request_pool, "blue", None, "host-b")
+    gateway = run_in_reactor(a.set_gateway, "blue", None)
+    assert gateway == "10.70.0.1/24"
+
+    def both():
+        work = [allocate(reactor, nb, "blue", None, host) for _ in range(25)
+                for nb, host in ((a, "host-a"), (b, "host-b"))]  # fmt: skip
+        return defer.gatherResults([defer.ensureDeferred(w) for w in work], consumeErrors=True)
+
+    addresses = run_in_reactor(both, timeout=120)
+    assert len(addresses) == 50
+    assert len(set(addresses)) == 50, sorted(addresses)
+    assert gateway not in addresses
+    assert all(ipaddress.ip_interface(x).ip in ipaddress.ip_network(SUBNET) for x in addresses)
+    # Every address handed out is one claim in the database, and only those.
+    assert claims(central) == sorted(f"blue/{x.split('/')[0]}" for x in addresses)
+
+
+def test_an_address_given_on_one_host_is_refused_on_the_other(central, engines):
+    a, b = engines
+    reactor = get_reactor()
+    run_in_reactor(a.request_pool, "blue", SUBNET, "host-a")
+    run_in_reactor(b.request_pool, "blue", SUBNET, "host-b")
+    run_in_reactor(a.set_gateway, "blue", "10.70.0.254")
+    got = run_in_reactor(
+        lambda: defer.ensureDeferred(allocate(reactor, a, "blue", "10.70.0.9", "host-a"))
+    )
+    assert got == "10.70.0.9/24"
+    with pytest.raises(NorthboundError, match="10.70.0.9 is already in use on OVN switch blue"):
+        run_in_reactor(
+            lambda: defer.ensureDeferred(allocate(reactor, b, "blue", "10.70.0.9", "host-b"))
+        )
+    with pytest.raises(NorthboundError, match="is the gateway of OVN switch blue"):
+        run_in_reactor(
+            lambda: defer.ensureDeferred(allocate(reactor, b, "blue", "10.70.0.254", "host-b"))
+        )
+    # Host b never gets the given address (nor the gateway) automatically.
+    auto = [
+        run_in_reactor(lambda: defer.ensureDeferred(allocate(reactor, b, "blue", None, "host-b")))
+        for _ in range(10)
+    ]
+    assert "10.70.0.9/24" not in auto and "10.70.0.254/24" not in auto
+    # Released, it can be given again.
+    run_in_reactor(a.release_address, "blue", "10.70.0.9")
+    again = run_in_reactor(
+        lambda: defer.ensureDeferred(allocate(reactor, b, "blue", "10.70.0.9", "host-b"))
+    )
+    assert again == "10.70.0.9/24"
+
+
+def test_the_subnet_lives_on_the_switch(central, engines):
+    a, b = engines
+    info = run_in_reactor(a.request_pool, "blue", SUBNET, "host-a")
+    assert info.subnet == SUBNET
+    assert run_in_reactor(b.request_pool, "blue", None, "host-b").subnet == SUBNET
+    with pytest.raises(NorthboundError, match=r"has subnet 10.70.0.0/24, not 10.71.0.0/24"):
+        run_in_reactor(b.request_pool, "blue", "10.71.0.0/24", "host-b")
+    with pytest.raises(NorthboundError, match="does not exist yet: create the first network"):
+        run_in_reactor(b.request_pool, "green", None, "host-b")
+    run_in_reactor(a.set_gateway, "blue", None)
+    with pytest.raises(NorthboundError, match="has gateway 10.70.0.1: leave --gateway out"):
+        run_in_reactor(b.set_gateway, "blue", "10.70.0.7")
+
+
+def test_two_hosts_creating_one_switch_at_once_make_one(central, engines):
+    a, b = engines
+
+    def both():
+        return defer.gatherResults(
+            [a.request_pool("blue", SUBNET, "host-a"), b.request_pool("blue", SUBNET, "host-b")],
+            consumeErrors=True,
+        )
+
+    for attempt in range(2):  # whichever loses the race retries the lookup
+        try:
+            run_in_reactor(both)
+            break
+        except Exception:
+            if attempt:
+                raise
+    assert central.switches() == ["blue"]
+
+
+def test_the_switch_goes_when_no_host_uses_it_and_no_address_is_claimed(central, engines):
+    a, b = engines
+    reactor = get_reactor()
+    run_in_reactor(a.request_pool, "blue", SUBNET, "host-a")
+    run_in_reactor(b.request_pool, "blue", None, "host-b")
+    run_in_reactor(a.set_gateway, "blue", None)
+    got = run_in_reactor(lambda: defer.ensureDeferred(allocate(reactor, b, "blue", None, "host-b")))
+    assert run_in_reactor(a.release_pool, "blue", "host-a") is False
+    assert central.switches() == ["blue"]  # host b still uses it
+    assert run_in_reactor(b.release_pool, "blue", "host-b") is False  # an address is claimed
+    run_in_reactor(b.release_address, "blue", got)
+    assert run_in_reactor(b.release_pool, "blue", "host-b") is True
+    assert central.switches() == []
+    assert central.ports() == []
