@@ -19,10 +19,11 @@ shared by every host (see `ovsdriver.northbound`). On this host it is:
 import ipaddress
 
 import attr
-from twisted.internet import task
+from twisted.application import service
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from ovsdriver.northbound import NorthboundError, gateway_mac, gateway_port_name
+from ovsdriver.northbound import SYSTEM_ID, NorthboundError, gateway_mac, gateway_port_name
 from ovsdriver.ovsdb import by_name
 
 log = Logger()
@@ -196,3 +197,69 @@ def _installed(idl, port):
 def gateway_interface_ids(network):
     """external_ids and MAC of an OVN network's gateway port on this host."""
     return {"iface-id": gateway_port_name(network.ovn_switch)}, gateway_mac(network.ovn_switch)
+
+
+class ClaimCollector(service.Service):
+    """Give back this host's orphaned addresses in the Northbound database.
+
+    The engine does not always release an address: after a crash of its own
+    it drops stale endpoints without any call, and the reconciler then removes
+    their ports here. A claim (logical port) made by this host (its
+    ``system-id``) that no local endpoint uses for `grace` seconds, as seen by
+    this process, is such an orphan: the engine uses a claim within
+    milliseconds of making it (RequestAddress, then CreateEndpoint). Other
+    hosts' claims are theirs to collect.
+    """
+
+    def __init__(self, reactor, ovn, interval=10.0, grace=60.0, clock=None):
+        self.reactor = reactor
+        self.ovn = ovn
+        self.interval = interval
+        self.grace = grace
+        self.clock = clock or reactor.seconds
+        self._unused_since = {}  # claim name -> when first seen unused
+        self._loop = None
+        self._last_error = None
+
+    def startService(self):
+        super().startService()
+        self._loop = task.LoopingCall(self._pass)
+        self._loop.clock = self.reactor
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self):
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    async def _safe_pass(self):
+        try:
+            await self.collect()
+            self._last_error = None
+        except Exception as e:
+            if str(e) != self._last_error:  # say it once, not every pass
+                log.warn("cannot collect orphaned OVN addresses: {e}", e=e)
+            self._last_error = str(e)
+
+    def _pass(self):
+        return defer.ensureDeferred(self._safe_pass())
+
+    async def collect(self):
+        """One pass; returns the names of the claims it gave back."""
+        chassis = await self.ovn.chassis()
+        claims = await self.ovn.northbound.ports()
+        used = {ep.iface_id for ep in await self.ovn.vswitch.endpoints() if ep.iface_id}
+        now = self.clock()
+        unused = {
+            claim["name"]
+            for claim in claims
+            if claim.get(SYSTEM_ID) == chassis.system_id and claim["name"] not in used
+        }
+        self._unused_since = {name: self._unused_since.get(name, now) for name in unused}
+        orphans = sorted(n for n, since in self._unused_since.items() if now - since >= self.grace)
+        if orphans:
+            await self.ovn.northbound.forget_claims(orphans)
+            for name in orphans:
+                self._unused_since.pop(name, None)
+            log.info("gave back orphaned OVN addresses {names}", names=", ".join(orphans))
+        return orphans

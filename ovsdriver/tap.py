@@ -20,7 +20,7 @@ from ovsdriver.firewall import Firewall, FirewallHealer, FirewallRestorer
 from ovsdriver.ipam import Ipam
 from ovsdriver.netlink import Netlink
 from ovsdriver.northbound import NB_TABLES, Northbound
-from ovsdriver.ovn import OVN
+from ovsdriver.ovn import OVN, ClaimCollector
 from ovsdriver.ovsdb import OVSDB
 from ovsdriver.reconcile import Reconciler
 from ovsdriver.vswitch import VSwitch
@@ -245,6 +245,7 @@ def makeService(options, reactor=None):
         )
         nb.setServiceParent(top)
         ovn = OVN(reactor, Northbound(nb), vswitch, netlink)
+        ClaimCollector(reactor, ovn).setServiceParent(top)
     firewall = Firewall(reactor)
     driver = Driver(vswitch, netlink, firewall, options["datapath-type"], ovn=ovn)
     # The firewall lives in the kernel only: rebuild it from OVSDB at start,

@@ -9,7 +9,9 @@ from twisted.internet import defer
 
 from ovsdriver.ipam import allocate
 from ovsdriver.northbound import NB_TABLES, Northbound, NorthboundError
+from ovsdriver.ovn import ChassisSettings, ClaimCollector
 from ovsdriver.ovsdb import OVSDB
+from ovsdriver.values import Endpoint
 from tests import world
 from tests.reactor_thread import get_reactor, run_in_reactor
 
@@ -153,3 +155,52 @@ def test_the_switch_goes_when_no_host_uses_it_and_no_address_is_claimed(central,
     assert run_in_reactor(b.release_pool, "blue", "host-b") is True
     assert central.switches() == []
     assert central.ports() == []
+
+
+class _Host:
+    """What the claim collector reads of one host: its chassis and endpoints."""
+
+    def __init__(self, northbound, system_id, endpoints=()):
+        self.northbound = northbound
+        self.system_id = system_id
+        self.vswitch = self
+        self.in_use = list(endpoints)
+
+    async def chassis(self):
+        return ChassisSettings(self.system_id, "br-int", None)
+
+    def endpoints(self):
+        return defer.succeed(self.in_use)
+
+
+def test_a_host_gives_back_only_its_own_orphaned_addresses(central, engines):
+    a, b = engines
+    reactor = get_reactor()
+    run_in_reactor(a.request_pool, "blue", SUBNET, "host-a")
+    run_in_reactor(b.request_pool, "blue", None, "host-b")
+    run_in_reactor(a.set_gateway, "blue", None)
+
+    def claim(nb, host):
+        return run_in_reactor(
+            lambda: defer.ensureDeferred(allocate(reactor, nb, "blue", None, host))
+        )
+
+    used, orphan = claim(a, "host-a"), claim(a, "host-a")
+    others = claim(b, "host-b")
+    in_use = Endpoint(
+        endpoint_id="ab" * 32, network_id="cd" * 32, bridge="br-int", port="oep-x",
+        ifname="oep-x", mac="02:00:00:00:00:01", iface_id=f"blue/{used.split('/')[0]}",
+    )  # fmt: skip
+    now = [1000.0]
+    collector = ClaimCollector(
+        reactor, _Host(a, "host-a", [in_use]), grace=60, clock=lambda: now[0]
+    )
+    assert run_in_reactor(lambda: defer.ensureDeferred(collector.collect())) == []
+    now[0] += 59
+    assert run_in_reactor(lambda: defer.ensureDeferred(collector.collect())) == []
+    now[0] += 2
+    gone = run_in_reactor(lambda: defer.ensureDeferred(collector.collect()))
+    assert gone == [f"blue/{orphan.split('/')[0]}"]
+    left = claims(central)
+    assert f"blue/{used.split('/')[0]}" in left and f"blue/{others.split('/')[0]}" in left
+    assert len(left) == 2
