@@ -12,6 +12,7 @@ the same one. Local networks keep Docker's default IPAM: a request without
 """
 
 import ipaddress
+import random
 import uuid
 
 from twisted.internet import task
@@ -55,13 +56,16 @@ async def allocate(reactor, northbound, switch, address, system_id):
     """Claim `address` (or the first free one) on `switch`; when another host
     claimed the same address at the same moment, look again. Deferred[str]."""
     token = uuid.uuid4().hex
+    spread = None
     for attempt in range(ATTEMPTS):
         try:
-            return await northbound.claim_address(switch, address or None, token, system_id)
+            return await northbound.claim_address(switch, address or None, token, system_id, spread)
         except OVSDBUnavailable as e:
             if CONFLICT not in str(e) or attempt == ATTEMPTS - 1:
                 raise
-        # Let the winner's claim reach the replica before choosing again.
+        # Let the winner's claim reach the replica, then choose again, at
+        # random so as not to collide with the other host's next choice.
+        spread = random.Random(token)
         await task.deferLater(reactor, 0.01 * (attempt + 1), lambda: None)
     raise AssertionError("unreachable")
 

@@ -23,6 +23,7 @@ so this is where multi-host state and address allocation live:
 
 import hashlib
 import ipaddress
+import itertools
 import re
 
 import attr
@@ -87,13 +88,35 @@ def gateway_mac(switch):
     return ":".join(f"{b:02x}" for b in octets)
 
 
-def choose_address(subnet, gateway, taken):
-    """The first host address of `subnet` that is neither the gateway nor
-    `taken(ip)`; None when the subnet is full."""
+def choose_address(subnet, gateway, taken, after=None, spread=None):
+    """The next host address of `subnet` after `after` (from the first one
+    when None), wrapping around, that is neither the gateway nor `taken(ip)`;
+    None when the subnet is full. Going on after the last address handed out
+    (as Docker's own allocator does) keeps a choice from rescanning every
+    address in use. With `spread` (a ``random.Random``), try a few random
+    ones first: after losing an address to another host, both hosts taking
+    the next free one would collide again."""
     net = ipaddress.ip_network(subnet)
+    first, last = int(net.network_address) + 1, int(net.broadcast_address) - 1
     gateway_ip = ipaddress.ip_interface(gateway).ip if gateway else None
-    for ip in net.hosts():
-        if ip != gateway_ip and not taken(ip):
+    if last < first:
+        return None
+
+    def free(value):
+        ip = ipaddress.ip_address(value)
+        return ip if ip != gateway_ip and not taken(ip) else None
+
+    if spread is not None and last - first > 2:
+        for _ in range(32):
+            ip = free(spread.randint(first, last))
+            if ip is not None:
+                return ip
+    begin = first
+    if after is not None and first <= int(ipaddress.ip_address(after)) < last:
+        begin = int(ipaddress.ip_address(after)) + 1
+    for value in itertools.chain(range(begin, last + 1), range(first, begin)):
+        ip = free(value)
+        if ip is not None:
             return ip
     return None
 
@@ -166,6 +189,7 @@ class Northbound:
 
     def __init__(self, ovsdb):
         self.ovsdb = ovsdb
+        self._last = {}  # switch -> the last address this host claimed on it
 
     @property
     def remote(self):
@@ -306,20 +330,24 @@ class Northbound:
 
     # -- addresses ---------------------------------------------------------------
 
-    def claim_address(self, name, address, token, system_id):
-        """Claim `address` (or the first free one) on the switch for this host.
+    def claim_address(self, name, address, token, system_id, spread=None):
+        """Claim `address` (or the first free one; see `choose_address` for
+        `spread`) on the switch for this host.
         Deferred[str]: the address, CIDR. Fails with OVSDBUnavailable naming a
         `CONFLICT` when another host claimed the same address at once."""
+
+        tried = []  # what an earlier build of this claim chose
 
         def build(ctx):
             row = _switch(ctx, name)
             ids = _ids(row)
             subnet, gateway = ids[SUBNET], ids.get(GATEWAY)
             prefix = ipaddress.ip_network(subnet).prefixlen
-            for port in row.ports:
-                if _ids(port).get(CLAIM) == token:  # committed before a reconnect
-                    claimed = _ids(port)[ADDRESS]
-                    return lambda idl: f"{claimed}/{prefix}"
+            if tried:
+                earlier = ctx.find("Logical_Switch_Port", claim_name(name, tried[-1]))
+                if earlier is not None and _ids(earlier).get(CLAIM) == token:
+                    # It committed before a reconnect hid the answer.
+                    return lambda idl: f"{tried[-1]}/{prefix}"
             if address:
                 ip = check_address(name, subnet, gateway, address)
                 if ctx.find("Logical_Switch_Port", claim_name(name, ip)) is not None:
@@ -332,6 +360,8 @@ class Northbound:
                     subnet,
                     gateway,
                     lambda ip: ctx.find("Logical_Switch_Port", claim_name(name, ip)),
+                    self._last.get(name),
+                    spread,
                 )
                 if ip is None:
                     raise NorthboundError(f"no free address left in {subnet} on OVN switch {name}")
@@ -344,6 +374,9 @@ class Northbound:
                 SYSTEM_ID: system_id,
             }
             row.addvalue("ports", port.uuid)
+            tried.append(ip)
+            if not address:
+                self._last[name] = ip
             return lambda idl: f"{ip}/{prefix}"
 
         return self.ovsdb.transact(build)

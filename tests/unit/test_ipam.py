@@ -2,6 +2,7 @@
 option checks, MTU, and the IPAM API's own error shape."""
 
 import ipaddress
+import random
 
 import pytest
 
@@ -23,6 +24,30 @@ def test_choose_address_takes_the_first_free_host_address_but_never_the_gateway(
     taken = {ipaddress.ip_address("10.0.0.2"), ipaddress.ip_address("10.0.0.3")}
     assert str(choose_address("10.0.0.0/24", "10.0.0.1/24", taken.__contains__)) == "10.0.0.4"
     assert str(choose_address("10.0.0.0/24", None, taken.__contains__)) == "10.0.0.1"
+
+
+def test_choose_address_goes_on_after_the_last_one_and_wraps_around():
+    taken = {ipaddress.ip_address("10.0.0.7")}
+    pick = choose_address("10.0.0.0/24", "10.0.0.1/24", taken.__contains__, "10.0.0.6")
+    assert str(pick) == "10.0.0.8"
+    assert str(choose_address("10.0.0.0/24", None, taken.__contains__, "10.0.0.254")) == "10.0.0.1"
+    assert str(choose_address("10.0.0.0/24", "10.0.0.1/24", set().__contains__, "10.0.0.254")) == (
+        "10.0.0.2"
+    )
+
+
+def test_choose_address_spreads_out_after_a_lost_race():
+    picks = {
+        str(choose_address("10.0.0.0/16", None, set().__contains__, None, random.Random(seed)))
+        for seed in range(20)
+    }
+    assert len(picks) > 15 and "10.0.0.1" not in picks
+    # A full subnet is still found full, and a nearly full one its last address.
+    assert choose_address("10.0.0.0/24", None, lambda ip: True, None, random.Random(1)) is None
+    last = ipaddress.ip_address("10.0.0.200")
+    assert (
+        choose_address("10.0.0.0/24", None, lambda ip: ip != last, None, random.Random(1)) == last
+    )
 
 
 def test_choose_address_says_when_the_subnet_is_full():
