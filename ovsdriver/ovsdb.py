@@ -310,7 +310,7 @@ class OVSDB(service.Service):
     def unavailable(self):
         return OVSDBUnavailable(
             f"cannot reach {self.name} at {self.remote} ({self._last_error}); "
-            "is its ovsdb-server running?"
+            "is ovsdb-server running?"
         )
 
     # -- the public operations ---------------------------------------------
