@@ -266,6 +266,38 @@ def test_each_host_reaches_the_outside_through_its_own_nat(cluster):
             outside.close()
 
 
+def test_published_ports_and_internal_networks_on_ovn(cluster):
+    c = cluster
+    c.network(0, "blue", "blue", "--subnet", SUBNET)
+    c.network(0, "dark", "dark", "--subnet", "10.63.0.0/24", "--internal")
+    outside = Outside(c.hosts[0], "192.0.2")
+    try:
+        script = "mkdir -p /www && echo published > /www/index.html && exec httpd -f -p 80 -h /www"
+        c.run(0, "pub", "blue", "-p", "8081:80", command=("sh", "-c", script))
+        get = (
+            "import urllib.request, sys; "
+            "print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
+        )
+        argv = ["nsenter", f"--net=/run/netns/{outside.name}", "--", sys.executable, "-c",
+                get, f"http://{outside.host_ip}:8081/"]  # fmt: skip
+        got = world.wait_until(
+            lambda: world.run(argv, check=False, timeout=30).stdout.strip() == "published", 15, 0.5
+        )
+        assert got
+        c.run(0, "hidden", "dark")
+        cut_off = c.exec(
+            0, "hidden", "timeout", "5", "wget", "-q", "-O", "-", f"http://{outside.ip}:8080/"
+        )
+        assert cut_off.returncode != 0
+        routes = c.exec(0, "hidden", "ip", "route").stdout
+        assert "default" not in routes
+        gateways = c.hosts[0].ovs.vsctl("--bare", "--columns=name", "find", "Interface",
+                                        "external_ids:iface-id=dark/gateway")  # fmt: skip
+        assert gateways == ""
+    finally:
+        outside.close()
+
+
 def test_a_network_removed_on_one_host_keeps_working_on_the_other(cluster):
     c = cluster
     c.network(0, "blue", "blue", "--subnet", SUBNET)
