@@ -40,7 +40,7 @@ def vsctl_get(world, *args):
 
 
 def test_the_api_against_real_open_vswitch(ovs_world, driver):
-    assert ok(driver, "Plugin.Activate") == {"Implements": ["NetworkDriver"]}
+    assert ok(driver, "Plugin.Activate") == {"Implements": ["NetworkDriver", "IpamDriver"]}
     assert driver.post("NetworkDriver.Nonsense", {})[0] == 404
     ok(
         driver,
