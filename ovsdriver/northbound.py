@@ -239,10 +239,15 @@ class Northbound:
                     )
                 _check_subnet_free(ctx, name, subnet, system_id)
                 row = ctx.insert("Logical_Switch", name)
-                row.external_ids = {OWNER: OWNER_VALUE, SUBNET: subnet, HOST + system_id: PENDING}
+                row.external_ids = {
+                    OWNER: OWNER_VALUE,
+                    SUBNET: subnet,
+                    HOST + system_id: PENDING,
+                    SYSTEM_ID: system_id,  # the host that made it
+                }
                 gateway = ctx.insert("Logical_Switch_Port", gateway_port_name(name))
                 gateway.type = "localport"
-                gateway.external_ids = {OWNER: OWNER_VALUE, SWITCH: name}
+                gateway.external_ids = {OWNER: OWNER_VALUE, SWITCH: name, SYSTEM_ID: system_id}
                 row.ports = [gateway.uuid]
             else:
                 have = _switch(ctx, name).external_ids[SUBNET]

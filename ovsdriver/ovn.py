@@ -209,6 +209,11 @@ class ClaimCollector(service.Service):
     this process, is such an orphan: the engine uses a claim within
     milliseconds of making it (RequestAddress, then CreateEndpoint). Other
     hosts' claims are theirs to collect.
+
+    Likewise this host's mark on a switch that no local Docker network uses
+    for `grace` seconds (its ReleasePool was lost, as when the Northbound
+    database was down during ``docker network rm``) is removed, and with it
+    the switch when no host uses it any more.
     """
 
     def __init__(self, reactor, ovn, interval=10.0, grace=60.0, clock=None):
@@ -255,11 +260,21 @@ class ClaimCollector(service.Service):
             for claim in claims
             if claim.get(SYSTEM_ID) == chassis.system_id and claim["name"] not in used
         }
-        self._unused_since = {name: self._unused_since.get(name, now) for name in unused}
-        orphans = sorted(n for n, since in self._unused_since.items() if now - since >= self.grace)
-        if orphans:
-            await self.ovn.northbound.forget_claims(orphans)
-            for name in orphans:
-                self._unused_since.pop(name, None)
-            log.info("gave back orphaned OVN addresses {names}", names=", ".join(orphans))
-        return orphans
+        local = {n.ovn_switch for n in (await self.ovn.vswitch.networks()).values()}
+        for switch in await self.ovn.northbound.switches():
+            if switch.host(chassis.system_id) is not None and switch.name not in local:
+                unused.add(("switch", switch.name))
+        self._unused_since = {key: self._unused_since.get(key, now) for key in unused}
+        old = sorted(
+            (k for k, since in self._unused_since.items() if now - since >= self.grace), key=str
+        )
+        claims = [k for k in old if isinstance(k, str)]
+        if claims:
+            await self.ovn.northbound.forget_claims(claims)
+            log.info("gave back orphaned OVN addresses {names}", names=", ".join(claims))
+        for _, name in (k for k in old if not isinstance(k, str)):
+            await self.ovn.northbound.release_pool(name, chassis.system_id)
+            log.info("this host no longer uses OVN switch {name}", name=name)
+        for key in old:
+            self._unused_since.pop(key, None)
+        return old

@@ -11,7 +11,7 @@ from ovsdriver.ipam import allocate
 from ovsdriver.northbound import NB_TABLES, Northbound, NorthboundError
 from ovsdriver.ovn import ChassisSettings, ClaimCollector
 from ovsdriver.ovsdb import OVSDB
-from ovsdriver.values import Endpoint
+from ovsdriver.values import Endpoint, Network
 from tests import world
 from tests.reactor_thread import get_reactor, run_in_reactor
 
@@ -160,17 +160,24 @@ def test_the_switch_goes_when_no_host_uses_it_and_no_address_is_claimed(central,
 class _Host:
     """What the claim collector reads of one host: its chassis and endpoints."""
 
-    def __init__(self, northbound, system_id, endpoints=()):
+    def __init__(self, northbound, system_id, endpoints=(), switches=()):
         self.northbound = northbound
         self.system_id = system_id
         self.vswitch = self
         self.in_use = list(endpoints)
+        self.local = {
+            f"{n:064x}": Network(network_id=f"{n:064x}", bridge="br-int", ovn_switch=switch)
+            for n, switch in enumerate(switches)
+        }
 
     async def chassis(self):
         return ChassisSettings(self.system_id, "br-int", None)
 
     def endpoints(self):
         return defer.succeed(self.in_use)
+
+    def networks(self):
+        return defer.succeed(self.local)
 
 
 def test_a_host_gives_back_only_its_own_orphaned_addresses(central, engines):
@@ -193,7 +200,7 @@ def test_a_host_gives_back_only_its_own_orphaned_addresses(central, engines):
     )  # fmt: skip
     now = [1000.0]
     collector = ClaimCollector(
-        reactor, _Host(a, "host-a", [in_use]), grace=60, clock=lambda: now[0]
+        reactor, _Host(a, "host-a", [in_use], ["blue"]), grace=60, clock=lambda: now[0]
     )
     assert run_in_reactor(lambda: defer.ensureDeferred(collector.collect())) == []
     now[0] += 59
@@ -204,3 +211,21 @@ def test_a_host_gives_back_only_its_own_orphaned_addresses(central, engines):
     left = claims(central)
     assert f"blue/{used.split('/')[0]}" in left and f"blue/{others.split('/')[0]}" in left
     assert len(left) == 2
+
+
+def test_a_host_forgets_a_switch_it_no_longer_has_a_network_on(central, engines):
+    a, b = engines
+    reactor = get_reactor()
+    run_in_reactor(a.request_pool, "blue", SUBNET, "host-a")
+    run_in_reactor(a.request_pool, "green", "10.71.0.0/24", "host-a")  # its rm was lost
+    run_in_reactor(b.request_pool, "blue", None, "host-b")
+    now = [1000.0]
+    collector = ClaimCollector(reactor, _Host(a, "host-a", [], ["blue"]), clock=lambda: now[0])
+    assert run_in_reactor(lambda: defer.ensureDeferred(collector.collect())) == []
+    now[0] += 61
+    assert run_in_reactor(lambda: defer.ensureDeferred(collector.collect())) == [
+        ("switch", "green")
+    ]
+    assert central.switches() == ["blue"]
+    # Host b's mark on blue is host b's business.
+    assert "ovsdriver-host-host-b" in central.nbctl("get", "Logical_Switch", "blue", "external_ids")
