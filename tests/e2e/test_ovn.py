@@ -196,6 +196,20 @@ def test_a_conflicting_subnet_is_refused_with_what_the_switch_has(cluster):
     assert local.returncode != 0 and "ovs.ovn.switch=NAME" in local.stderr
 
 
+def test_local_networks_work_beside_ovn_ones(cluster):
+    c = cluster
+    c.network(0, "blue", "blue", "--subnet", SUBNET)
+    driver = c.drivers[0].name
+    c.docker(0, "network", "create", "-d", driver, "--subnet", "10.64.0.0/24", "local")
+    c.run(0, "l1", "local")
+    c.run(0, "l2", "local")
+    assert c.ip(0, "l1", "local").startswith("10.64.0.")
+    assert c.ping(0, "l1", c.ip(0, "l2", "local"))
+    bridge = "obr-" + c.docker(0, "network", "inspect", "-f", "{{.Id}}", "local").stdout[:11]
+    assert bridge in c.hosts[0].ovs.bridges()
+    assert c.central.ports() == ["blue/gateway"]  # nothing of it in OVN
+
+
 class Outside:
     """A namespace behind a veth from one host, with an HTTP server answering
     with the client's address (so the test sees whether it was NATed)."""
