@@ -380,9 +380,13 @@ class Northbound:
             }
             row.addvalue("ports", port.uuid)
             tried.append(ip)
-            if not address:
-                self._last[name] = ip
-            return lambda idl: f"{ip}/{prefix}"
+
+            def claimed(idl):
+                if not address:  # the next choice goes on from here
+                    self._last[name] = ip
+                return f"{ip}/{prefix}"
+
+            return claimed
 
         return self.ovsdb.transact(build)
 
