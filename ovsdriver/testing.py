@@ -611,7 +611,14 @@ class FakeVSwitch:
     def add_network(self, network):
         bridge = self.bridges.get(network.bridge)
         try:  # check everything first: a refused network leaves nothing
-            if bridge is not None and network.network_id not in bridge.networks:
+            if bridge is None and network.ovn_switch:
+                raise VSwitchError(
+                    f"the OVN integration bridge {network.bridge} is missing: start "
+                    "ovn-controller (or set external_ids:ovn-bridge to the right bridge)"
+                )
+            if bridge is not None and network.ovn_switch:
+                pass  # OVN keeps its switches apart itself
+            elif bridge is not None and network.network_id not in bridge.networks:
                 check_shareable(network.bridge, list(bridge.networks.values()), network)
             holder = self._holder(network.uplink)
             if network.uplink and holder not in (None, network.bridge):

@@ -231,3 +231,28 @@ def test_an_endpoint_records_when_it_was_created(harness):
     given = endpoint(net, endpoint_id=EP_2, mac="02:00:00:00:00:02", created=1700000000.0)
     harness.call(harness.vswitch.add_endpoint, given)
     assert harness.call(harness.vswitch.endpoint, EP_2).created == 1700000000.0
+
+
+def ovn_network(network_id=NET_A, switch="blue", **fields):
+    return network(network_id, bridge="br-int", shared_bridge=True, ovn_switch=switch, **fields)
+
+
+def test_an_ovn_network_needs_the_integration_bridge(harness):
+    with pytest.raises(VSwitchError, match="the OVN integration bridge br-int is missing"):
+        harness.call(harness.vswitch.add_network, ovn_network())
+    assert not harness.bridge_exists("br-int")
+
+
+def test_ovn_networks_share_the_integration_bridge_without_vlans(harness):
+    harness.add_foreign_bridge("br-int")
+    blue, green = ovn_network(NET_A, "blue"), ovn_network(NET_B, "green")
+    harness.call(harness.vswitch.add_network, blue)
+    harness.call(harness.vswitch.add_network, green)
+    assert harness.port_exists(gateway_port_name(NET_A))
+    assert harness.call(harness.vswitch.networks) == {NET_A: blue, NET_B: green}
+    ep = endpoint(blue, iface_id="blue/10.9.0.5", ipv4="10.9.0.5/24")
+    harness.call(harness.vswitch.add_endpoint, ep)
+    assert harness.call(harness.vswitch.endpoint, EP_1).iface_id == "blue/10.9.0.5"
+    harness.call(harness.vswitch.remove_network, NET_A)
+    assert harness.bridge_exists("br-int")  # not the driver's
+    assert not harness.port_exists(gateway_port_name(NET_A))
