@@ -194,6 +194,12 @@ def test_a_conflicting_subnet_is_refused_with_what_the_switch_has(cluster):
         "plain", check=False,
     )  # fmt: skip
     assert local.returncode != 0 and "ovs.ovn.switch=NAME" in local.stderr
+    mismatch = c.network(1, "blue", "blue", "-o", "ovs.ovn.switch=green", check=False)
+    assert mismatch.returncode != 0
+    assert "-o ovs.ovn.switch=green does not match --ipam-opt ovs.ovn.switch=blue" in (
+        mismatch.stderr
+    )
+    c.network(1, "blue", "blue", "-o", "ovs.ovn.switch=blue")  # the same switch is fine
 
 
 def test_local_networks_work_beside_ovn_ones(cluster):

@@ -23,6 +23,21 @@ def test_defaults():
     options = parse("--datapath-type", "netdev")
     assert options["listen"] == DEFAULT_LISTEN
     assert options["ovsdb"] == "unix:/var/run/openvswitch/db.sock"
+    assert options["ovn-nb"] is None  # OVN is off by default
+
+
+def test_ovn_nb_adds_a_northbound_connection():
+    from twisted.internet.task import Clock
+
+    from ovsdriver.ovsdb import OVSDB
+    from ovsdriver.tap import makeService
+
+    def databases(*argv):
+        top = makeService(parse("--datapath-type", "netdev", *argv), reactor=Clock())
+        return [s.database for s in top if isinstance(s, OVSDB)]
+
+    assert databases() == ["Open_vSwitch"]
+    assert databases("--ovn-nb", "tcp:10.0.0.1:6641") == ["Open_vSwitch", "OVN_Northbound"]
 
 
 def test_auto_datapath_follows_the_kernel_module(tmp_path):
@@ -66,6 +81,7 @@ def test_a_socket_systemd_did_not_pass_is_refused_with_the_fix(monkeypatch):
     [
         (("--datapath-type", "dpdk"), "--datapath-type"),
         (("--ovsdb", "/var/run/openvswitch/db.sock"), "--ovsdb"),
+        (("--ovn-nb", "central:6641"), "--ovn-nb"),
     ],
 )
 def test_bad_options_are_named(argv, message):
