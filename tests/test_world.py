@@ -295,3 +295,29 @@ def test_dockerd_that_cannot_start_raises_and_leaves_nothing() -> None:
             ]
         finally:
             world.remove_tree(directory)
+
+
+def test_ovn_world_binds_ports_across_hosts_and_close_leaves_nothing() -> None:
+    world.require()
+    with world.OVNWorld() as w:
+        namespaces = [w.central.netns.name] + [h.netns.name for h in w.hosts]
+        pids = [p for h in w.hosts for p in h.netns.pids()] + w.central.netns.pids()
+        directory = w.directory
+        assert w.chassis_count() == 2
+        a = w.hosts[0]
+        a.ovs.vsctl("add-port", "br-int", "t0", "--", "set", "interface", "t0",
+                    "type=internal", "external_ids:iface-id=lp0")  # fmt: skip
+        w.central.nbctl("ls-add", "s0", "--", "lsp-add", "s0", "lp0")
+        world.wait_until(
+            lambda: (
+                a.ovs.vsctl("--if-exists", "get", "interface", "t0", "external_ids:ovn-installed")
+                == '"true"'
+            ),  # fmt: skip
+            15,
+            0.1,
+            "ovn-controller did not install the port",
+        )
+    listed = world.run(["ip", "netns", "list"]).stdout
+    assert not any(name in listed for name in namespaces)
+    assert not any(world.pid_alive(p) for p in pids)
+    assert not Path(directory).exists()
