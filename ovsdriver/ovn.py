@@ -33,7 +33,7 @@ DEFAULT_BRIDGE = "br-int"
 #: The address space the ovs IPAM reports: CreateNetwork's IPv4Data says
 #: through it that a network's pool came from OVN.
 ADDRESS_SPACE = "OVN"
-INSTALL_TIMEOUT = 10.0
+INSTALL_TIMEOUT = 20.0
 POLL_INTERVAL = 0.02
 
 
