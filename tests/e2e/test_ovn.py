@@ -182,6 +182,18 @@ def test_a_given_address_is_never_handed_out_on_the_other_host(cluster):
         assert c.ip(1, f"auto{n}") != "10.60.0.2"
 
 
+def test_a_given_gateway_is_the_switchs_on_every_host(cluster):
+    c = cluster
+    c.network(0, "blue", "blue", "--subnet", SUBNET, "--gateway", "10.60.0.254")
+    c.network(1)
+    c.run(0, "a1")
+    c.run(1, "b1")
+    for host, name in ((0, "a1"), (1, "b1")):
+        assert "default via 10.60.0.254" in c.exec(host, name, "ip", "route").stdout
+        assert c.ping(host, name, "10.60.0.254")  # each host's own gateway port
+    assert c.ip(0, "a1") != "10.60.0.254" != c.ip(1, "b1")
+
+
 def test_a_conflicting_subnet_is_refused_with_what_the_switch_has(cluster):
     c = cluster
     c.network(0, "blue", "blue", "--subnet", SUBNET)
