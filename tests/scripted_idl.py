@@ -100,6 +100,9 @@ class Row:
     def increment(self, column):
         self._idl.txn.increment = (self, column)
 
+    def verify(self, column):
+        self._idl.txn.verified.add((self.uuid, column))
+
     def delete(self):
         txn = self._idl.txn
         txn.deleted[self.uuid] = self
@@ -123,6 +126,16 @@ DEFAULTS = {
         "error": [],
         "external_ids": {},
     },
+    # The OVN Northbound tables of ovsdriver.northbound.
+    "Logical_Switch": {"name": "", "ports": [], "external_ids": {}},
+    "Logical_Switch_Port": {
+        "name": "",
+        "type": "",
+        "addresses": [],
+        "port_security": [],
+        "options": {},
+        "external_ids": {},
+    },
 }
 
 
@@ -137,6 +150,7 @@ class ScriptedTransaction:
         self.inserted = {}
         self.deleted = {}
         self.increment = None
+        self.verified = set()  # (uuid, column) the transaction verifies
         self.status = Txn.UNCOMMITTED
         self.writes = None  # what commit() sent
         self.new_cfg = None
