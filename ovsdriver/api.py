@@ -14,7 +14,7 @@ from twisted.web import resource, server
 
 from ovsdriver.driver import DriverError
 from ovsdriver.firewall import FirewallError
-from ovsdriver.ipam import ADDRESS_SPACE, Ipam
+from ovsdriver.ipam import Ipam
 from ovsdriver.metrics import NO_METRICS
 from ovsdriver.netlink import LinkError
 from ovsdriver.northbound import NorthboundError
@@ -193,13 +193,10 @@ class Handlers:
         return {"Options": {}}
 
     async def ipam_capabilities(self, body):
-        return {"RequiresMACAddress": False, "RequiresRequestReplay": False}
+        return self.ipam.capabilities()
 
     async def ipam_spaces(self, body):
-        return {
-            "LocalDefaultAddressSpace": ADDRESS_SPACE,
-            "GlobalDefaultAddressSpace": ADDRESS_SPACE,
-        }
+        return self.ipam.address_spaces()
 
     async def request_pool(self, body):
         return await self.ipam.request_pool(

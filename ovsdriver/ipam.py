@@ -82,6 +82,16 @@ class Ipam:
             raise disabled()
         return self.ovn
 
+    def capabilities(self):
+        # No MAC needed; no replay: the claims live in the Northbound database.
+        return {"RequiresMACAddress": False, "RequiresRequestReplay": False}
+
+    def address_spaces(self):
+        return {
+            "LocalDefaultAddressSpace": ADDRESS_SPACE,
+            "GlobalDefaultAddressSpace": ADDRESS_SPACE,
+        }
+
     async def request_pool(self, space, pool, sub_pool, options, v6):
         options = options or {}
         switch = options.get(SWITCH_OPTION)
@@ -144,6 +154,3 @@ class Ipam:
         if info is not None and info.gateway and ipaddress.ip_interface(info.gateway).ip == ip:
             return  # the switch's gateway stays as long as the switch
         await ovn.northbound.release_address(switch, address)
-
-
-__all__ = ["ADDRESS_SPACE", "Ipam", "IpamError"]

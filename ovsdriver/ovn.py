@@ -23,7 +23,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from ovsdriver.northbound import SYSTEM_ID, NorthboundError, gateway_mac, gateway_port_name
+from ovsdriver.northbound import SYSTEM_ID, NorthboundError
 from ovsdriver.ovsdb import by_name
 
 log = Logger()
@@ -38,7 +38,7 @@ POLL_INTERVAL = 0.02
 
 
 class OVNDisabled(NorthboundError):
-    pass
+    """An OVN network was asked of a driver started without --ovn-nb."""
 
 
 def disabled():
@@ -192,11 +192,6 @@ class OVN:
 def _installed(idl, port):
     iface = by_name(idl, "Interface", port)
     return iface is not None and dict(iface.external_ids).get("ovn-installed") == "true"
-
-
-def gateway_interface_ids(network):
-    """external_ids and MAC of an OVN network's gateway port on this host."""
-    return {"iface-id": gateway_port_name(network.ovn_switch)}, gateway_mac(network.ovn_switch)
 
 
 class ClaimCollector(service.Service):
