@@ -186,6 +186,8 @@ class Driver:
         }
         if endpoint.vlan is not None:
             info["vlan"] = endpoint.vlan
+        if endpoint.iface_id:
+            info["ovn_logical_port"] = endpoint.iface_id
         return info
 
     async def join(self, network_id, endpoint_id, sandbox_key):

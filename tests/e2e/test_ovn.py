@@ -146,6 +146,11 @@ def test_containers_on_two_hosts_ping_and_move_a_megabyte(cluster):
     assert "system-id=host0" in ids
     chassis = c.central.nbctl("get", "Logical_Switch_Port", f"blue/{client}", "options")
     assert "requested-chassis=host0" in chassis
+    # The local side: the port's iface-id names the logical port.
+    networks = json.loads(c.docker(0, "inspect", "client").stdout)[0]["NetworkSettings"]
+    port = "oep-" + networks["Networks"]["blue"]["EndpointID"][:11]
+    iface_id = c.hosts[0].ovs.vsctl("get", "Interface", port, "external_ids:iface-id")
+    assert iface_id.strip('"') == f"blue/{client}"
 
 
 def test_twenty_containers_at_once_get_distinct_reachable_addresses(cluster):
