@@ -69,7 +69,9 @@ def test_a_socket_from_systemd_is_served_with_mode_660_and_kept(netns, tmp_path)
         # systemd-socket-activate makes it 0644; Twisted's adoption, 0666.
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o644
         status, reply = world.plugin_post(sock, "Plugin.Activate")
-        assert (status, reply) == (200, {"Implements": ["NetworkDriver"]}), output(tmp_path)
+        assert (status, reply) == (200, {"Implements": ["NetworkDriver", "IpamDriver"]}), output(
+            tmp_path
+        )
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
         assert world.plugin_post(sock, "NetworkDriver.GetCapabilities")[0] == 200
         world.stop_process(proc.pid, popen=proc)
