@@ -62,8 +62,9 @@ class Sandboxes:
 
     def unmount(self, name):
         """Tear the sandbox down: the file stays, as until the engine's next
-        garbage collection."""
-        world.run(["umount", self.path(name)], timeout=10)
+        garbage collection. Detached lazily, as the engine does (MNT_DETACH):
+        the driver may be looking at it at that very moment."""
+        world.run(["umount", "-l", self.path(name)], timeout=10)
 
     def delete(self, name):
         self.unmount(name)
