@@ -72,6 +72,9 @@ class Driver:
         self.ovn = ovn  # ovsdriver.ovn.OVN when --ovn-nb is given
         self._firewall_lock = defer.DeferredLock()
         self._publish_lock = defer.DeferredLock()
+        #: Called with each endpoint Join answered (the reconciler watches
+        #: for its sandbox from then on).
+        self.on_join = lambda endpoint: None
 
     async def _network(self, network_id):
         network = await self.vswitch.network(check_id("NetworkID", network_id))
@@ -194,6 +197,7 @@ class Driver:
         network = await self._network(network_id)
         endpoint = await self._endpoint(network_id, endpoint_id)
         await self.vswitch.set_sandbox(endpoint_id, sandbox_key)
+        self.on_join(attr.evolve(endpoint, sandbox=sandbox_key))
         if network.ovn_switch:
             # The container's first packet must find its port installed.
             await self._ovn().wait_installed(endpoint)

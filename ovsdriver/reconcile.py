@@ -454,6 +454,15 @@ class Reconciler(service.Service):
 
     # -- the quick watch over starting containers ----------------------------------
 
+    def watch_join(self, endpoint):
+        """Join was just answered: watch for the sandbox at once, not from the
+        next pass, so that a driver killed right after its container started
+        has still recorded where it ran."""
+        key = (endpoint.endpoint_id, endpoint.sandbox)
+        if endpoint.sandbox and key not in self._seen:
+            self._joined.setdefault(key, self.clock())
+            self._watch_for(key, endpoint)
+
     def _watch_for(self, key, endpoint):
         """Look for a starting container's sandbox every `watch_interval`
         seconds in the driver's own view (cheap), so that where it is mounted

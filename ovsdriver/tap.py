@@ -255,6 +255,7 @@ def makeService(options, reactor=None):
     # Orphan collection and repair after ovs-vswitchd restarts (see ovsdriver.reconcile).
     reconciler = Reconciler(reactor, driver.vswitch, netlink, after_collect=driver.sync_firewall)
     reconciler.setServiceParent(top)
+    driver.on_join = reconciler.watch_join
     plugin = PluginResource(Handlers(driver, Ipam(reactor, ovn)))
     if options["metrics"]:
         hooked = (plugin, reconciler, firewall)

@@ -7,6 +7,7 @@ private, aging copy of the engine's mounts). What is inside them is in the
 `FakeNetlink`. Time is a `Clock`, which the fakes' answers wait for too.
 """
 
+import attr
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -244,6 +245,26 @@ def test_a_sandbox_mounted_just_before_the_driver_died_is_recorded_in_time(scene
     scene.clock.advance(0.3)
     assert scene.sandbox("quick") == path
     scene.clock.advance(0.5)
+    scene.reconciler.stopService()
+    scene.delete(path)
+    scene.restart_driver()
+    scene.run_for(2 * INTERVAL)
+    assert ep.port not in scene.ports()
+
+
+def test_a_join_starts_the_quick_watch_at_once(scene):
+    """The driver runs; a container joins and starts between two passes, and
+    the driver is killed before the next pass: the watch Join started has
+    recorded its sandbox, so once it is removed a restarted driver collects it."""
+    scene.start()
+    scene.clock.advance(0.1)
+    ep = scene.endpoint()
+    path = f"{NETNS_DIR}/between"
+    scene.join(ep, path, move=False)
+    scene.reconciler.watch_join(attr.evolve(ep, sandbox=path))
+    scene.clock.advance(0.1)
+    scene.sandbox("between")
+    scene.clock.advance(0.5)  # well before the next pass
     scene.reconciler.stopService()
     scene.delete(path)
     scene.restart_driver()
