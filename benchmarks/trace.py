@@ -86,18 +86,15 @@ def install():
         start_transaction(self)
         if self._txn is not None:
             waits = sum(op.wait for op in self._in_flight)
+            self._txn._trace_commit = time.time()
             emit("ovsdb commit", self._txn._trace_start, ops=len(self._in_flight), wait=waits)
 
     def traced_advance(self, status):
         txn = self._txn
         advance(self, status)
         if txn is not None and self._txn is None and status != "incomplete":
-            emit(
-                "ovsdb committed",
-                getattr(self, "_trace_commit", time.time()),
-                time.time(),
-                status=status,
-            )
+            start = getattr(txn, "_trace_commit", txn._trace_start)
+            emit("ovsdb committed", start, time.time(), status=status)
 
     def traced_check_applied(self):
         root = None
