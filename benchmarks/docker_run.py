@@ -224,9 +224,9 @@ def trace_bridge(world, network):
     execs = re.findall(r'^\d+ +(\S+) execve\("[^"]+", \[([^\]]*)\]', text, re.M)
     netlink = len(re.findall(r"send(?:msg|to)\(.*AF_NETLINK", text))
     print("\n--- dockerd, one docker run + rm -f on the bridge driver (strace) ---")
-    print(
-        f"child processes: {len(execs)}: " + ", ".join(sorted({os.path.basename(e) for e in execs}))
-    )
+    print(f"child processes: {len(execs)}")
+    for when, argv in execs:
+        print(f"  {when} {argv[:150]}")
     print(f"netlink requests (sendmsg or sendto to AF_NETLINK): {netlink}")
 
 
