@@ -446,9 +446,11 @@ class OVSDB(service.Service):
         # Background operations put back (TRY_AGAIN, retry alone) wait again.
         self._background[:0] = [op for op in live if op.background]
         live = [op for op in live if not op.background]
-        if not live:
-            self._queue = []
-            live = self._background = [op for op in self._background if not op.done]
+        waiting = self._background = [op for op in self._background if not op.done]
+        overdue = waiting and self.reactor.seconds() >= waiting[0].queued_at + self.background_limit
+        if overdue or not live:
+            self._queue = live
+            live = waiting
             if not live or not self._quiet(live[0]):
                 return []
         if live[0].alone:

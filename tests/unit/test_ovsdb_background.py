@@ -98,3 +98,20 @@ def test_under_constant_load_a_background_operation_still_goes(clock, idl, ovsdb
     assert committing(idl) == [["background"]]
     assert clock.seconds() - queued == pytest.approx(ovsdb.background_limit, abs=0.15)
     assert deletion == []
+
+
+def test_an_overdue_background_operation_goes_before_queued_additions(clock, idl, ovsdb):
+    ovsdb.transact(bridge("first"))
+    clock.advance(0)
+    deletion = outcome(ovsdb.transact(bridge("background"), background=True))
+    # Additions keep coming: one is always queued when a transaction ends.
+    for n in range(200):
+        if committing(idl) == [["background"]]:
+            break
+        ovsdb.transact(bridge(f"a{n}"))
+        idl.answer(Txn.SUCCESS)
+        idl.catch_up()
+        clock.advance(TICK)
+    assert committing(idl) == [["background"]]
+    assert clock.seconds() <= ovsdb.background_limit + 0.15
+    assert deletion == []
