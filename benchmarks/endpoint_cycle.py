@@ -76,8 +76,9 @@ def measure(socket, cycles, prefix):
     return p50_p90([cycle(socket, endpoint_id(prefix, n)) for n in range(cycles)])
 
 
-def attach_after_delete(socket, cycles, prefix, pause):
-    """CreateEndpoint right after the previous endpoint's Leave + DeleteEndpoint."""
+def attach_after_delete(socket, cycles, prefix, pause, alone=False):
+    """CreateEndpoint right after the previous endpoint's Leave + DeleteEndpoint
+    (`alone`: with the deletion and a pause before it instead)."""
     times = []
     previous = None
     for n in range(cycles + 1):
@@ -86,6 +87,8 @@ def attach_after_delete(socket, cycles, prefix, pause):
             ids = {"NetworkID": NETWORK, "EndpointID": previous}
             call(socket, "NetworkDriver.Leave", ids)
             call(socket, "NetworkDriver.DeleteEndpoint", ids)
+            if alone:
+                time.sleep(pause)
         start = time.perf_counter()
         create_endpoint(socket, eid, "10.99.255.253/16")
         if previous is not None:
@@ -224,8 +227,9 @@ def phase(driver, raw, bridge, args, prefix):
     """The latencies on the bridge as it is now."""
     cycle_p = measure(driver.socket, args.cycles, prefix + "c")
     attach_p = attach_after_delete(driver.socket, args.cycles, prefix + "a", args.pause)
+    alone_p = attach_after_delete(driver.socket, args.cycles, prefix + "s", args.pause, True)
     floor_p = floor(raw, bridge, args.cycles, args.pause)
-    return cycle_p, attach_p, floor_p
+    return cycle_p, attach_p, alone_p, floor_p
 
 
 def main():
@@ -277,14 +281,18 @@ def main():
         print(f"\n{args.cycles} of each, pause {args.pause:g} s after an attach; load {load}")
         print(
             "| endpoints on the bridge | cycle p50 / p90 | CreateEndpoint right after a "
-            "deletion p50 / p90 | floor: raw OVSDB add-port p50 / p90 | attach - floor (p50) |"
+            "deletion p50 / p90 | CreateEndpoint alone p50 / p90 | floor: raw OVSDB add-port "
+            "p50 / p90 | after a deletion - floor (p50) |"
         )
-        print("|---|---|---|---|---|")
-        for existing, (c50, c90), (a50, a90), (f50, f90) in rows:
+        print("|---|---|---|---|---|---|")
+
+        def ms(pair):
+            return f"{pair[0] * 1000:.1f} / {pair[1] * 1000:.1f} ms"
+
+        for existing, cycle_p, attach_p, alone_p, floor_p in rows:
             print(
-                f"| {existing} | {c50 * 1000:.1f} / {c90 * 1000:.1f} ms | "
-                f"{a50 * 1000:.1f} / {a90 * 1000:.1f} ms | {f50 * 1000:.1f} / {f90 * 1000:.1f} ms"
-                f" | {(a50 - f50) * 1000:+.1f} ms |"
+                f"| {existing} | {ms(cycle_p)} | {ms(attach_p)} | {ms(alone_p)} | {ms(floor_p)}"
+                f" | {(attach_p[0] - floor_p[0]) * 1000:+.1f} ms |"
             )
         print(
             f"\n{args.clients} clients, {args.lifecycles} lifecycles (create, join, leave, delete)"
