@@ -17,8 +17,9 @@ applies changes one after another, and closing a port's tap costs it ~20 ms,
 so a deletion committed just before an addition makes the addition wait for
 it. A background operation is committed, in batches of its own, only once no
 other operation has been queued, committing or waiting for ovs-vswitchd for
-``background_quiet`` seconds (or, under constant load, once it has waited
-``background_limit`` seconds).
+``background_quiet`` seconds. Under constant load, once it has waited
+``background_limit`` seconds, it joins the next batch (sharing the
+reconfiguration, which with many ports costs far more than closing a tap).
 """
 
 import json
@@ -448,8 +449,13 @@ class OVSDB(service.Service):
         live = [op for op in live if not op.background]
         waiting = self._background = [op for op in self._background if not op.done]
         overdue = waiting and self.reactor.seconds() >= waiting[0].queued_at + self.background_limit
-        if overdue or not live:
-            self._queue = live
+        if live and overdue and not any(op.alone for op in live + waiting):
+            # Constant load: rather than one more reconfiguration of their
+            # own, overdue background operations join the next batch.
+            self._background = []
+            live = live + waiting
+        if not live:
+            self._queue = []
             live = waiting
             if not live or not self._quiet(live[0]):
                 return []
