@@ -336,8 +336,9 @@ class OVSDB(service.Service):
         applied the transaction (it may raise to fail the operation).
 
         A `background` operation (a deletion nothing waits for) is committed
-        only when no other operation has been around for a while (see the
-        module's docstring), in a transaction of background operations only.
+        when no other operation has been around for a while, in a transaction
+        of background operations only, or under constant load with the next
+        batch (see the module's docstring).
         """
         op = _Operation(build, defer.Deferred(), self.reactor.seconds())
         op.timer = self.reactor.callLater(self.apply_timeout, self._expire, op)
@@ -442,7 +443,8 @@ class OVSDB(service.Service):
 
     def _take_batch(self):
         """The queued operations that go into the next transaction: foreground
-        ones first; background ones only in a batch of their own, when quiet."""
+        ones first; background ones in a batch of their own when quiet, or
+        with the foreground ones once overdue."""
         live = [op for op in self._queue if not op.done]
         # Background operations put back (TRY_AGAIN, retry alone) wait again.
         self._background[:0] = [op for op in live if op.background]
