@@ -189,11 +189,16 @@ class VSwitch:
         return self.ovsdb.query(_endpoints)
 
     def network_and_endpoint(self, network_id, endpoint_id):
-        """(network or None, endpoint or None), read together in one query."""
+        """(network or None, endpoint or None), read together in one query;
+        fails like `network` when the network's record cannot be read."""
 
         def read(idl):
-            networks = _networks(idl)
-            return networks.get(network_id), _endpoint(idl, endpoint_id, networks)
+            records = _records(idl)
+            network = records.get(network_id)
+            if isinstance(network, UnreadableRecord):
+                raise network
+            networks = {k: v for k, v in records.items() if isinstance(v, Network)}
+            return network, _endpoint(idl, endpoint_id, networks)
 
         return self.ovsdb.query(read)
 
