@@ -568,9 +568,9 @@ def test_a_veth_orphan_takes_its_veth_along():
 
 
 @pytest.mark.parametrize("port_type", ["internal", "veth"])
-def test_a_removal_cut_short_is_finished_at_start(tmp_path, port_type):
+def test_a_removal_cut_short_is_finished_at_start(port_type):
     """DeleteEndpoint marked the port, then the driver was killed before it went."""
-    scene = Scene(tmp_path, port_type=port_type)
+    scene = Scene(port_type=port_type)
     ep = scene.endpoint()
     scene.vswitch.mark_removed(ep.endpoint_id)
     scene.start()
