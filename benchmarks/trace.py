@@ -63,11 +63,10 @@ def install():
         original = getattr(api.Handlers, handler)
         setattr(api.Handlers, handler, _timed_deferred("api " + name, original))
 
-    for name in ("links", "link_exists", "add_addresses", "remove_addresses", "set_link"):
+    for name in dir(netlink.Netlink):
         original = getattr(netlink.Netlink, name)
-        setattr(netlink.Netlink, name, _timed_deferred("netlink " + name, original))
-    for name in ("create_veth", "delete_link", "sandbox_links", "repair_endpoint"):
-        original = getattr(netlink.Netlink, name)
+        if name.startswith("_") or name in ("start", "stop") or not callable(original):
+            continue
         setattr(netlink.Netlink, name, _timed_deferred("netlink " + name, original))
 
     engine = ovsdb.OVSDB
