@@ -334,6 +334,8 @@ class Reconciler(service.Service):
         """One pass: finish removals, collect orphans, repair broken endpoints,
         delete stray veths."""
         await self._finish_removals()
+        if not self.running:
+            return  # stopping: OVSDB may be gone, don't wait for it
         endpoints = await self.vswitch.endpoints()
         links = await self.netlink.links()
         self._forget_all_but(endpoints)
