@@ -61,6 +61,14 @@ def _publishable(endpoint, port):
     return True
 
 
+def _unknown_network(network_id):
+    return DriverError(f"network {network_id[:12]} is not known to the ovs driver")
+
+
+def _unknown_endpoint(endpoint_id):
+    return DriverError(f"endpoint {endpoint_id[:12]} is not known to the ovs driver")
+
+
 class Driver:
     """The network driver, over a vswitch and a netlink port."""
 
@@ -79,8 +87,17 @@ class Driver:
     async def _network(self, network_id):
         network = await self.vswitch.network(check_id("NetworkID", network_id))
         if network is None:
-            raise DriverError(f"network {network_id[:12]} is not known to the ovs driver")
+            raise _unknown_network(network_id)
         return network
+
+    async def _network_and_endpoint(self, network_id, endpoint_id):
+        """The network (which must exist) and the endpoint (or None), in one read."""
+        check_id("NetworkID", network_id)
+        check_id("EndpointID", endpoint_id)
+        network, endpoint = await self.vswitch.network_and_endpoint(network_id, endpoint_id)
+        if network is None:
+            raise _unknown_network(network_id)
+        return network, endpoint
 
     # -- networks --------------------------------------------------------------
 
@@ -126,8 +143,7 @@ class Driver:
     # -- endpoints -------------------------------------------------------------
 
     async def create_endpoint(self, network_id, endpoint_id, interface):
-        network = await self._network(network_id)
-        check_id("EndpointID", endpoint_id)
+        network, existing = await self._network_and_endpoint(network_id, endpoint_id)
         given_mac = interface.get("MacAddress") or ""
         mac = check_mac("Interface.MacAddress", given_mac) if given_mac else generate_mac()
         name = port_name(endpoint_id)
@@ -144,7 +160,6 @@ class Driver:
             ipv4=check_address("Interface.Address", interface.get("Address"), 4),
             ipv6=check_address("Interface.AddressIPv6", interface.get("AddressIPv6"), 6),
         )
-        existing = await self.vswitch.endpoint(endpoint_id)
         if existing is not None:  # a repeated CreateEndpoint: same answer
             endpoint = existing
         else:
@@ -162,19 +177,40 @@ class Driver:
         return {} if given_mac else {"MacAddress": endpoint.mac}
 
     async def delete_endpoint(self, network_id, endpoint_id):
+        """Mark the endpoint's port for deletion (one OVSDB transaction, which
+        ovs-vswitchd ignores) and return; the port and a veth's host end go in
+        the background, once no addition waits for ovs-vswitchd. A driver killed
+        in between finishes the deletion when it is back (the reconciler)."""
         check_id("EndpointID", endpoint_id)
-        endpoint = await self.vswitch.endpoint(endpoint_id)
-        await self.vswitch.remove_endpoint(endpoint_id)
+        endpoint = await self.vswitch.mark_removed(endpoint_id)
         if endpoint is not None and endpoint.iface_id and self.ovn is not None:
             await self.ovn.unbind_endpoint(endpoint)
-        if endpoint is None or endpoint.port_type == "veth":
-            # The veth's host end, also one a half-done CreateEndpoint left.
+        if endpoint is None:
+            # A veth host end a half-done CreateEndpoint left.
             await self.netlink.delete_link(veth_host_name(endpoint_id))
+            return
+        d = self.vswitch.finish_removals([endpoint.port])
+        d.addCallback(self._delete_veths)
+        d.addErrback(
+            lambda f: log.warn(
+                "cannot delete the port of endpoint {endpoint} yet (the reconciler retries): "
+                "{error}",
+                endpoint=endpoint_id[:12],
+                error=f.getErrorMessage(),
+            )
+        )
+
+    def _delete_veths(self, removed):
+        """Delete the host ends of the veth ports just removed from OVS."""
+        return defer.gatherResults(
+            [self.netlink.delete_link(name) for name, veth in removed if veth],
+            consumeErrors=True,
+        )
 
     async def _endpoint(self, network_id, endpoint_id):
         endpoint = await self.vswitch.endpoint(check_id("EndpointID", endpoint_id))
         if endpoint is None:
-            raise DriverError(f"endpoint {endpoint_id[:12]} is not known to the ovs driver")
+            raise _unknown_endpoint(endpoint_id)
         return endpoint
 
     async def endpoint_info(self, network_id, endpoint_id):
@@ -194,8 +230,9 @@ class Driver:
         return info
 
     async def join(self, network_id, endpoint_id, sandbox_key):
-        network = await self._network(network_id)
-        endpoint = await self._endpoint(network_id, endpoint_id)
+        network, endpoint = await self._network_and_endpoint(network_id, endpoint_id)
+        if endpoint is None:
+            raise _unknown_endpoint(endpoint_id)
         await self.vswitch.set_sandbox(endpoint_id, sandbox_key)
         self.on_join(attr.evolve(endpoint, sandbox=sandbox_key))
         if network.ovn_switch:

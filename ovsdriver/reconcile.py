@@ -71,6 +71,10 @@ ports are datapath vports that survive an ovs-vswitchd restart inside the
 container, so there is nothing to repair; veth ports survive with either
 datapath.
 
+Unfinished removals. DeleteEndpoint only marks an endpoint's port for deletion
+and deletes it in the background; each pass (the first one right at start)
+deletes marked ports still there, e.g. after the driver was killed in between.
+
 A pass runs every `Reconciler.interval` seconds (the next starts only after
 the previous one ended); its failures are logged and the next pass tries
 again.
@@ -327,7 +331,11 @@ class Reconciler(service.Service):
     # -- one pass ------------------------------------------------------------
 
     async def reconcile(self):
-        """One pass: collect orphans, repair broken endpoints, delete stray veths."""
+        """One pass: finish removals, collect orphans, repair broken endpoints,
+        delete stray veths."""
+        await self._finish_removals()
+        if not self.running:
+            return  # stopping: OVSDB may be gone, don't wait for it
         endpoints = await self.vswitch.endpoints()
         links = await self.netlink.links()
         self._forget_all_but(endpoints)
@@ -500,6 +508,16 @@ class Reconciler(service.Service):
         self._watch = None
         if self._watched and self.running:
             self._watch = self.reactor.callLater(self.watch_interval, self._glance)
+
+    async def _finish_removals(self):
+        """Delete the ports DeleteEndpoint marked and that are still there."""
+        doing = "cannot delete the ports of removed endpoints"
+        removed = await self._safely("removals", doing, self.vswitch.finish_removals)
+        for name, veth in removed if removed is not FAILED else ():
+            if veth and self.running:
+                await self._safely(
+                    name, f"cannot delete {name}", lambda name=name: self.netlink.delete_link(name)
+                )
 
     async def _collect(self, endpoint, reason):
         async def remove():

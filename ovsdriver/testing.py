@@ -566,6 +566,7 @@ class FakeVSwitch:
         self.bridges = {}
         self.kernel = kernel
         self._broken = set()
+        self._removing = set()  # names of ports marked for deletion
 
     def _plug(self, name, mtu=1500):
         if self.kernel is not None and self.kernel.state(name) is None:
@@ -601,8 +602,16 @@ class FakeVSwitch:
 
     def endpoints(self):
         return defer.succeed(
-            [ep for b in self.bridges.values() for ep in b.ports.values() if ep is not None]
+            [
+                ep
+                for b in self.bridges.values()
+                for name, ep in b.ports.items()
+                if ep is not None and name not in self._removing
+            ]
         )
+
+    def network_and_endpoint(self, network_id, endpoint_id):
+        return defer.succeed((self.network(network_id).result, self.endpoint(endpoint_id).result))
 
     def endpoint(self, endpoint_id):
         found = [ep for ep in self.endpoints().result if ep.endpoint_id == endpoint_id]
@@ -661,6 +670,8 @@ class FakeVSwitch:
         return defer.succeed(None)
 
     def add_endpoint(self, endpoint):
+        if endpoint.port in self._removing:
+            self.finish_removals([endpoint.port])
         for bridge in self.bridges.values():
             held = bridge.ports.get(endpoint.port, endpoint)
             if held is None or held.endpoint_id != endpoint.endpoint_id:
@@ -687,6 +698,25 @@ class FakeVSwitch:
                     self._unplug(name, ep)
         return defer.succeed(None)
 
+    def mark_removed(self, endpoint_id):
+        for bridge in self.bridges.values():
+            for name, ep in bridge.ports.items():
+                if ep is not None and ep.endpoint_id == endpoint_id:
+                    self._removing.add(name)
+                    return defer.succeed(ep)
+        return defer.succeed(None)
+
+    def finish_removals(self, ports=None):
+        removed = []
+        for bridge in self.bridges.values():
+            for name, ep in list(bridge.ports.items()):
+                if name in self._removing and (ports is None or name in ports):
+                    del bridge.ports[name]
+                    self._removing.discard(name)
+                    self._unplug(name, ep)
+                    removed.append((name, ep is not None and ep.port_type == "veth"))
+        return defer.succeed(removed)
+
     def set_sandbox(self, endpoint_id, sandbox):
         return self._evolve(endpoint_id, sandbox=sandbox)
 
@@ -702,7 +732,7 @@ class FakeVSwitch:
     def _evolve(self, endpoint_id, **changes):
         for bridge in self.bridges.values():
             for name, ep in bridge.ports.items():
-                if ep is not None and ep.endpoint_id == endpoint_id:
+                if ep is not None and ep.endpoint_id == endpoint_id and name not in self._removing:
                     bridge.ports[name] = attr.evolve(ep, **changes)
         return defer.succeed(None)
 

@@ -32,6 +32,10 @@ PEER = "ovsdriver-peer"  # the container end of a veth port
 CREATED = "ovsdriver-created"  # when CreateEndpoint made it (seconds since the epoch)
 PORTMAP = "ovsdriver-portmap"  # published ports (JSON) while connectivity is programmed
 UPLINK = "ovsdriver-uplink"  # on an uplink port the driver added
+#: On the Port of an endpoint that DeleteEndpoint removed and whose port is not
+#: yet deleted (when it was marked, seconds since the epoch). ovs-vswitchd does
+#: not replicate Port external_ids, so marking costs it nothing.
+REMOVING = "ovsdriver-removing"
 
 
 class VSwitchError(Exception):
@@ -184,6 +188,20 @@ class VSwitch:
     def endpoints(self):
         return self.ovsdb.query(_endpoints)
 
+    def network_and_endpoint(self, network_id, endpoint_id):
+        """(network or None, endpoint or None), read together in one query;
+        fails like `network` when the network's record cannot be read."""
+
+        def read(idl):
+            records = _records(idl)
+            network = records.get(network_id)
+            if isinstance(network, UnreadableRecord):
+                raise network
+            networks = {k: v for k, v in records.items() if isinstance(v, Network)}
+            return network, _endpoint(idl, endpoint_id, networks)
+
+        return self.ovsdb.query(read)
+
     # -- writes --------------------------------------------------------------
 
     def add_network(self, network):
@@ -250,6 +268,10 @@ class VSwitch:
 
         def build(ctx):
             existing = ctx.find("Port", endpoint.port)
+            if existing is not None and REMOVING in _ids(existing):
+                # Removed by the engine, not deleted yet: replace it.
+                _delete_port(ctx, _bridge_of(ctx, existing), existing)
+                existing = None
             if existing is not None:
                 owner = _ids(existing).get(ENDPOINT_ID)
                 if owner != endpoint.endpoint_id:
@@ -301,6 +323,46 @@ class VSwitch:
                 ctx.wait_for_vswitchd = False
 
         return self.ovsdb.transact(build)
+
+    def mark_removed(self, endpoint_id):
+        """Mark an endpoint's port for deletion: from then on the endpoint is
+        gone for the driver, and `finish_removals` (at the latest the
+        reconciler's next pass, also after a restart) deletes the port. Costs
+        ovs-vswitchd nothing. Fires with the endpoint (None if unknown)."""
+
+        def build(ctx):
+            port = _endpoint_port(ctx.find, endpoint_id, removing=True)
+            if port is None:
+                return None
+            if REMOVING not in _ids(port):
+                port.setkey("external_ids", REMOVING, f"{time.time():.0f}")
+            return lambda idl: _endpoint(idl, endpoint_id, removing=True)
+
+        return self.ovsdb.transact(build)
+
+    def finish_removals(self, ports=None):
+        """Delete the ports marked for deletion (those named in `ports`, or
+        all), in a background transaction (after any addition that waits).
+        Fires with the (name, is the host end of a veth) of each port deleted."""
+        if ports is None:
+            d = self.ovsdb.query(_marked_ports)
+            return d.addCallback(lambda names: self.finish_removals(names) if names else [])
+
+        def build(ctx):
+            removed = []
+            for name in ports:
+                port = ctx.find("Port", name)
+                if port is None or REMOVING not in _ids(port):
+                    continue
+                veth = bool(port.interfaces) and PEER in _ids(port.interfaces[0])
+                _delete_port(ctx, _bridge_of(ctx, port), port)
+                removed.append((name, veth))
+            # Nothing waits for the port to be gone from the datapath (and
+            # ovs-vswitchd takes its time closing a tap): don't wait either.
+            ctx.wait_for_vswitchd = False
+            return lambda idl: removed
+
+        return self.ovsdb.transact(build, background=True)
 
     def set_sandbox(self, endpoint_id, sandbox):
         """Remember (or forget, with None) the sandbox an endpoint joined."""
@@ -495,31 +557,40 @@ def _read_network(bridge, key, network_id, value):
     return network
 
 
-def _endpoint_port(find, endpoint_id):
-    """The Port row of an endpoint, found by its derived name."""
+def _endpoint_port(find, endpoint_id, removing=False):
+    """The Port row of an endpoint, found by its derived name (one marked
+    for deletion only with `removing`)."""
     for name in (port_name(endpoint_id), veth_host_name(endpoint_id)):
         port = find("Port", name)
-        if port is not None and _ids(port).get(ENDPOINT_ID) == endpoint_id:
+        if port is None or _ids(port).get(ENDPOINT_ID) != endpoint_id:
+            continue
+        if removing or REMOVING not in _ids(port):
             return port
     return None
 
 
-def _endpoint(idl, endpoint_id):
-    port = _endpoint_port(lambda table, name: by_name(idl, table, name), endpoint_id)
+def _endpoint(idl, endpoint_id, networks=None, removing=False):
+    port = _endpoint_port(lambda table, name: by_name(idl, table, name), endpoint_id, removing)
     if port is None:
         return None
-    network = _networks(idl).get(_ids(port).get(NETWORK_ID))
+    network = (networks if networks is not None else _networks(idl)).get(_ids(port).get(NETWORK_ID))
     return _endpoint_from_rows(network.bridge if network else None, port, port.interfaces[0])
 
 
 def _endpoints(idl):
-    """Snapshots of all the driver's endpoints."""
+    """Snapshots of all the driver's endpoints (not those being removed)."""
     found = []
     for bridge in idl.tables["Bridge"].rows.values():
         for port in bridge.ports:
-            if ENDPOINT_ID in port.external_ids and OWNER in port.external_ids:
+            ids = port.external_ids
+            if ENDPOINT_ID in ids and OWNER in ids and REMOVING not in ids:
                 found.append(_endpoint_from_rows(bridge.name, port, port.interfaces[0]))
     return found
+
+
+def _marked_ports(idl):
+    """Names of the ports marked for deletion."""
+    return [p.name for p in idl.tables["Port"].rows.values() if REMOVING in p.external_ids]
 
 
 def _checked_endpoint(idl, endpoint):

@@ -110,6 +110,56 @@ def test_remove_endpoint_deletes_its_port(harness):
     harness.call(harness.vswitch.remove_endpoint, EP_1)  # unknown: fine
 
 
+def test_a_removed_endpoint_is_gone_at_once_and_its_port_later(harness):
+    net = network()
+    harness.call(harness.vswitch.add_network, net)
+    ep = endpoint(net)
+    harness.call(harness.vswitch.add_endpoint, ep)
+    assert harness.call(harness.vswitch.mark_removed, EP_1) == ep
+    assert harness.call(harness.vswitch.mark_removed, EP_1) == ep  # repeated: same answer
+    assert harness.call(harness.vswitch.endpoint, EP_1) is None
+    assert harness.call(harness.vswitch.endpoints) == []
+    assert harness.call(harness.vswitch.network_and_endpoint, NET_A, EP_1) == (net, None)
+    harness.call(harness.vswitch.set_sandbox, EP_1, "/var/run/docker/netns/0123")  # no-op
+    assert harness.port_exists(ep.port)  # until the removal is finished
+    assert harness.call(harness.vswitch.finish_removals) == [(ep.port, False)]
+    assert not harness.port_exists(ep.port)
+    assert harness.call(harness.vswitch.finish_removals) == []
+    assert harness.call(harness.vswitch.mark_removed, EP_1) is None
+
+
+def test_finishing_named_removals_leaves_the_others(harness):
+    net = network()
+    harness.call(harness.vswitch.add_network, net)
+    one, two = endpoint(net), endpoint(net, endpoint_id=EP_2, mac="02:00:00:00:00:02")
+    for ep in (one, two):
+        harness.call(harness.vswitch.add_endpoint, ep)
+        harness.call(harness.vswitch.mark_removed, ep.endpoint_id)
+    assert harness.call(harness.vswitch.finish_removals, [two.port]) == [(two.port, False)]
+    assert harness.port_exists(one.port) and not harness.port_exists(two.port)
+
+
+def test_an_endpoint_replaces_its_port_still_being_removed(harness):
+    net = network()
+    harness.call(harness.vswitch.add_network, net)
+    harness.call(harness.vswitch.add_endpoint, endpoint(net))
+    harness.call(harness.vswitch.mark_removed, EP_1)
+    again = endpoint(net, mac="02:00:00:00:00:09")
+    assert harness.call(harness.vswitch.add_endpoint, again) == again
+    assert harness.call(harness.vswitch.endpoint, EP_1) == again
+    assert harness.call(harness.vswitch.finish_removals) == []
+    assert harness.port_exists(again.port)
+
+
+def test_network_and_endpoint_are_read_together(harness):
+    net = network()
+    harness.call(harness.vswitch.add_network, net)
+    ep = endpoint(net)
+    harness.call(harness.vswitch.add_endpoint, ep)
+    assert harness.call(harness.vswitch.network_and_endpoint, NET_A, EP_1) == (net, ep)
+    assert harness.call(harness.vswitch.network_and_endpoint, NET_B, EP_2) == (None, None)
+
+
 def test_endpoint_on_a_missing_bridge_fails(harness):
     with pytest.raises(VSwitchError, match="obr-a1a1a1a1a1a"):
         harness.call(harness.vswitch.add_endpoint, endpoint(network()))

@@ -8,7 +8,7 @@ import secrets
 
 import pytest
 
-from tests.world import Netns
+from tests.world import Netns, wait_until
 
 
 def test_vlan_networks_share_a_bridge_and_are_isolated(e2e):
@@ -160,7 +160,8 @@ def test_veth_ports_carry_tcp(e2e):
     fetched = e2e.exec("w2", "wget", "-q", "-O", "-", f"http://{w1}/hostname", check=False)
     assert fetched.returncode == 0, fetched.stderr
     e2e.docker("rm", "-f", "w1")
-    assert host_end not in e2e.host("ip", "-o", "link")
+    # DeleteEndpoint deletes the port and the veth in the background, right after.
+    wait_until(lambda: host_end not in e2e.host("ip", "-o", "link"), timeout=10)
 
 
 @pytest.mark.parametrize(

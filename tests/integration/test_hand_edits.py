@@ -8,7 +8,7 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.world import CommandError, OVSWorld, require
+from tests.world import CommandError, OVSWorld, require, wait_until
 
 NET_A, NET_B = "a7" * 32, "b8" * 32
 EP_A, EP_B, EP_B2 = "1e" * 32, "2e" * 32, "3e" * 32
@@ -108,7 +108,11 @@ def test_unreadable_endpoint_values_concern_only_their_endpoint(ovs_world, drive
     )
     assert "ovsdriver-ipv4" in err
     ok(driver.post("NetworkDriver.DeleteEndpoint", ids_a))
-    assert port(EP_A) not in ovs_world.ovs.vsctl("list-ports", bridge(NET_B)).split()
+    # The port goes in the background, right after the call.
+    wait_until(
+        lambda: port(EP_A) not in ovs_world.ovs.vsctl("list-ports", bridge(NET_B)).split(),
+        timeout=10,
+    )
 
 
 # -- the hypothesis fuzz, against the real driver, with hand edits among the inputs

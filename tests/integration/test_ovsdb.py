@@ -6,7 +6,7 @@ import time
 import pytest
 from twisted.internet import defer
 
-from ovsdriver.ovsdb import OVSDB, OVSDBUnavailable
+from ovsdriver.ovsdb import OVSDB, OVSDBUnavailable, by_name
 from ovsdriver.values import Endpoint, Network
 from ovsdriver.vswitch import VSwitch
 from tests.reactor_thread import get_reactor, run_in_reactor
@@ -65,6 +65,30 @@ def test_concurrent_operations_share_transactions(ovs_world, services):
     # Each port really exists in the datapath.
     links = ovs_world.netns.links()
     assert all(endpoint(n).port in links for n in range(16))
+
+
+def test_an_addition_overtakes_a_deletion_queued_before_it(ovs_world, services):
+    """ovs-vswitchd applies changes in order: a deletion committed first would
+    make the addition wait for the tap to close."""
+    ovsdb = start(ovs_world.ovs.remote)
+    ovsdb.background_limit = 30.0  # only a quiet moment lets the deletion go
+    services.append(ovsdb)
+    vswitch = VSwitch(ovsdb)
+    run_in_reactor(vswitch.add_network, network())
+    gone, added = endpoint(1), endpoint(2)
+    run_in_reactor(vswitch.add_endpoint, gone)
+    run_in_reactor(vswitch.mark_removed, gone.endpoint_id)
+
+    def deletion_then_addition():
+        removal = vswitch.finish_removals([gone.port])
+        addition = vswitch.add_endpoint(added)
+        addition.addCallback(lambda _: by_name(ovsdb.idl, "Port", gone.port) is not None)
+        return defer.gatherResults([removal, addition])
+
+    removed, still_there_when_added = run_in_reactor(deletion_then_addition)
+    assert still_there_when_added
+    assert removed == [(gone.port, False)]
+    assert ovs_world.ovs.vsctl("list-ports", added.bridge).split() == [added.port]
 
 
 def test_one_bad_operation_does_not_fail_its_batch(ovs_world, services):

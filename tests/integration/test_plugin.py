@@ -1,10 +1,13 @@
 """The driver as twistd runs it, over its real UNIX socket, against a private
 Open vSwitch: the command line, the socket, the API and what OVSDB shows."""
 
+import contextlib
+import http.client
 import os
 import signal
 import stat
 import subprocess
+import threading
 import time
 
 from tests.world import REPO_ROOT, plugin_post, twistd_argv, unique_driver_name, wait_until
@@ -85,10 +88,47 @@ def test_the_api_against_real_open_vswitch(ovs_world, driver):
     driver.start()
     ok(driver, "NetworkDriver.Leave", IDS)
     ok(driver, "NetworkDriver.DeleteEndpoint", IDS)
-    assert vsctl_get(ovs_world, "Port", port, "name") == ""
+    # The port goes in the background, right after the call.
+    wait_until(lambda: vsctl_get(ovs_world, "Port", port, "name") == "", timeout=10)
     ok(driver, "NetworkDriver.DeleteNetwork", {"NetworkID": NET})
     assert bridge not in ovs_world.ovs.bridges()
     wait_until(lambda: bridge not in ovs_world.netns.links(), timeout=10)
+
+
+def post_ignoring_errors(driver, body):
+    """CreateEndpoint from a thread; the driver may be killed meanwhile."""
+    with contextlib.suppress(OSError, http.client.HTTPException):
+        driver.post("NetworkDriver.CreateEndpoint", body, 20)
+
+
+def test_a_removal_cut_short_by_a_kill_is_finished_once_the_driver_is_back(ovs_world, driver):
+    """DeleteEndpoint returns once the port is marked for deletion; a driver
+    killed before the port went deletes it when it is back."""
+    ok(
+        driver,
+        "NetworkDriver.CreateNetwork",
+        {"NetworkID": NET, "IPv4Data": [{"Pool": "10.41.0.0/24", "Gateway": "10.41.0.1/24"}]},
+    )
+    ok(driver, "NetworkDriver.CreateEndpoint", dict(IDS, Interface={"Address": "10.41.0.2/24"}))
+    port = "oep-" + EP[:11]
+    other = "3e" * 32
+    vswitchd = ovs_world.ovs.vswitchd_pid
+    # An addition waiting for a frozen ovs-vswitchd holds the deletion back.
+    os.kill(vswitchd, signal.SIGSTOP)
+    body = {"NetworkID": NET, "EndpointID": other}
+    waiting = threading.Thread(target=lambda: post_ignoring_errors(driver, body))
+    try:
+        waiting.start()
+        wait_until(lambda: vsctl_get(ovs_world, "Port", "oep-" + other[:11], "name"), timeout=20)
+        ok(driver, "NetworkDriver.DeleteEndpoint", IDS)
+        driver.kill(signal.SIGKILL)
+    finally:
+        os.kill(vswitchd, signal.SIGCONT)
+        waiting.join(30)
+    assert vsctl_get(ovs_world, "Port", port, "external_ids:ovsdriver-removing")
+    driver.start()
+    wait_until(lambda: vsctl_get(ovs_world, "Port", port, "name") == "", timeout=20)
+    wait_until(lambda: port not in ovs_world.netns.links(), timeout=10)
 
 
 def test_ovsdb_outage_fails_fast_and_capabilities_still_answer(ovs_world, driver):

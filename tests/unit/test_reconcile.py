@@ -588,6 +588,18 @@ def test_a_veth_orphan_takes_its_veth_along():
     scene.reconciler.stopService()
 
 
+@pytest.mark.parametrize("port_type", ["internal", "veth"])
+def test_a_removal_cut_short_is_finished_at_start(port_type):
+    """DeleteEndpoint marked the port, then the driver was killed before it went."""
+    scene = Scene(port_type=port_type)
+    ep = scene.endpoint()
+    scene.vswitch.mark_removed(ep.endpoint_id)
+    scene.start()
+    assert not scene.vswitch.port_exists(ep.port)
+    assert scene.kernel.state(ep.port) is None
+    scene.reconciler.stopService()
+
+
 def test_a_veth_no_endpoint_owns_is_deleted_after_the_grace(scene):
     """CreateEndpoint makes the veth before the port: a crash between leaves it."""
     scene.kernel.create_veth("ove-0123456789a", "oep-0123456789a", 1500)
@@ -702,7 +714,7 @@ def test_a_failing_pass_is_logged_and_the_next_pass_runs(scene):
     sandbox = scene.sandbox()
     scene.join(ep, sandbox)
     scene.start()
-    assert vswitch.calls == ["endpoints"]
+    assert vswitch.calls == ["finish_removals", "endpoints"]
     assert any("OVSDB is down" in w for w in scene.warnings())
     scene.run_for(INTERVAL)
     scene.tear_down(sandbox)

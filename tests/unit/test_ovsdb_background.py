@@ -1,0 +1,120 @@
+"""Background operations (deletions) over the scripted IDL: an addition never
+waits behind one, and one still goes under constant load."""
+
+import pytest
+from twisted.internet.task import Clock
+
+from ovsdriver.ovsdb import OVSDB
+from tests.scripted_idl import ScriptedIdl, ScriptedTransaction, Txn
+
+TICK = 0.01
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def idl():
+    return ScriptedIdl()
+
+
+@pytest.fixture
+def ovsdb(clock, idl):
+    engine = OVSDB(clock, "unix:/scripted/db.sock", unavailable_timeout=3.0, apply_timeout=15.0)
+    engine.transaction_class = ScriptedTransaction
+    engine.idl = idl
+    engine.running = True
+    yield engine
+    engine.running = False
+
+
+def bridge(name):
+    """A builder adding a bridge (it waits for ovs-vswitchd)."""
+    return lambda ctx: ctx.insert("Bridge", name) and None
+
+
+def outcome(deferred):
+    box = []
+    deferred.addBoth(box.append)
+    return box
+
+
+def committing(idl):
+    """The names of the bridges each outstanding transaction inserts."""
+    return [
+        sorted(data["name"] for _, data in txn.writes["inserted"].values())
+        for txn in idl.outstanding
+    ]
+
+
+def run_for(clock, seconds):
+    for _ in range(round(seconds / TICK)):
+        clock.advance(TICK)
+
+
+def test_an_addition_overtakes_a_background_operation_queued_before_it(clock, idl, ovsdb):
+    deletion = outcome(ovsdb.transact(bridge("background"), background=True))
+    addition = outcome(ovsdb.transact(bridge("addition")))
+    clock.advance(0)
+    assert committing(idl) == [["addition"]]
+    idl.answer(Txn.SUCCESS)
+    run_for(clock, 0.2)
+    assert committing(idl) == []  # the addition waits for ovs-vswitchd: so does the deletion
+    idl.catch_up()
+    while not addition and clock.seconds() < 5:
+        clock.advance(TICK)
+    assert addition == [None] and committing(idl) == []
+    ended = clock.seconds()
+    while not idl.outstanding and clock.seconds() < ended + 1:
+        clock.advance(TICK)
+    assert committing(idl) == [["background"]] and deletion == []
+    assert clock.seconds() - ended == pytest.approx(ovsdb.background_quiet, abs=2 * TICK)
+
+
+def test_background_operations_go_together_in_a_batch_of_their_own(clock, idl, ovsdb):
+    for name in ("b1", "b2"):
+        ovsdb.transact(bridge(name), background=True)
+    run_for(clock, ovsdb.background_quiet + 2 * TICK)
+    ovsdb.transact(bridge("addition"))
+    assert committing(idl) == [["b1", "b2"]]
+    idl.answer(Txn.SUCCESS)
+    run_for(clock, 0.2)
+    assert committing(idl) == [["addition"]]
+
+
+def test_under_constant_load_a_background_operation_still_goes(clock, idl, ovsdb):
+    ovsdb.transact(bridge("addition"))
+    clock.advance(0)
+    idl.answer(Txn.SUCCESS)
+    run_for(clock, 0.2)
+    assert committing(idl) == []
+    queued = clock.seconds()
+    deletion = outcome(ovsdb.transact(bridge("background"), background=True))
+    # ovs-vswitchd never catches up: the addition keeps waiting.
+    while not idl.outstanding and clock.seconds() < queued + 5:
+        clock.advance(TICK)
+    assert committing(idl) == [["background"]]
+    assert clock.seconds() - queued == pytest.approx(ovsdb.background_limit, abs=0.15)
+    assert deletion == []
+
+
+def test_under_constant_load_an_overdue_background_operation_joins_the_next_batch(
+    clock, idl, ovsdb
+):
+    ovsdb.transact(bridge("first"))
+    clock.advance(0)
+    deletion = outcome(ovsdb.transact(bridge("background"), background=True))
+    # Additions keep coming: one is always queued when a transaction ends.
+    for n in range(200):
+        if any("background" in names for names in committing(idl)):
+            break
+        ovsdb.transact(bridge(f"a{n}"))
+        idl.answer(Txn.SUCCESS)
+        idl.catch_up()
+        clock.advance(TICK)
+    (names,) = committing(idl)
+    assert "background" in names and len(names) == 2  # with the next addition
+    assert clock.seconds() <= ovsdb.background_limit + 0.15
+    assert deletion == []
