@@ -60,6 +60,31 @@ class _Answers:
         self.clock.callLater(0, run)
         return result
 
+    def defer_methods(self, fake, names):
+        """With a clock, make *fake*'s port methods answer on its next turn.
+        A method called by another one while that one runs (the fake reading
+        itself) answers at once, as a method of the real port would."""
+        if self.clock is None:
+            return
+        running = []
+        for name in names:
+            method = getattr(fake, name)
+
+            def later(*args, _method=method, **kwargs):
+                if running:
+                    return _method(*args, **kwargs)
+
+                def run():
+                    running.append(True)
+                    try:
+                        return _method(*args, **kwargs)
+                    finally:
+                        running.pop()
+
+                return self.answer(run)
+
+            setattr(fake, name, later)
+
 
 # ---------------------------------------------------------------------------
 # FakeNetlink: the kernel-link port (ovsdriver.netlink.Netlink) in memory.
@@ -562,11 +587,30 @@ class FakeVSwitch:
     of internal ports there, as ovs-vswitchd does.
     """
 
-    def __init__(self, kernel=None):
+    #: What the driver calls: with a clock, these answer on its next turn.
+    PORT_METHODS = (
+        "networks",
+        "network",
+        "endpoints",
+        "network_and_endpoint",
+        "endpoint",
+        "add_network",
+        "remove_network",
+        "add_endpoint",
+        "remove_endpoint",
+        "mark_removed",
+        "finish_removals",
+        "set_sandbox",
+        "set_sandbox_seen",
+        "set_published",
+    )
+
+    def __init__(self, kernel=None, clock=None):
         self.bridges = {}
         self.kernel = kernel
         self._broken = set()
         self._removing = set()  # names of ports marked for deletion
+        _Answers(clock).defer_methods(self, self.PORT_METHODS)
 
     def _plug(self, name, mtu=1500):
         if self.kernel is not None and self.kernel.state(name) is None:
@@ -753,7 +797,7 @@ class FakeFirewall:
     change the "kernel" from outside, as `check` then notices.
     """
 
-    def __init__(self):
+    def __init__(self, clock=None):
         self.networks = ()  # the last applied state, validated and normalized
         self.forwarding = set()  # families whose IP forwarding was turned on
         self.route_localnet = set()  # interfaces with route_localnet=1
@@ -763,6 +807,8 @@ class FakeFirewall:
         self._docker_written = False
         self._flushed = False
         self._failures = []
+        # With a clock, `apply` answers on its next turn, as iptables does.
+        _Answers(clock).defer_methods(self, ("apply", "check"))
 
     # -- helpers for tests ---------------------------------------------------
 

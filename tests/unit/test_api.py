@@ -22,10 +22,10 @@ class World:
     """A driver on fakes behind the real resource."""
 
     def __init__(self):
-        self.clock = Clock()  # the kernel fake answers on its next turn, as the real one
+        self.clock = Clock()  # the fakes answer on its next turn, as the real ports do
         self.kernel = FakeNetlink(clock=self.clock)
-        self.vswitch = FakeVSwitch(kernel=self.kernel)
-        self.firewall = FakeFirewall()
+        self.vswitch = FakeVSwitch(kernel=self.kernel, clock=self.clock)
+        self.firewall = FakeFirewall(clock=self.clock)
         self.driver = Driver(self.vswitch, self.kernel, self.firewall, "netdev")
         self.http = StubTreq(PluginResource(Handlers(self.driver)))
 
@@ -293,3 +293,31 @@ def test_a_repeated_create_endpoint_gives_the_same_answer(world):
 @pytest.mark.parametrize("bad", ["4e" * 32 + "\n", "4e" * 31 + "4g", "4E" * 32])
 def test_ids_are_exactly_hex(world, bad):
     assert "hexadecimal" in world.post("NetworkDriver.CreateNetwork", {"NetworkID": bad})["Err"]
+
+
+def test_two_containers_publishing_one_host_port_at_the_same_moment(world):
+    """Both requests are in flight together (the fakes answer later, as the
+    real ports do): exactly one gets the port, the other a clear refusal."""
+    world.create_network()
+    world.create_endpoint(EP)
+    world.create_endpoint(EP2, Address="10.30.0.3/24")
+    options = {"com.docker.network.portmap": [{"Proto": 6, "Port": 80, "HostPort": 8080}]}
+    replies = []
+    for endpoint_id in (EP, EP2):
+        body = dict(world.ids(endpoint_id), Options=options)
+        d = world.http.post(
+            "http://plugin/NetworkDriver.ProgramExternalConnectivity",
+            data=json.dumps(body).encode(),
+        )
+        d.addCallback(lambda r: r.json())
+        d.addCallback(replies.append)
+    for _ in range(1000):
+        world.http.flush()
+        if len(replies) == 2 and not world.clock.getDelayedCalls():
+            break
+        world.clock.advance(0)
+    errors = [reply.get("Err") for reply in replies]
+    assert len(replies) == 2 and errors.count(None) == 1, replies
+    assert "8080" in next(e for e in errors if e)
+    published = [p for n in world.firewall.networks for p in n.published]
+    assert [p.host_port for p in published] == [8080]

@@ -167,7 +167,7 @@ def test_ovn_networks_without_ovn_nb_say_how_to_enable_them(world):
     assert "--ovn-nb" in reply["Error"]
     created = world.create_network(IPv4Data=OVN_POOL)
     assert "--ovn-nb" in created["Err"]
-    assert world.vswitch.networks().result == {}
+    assert world.vswitch.bridges == {}
 
 
 def test_ipam_options_are_checked(world):
