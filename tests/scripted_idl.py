@@ -316,3 +316,15 @@ class ScriptedIdl:
 
     def close(self):
         pass
+
+
+def scripted_engine(clock, idl, remote="unix:/scripted/db.sock", **options):
+    """An `ovsdriver.ovsdb.OVSDB` engine running over *idl*, ticking on *clock*
+    (set ``running`` to False when done)."""
+    from ovsdriver.ovsdb import OVSDB
+
+    engine = OVSDB(clock, remote, **options)
+    engine.transaction_class = ScriptedTransaction
+    engine.idl = idl
+    engine.running = True  # started, with the scripted replica connected
+    return engine

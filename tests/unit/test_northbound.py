@@ -6,12 +6,11 @@ with two engines racing, is in tests/integration/test_northbound.py.)"""
 
 import pytest
 from twisted.internet import defer
-from twisted.internet.task import Clock
 
 from ovsdriver.ipam import allocate
 from ovsdriver.northbound import NB_TABLES, Northbound, NorthboundError
-from ovsdriver.ovsdb import OVSDB, OVSDBUnavailable
-from tests.scripted_idl import ScriptedIdl, ScriptedTransaction, Txn
+from ovsdriver.ovsdb import OVSDBUnavailable
+from tests.scripted_idl import Txn, scripted_engine
 
 CONFLICT_ERROR = (
     'constraint violation: Transaction causes multiple rows in "Logical_Switch_Port" table '
@@ -20,28 +19,16 @@ CONFLICT_ERROR = (
 
 
 @pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def idl():
-    return ScriptedIdl()
-
-
-@pytest.fixture
 def northbound(clock, idl):
-    engine = OVSDB(
+    engine = scripted_engine(
         clock,
+        idl,
         "unix:/scripted/nb.sock",
         tables=NB_TABLES,
         database="OVN_Northbound",
         name="the OVN Northbound database",
         wait_for_vswitchd=False,
     )
-    engine.transaction_class = ScriptedTransaction
-    engine.idl = idl
-    engine.running = True
     yield Northbound(engine)
     engine.running = False
 

@@ -2,30 +2,15 @@
 waits behind one, and one still goes under constant load."""
 
 import pytest
-from twisted.internet.task import Clock
 
-from ovsdriver.ovsdb import OVSDB
-from tests.scripted_idl import ScriptedIdl, ScriptedTransaction, Txn
+from tests.scripted_idl import Txn, scripted_engine
 
 TICK = 0.01
 
 
 @pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def idl():
-    return ScriptedIdl()
-
-
-@pytest.fixture
 def ovsdb(clock, idl):
-    engine = OVSDB(clock, "unix:/scripted/db.sock", unavailable_timeout=3.0, apply_timeout=15.0)
-    engine.transaction_class = ScriptedTransaction
-    engine.idl = idl
-    engine.running = True
+    engine = scripted_engine(clock, idl, unavailable_timeout=3.0, apply_timeout=15.0)
     yield engine
     engine.running = False
 

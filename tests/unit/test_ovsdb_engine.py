@@ -4,32 +4,18 @@ retried one operation at a time; a reconnect while committing; each phase's
 timeout. Deterministic: a `Clock` and a server played by the test."""
 
 import pytest
-from twisted.internet.task import Clock
 
-from ovsdriver.ovsdb import OVSDB, OVSDBUnavailable
+from ovsdriver.ovsdb import OVSDBUnavailable
 from ovsdriver.values import Network
 from ovsdriver.vswitch import VSwitch, VSwitchError
-from tests.scripted_idl import ScriptedIdl, ScriptedTransaction, Txn
+from tests.scripted_idl import Txn, scripted_engine
 
 NET_A, NET_B, NET_C = ("a1" * 32), ("b2" * 32), ("c3" * 32)
 
 
 @pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def idl():
-    return ScriptedIdl()
-
-
-@pytest.fixture
 def ovsdb(clock, idl):
-    engine = OVSDB(clock, "unix:/scripted/db.sock", unavailable_timeout=3.0, apply_timeout=15.0)
-    engine.transaction_class = ScriptedTransaction
-    engine.idl = idl
-    engine.running = True  # started, with the scripted replica connected
+    engine = scripted_engine(clock, idl, unavailable_timeout=3.0, apply_timeout=15.0)
     yield engine
     engine.running = False
 
