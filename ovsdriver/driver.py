@@ -235,6 +235,10 @@ class Driver:
             raise _unknown_endpoint(endpoint_id)
         await self.vswitch.set_sandbox(endpoint_id, sandbox_key)
         self.on_join(attr.evolve(endpoint, sandbox=sandbox_key))
+        # CreateEndpoint answered before ovs-vswitchd made the port (it does
+        # so while the engine is busy between the two calls); the engine moves
+        # the port into the sandbox as soon as Join answers.
+        await self.vswitch.port_ready(endpoint)
         if network.ovn_switch:
             # The container's first packet must find its port installed.
             await self._ovn().wait_installed(endpoint)

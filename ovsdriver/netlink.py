@@ -321,35 +321,40 @@ class _Worker:
         what = f"cannot create veth pair {host_name}/{peer_name}"
 
         def operation(ipr):
-            host = self._index(ipr, host_name)
-            peer = self._index(ipr, peer_name)
-            created = False
-            if host is None and peer is None:
-                try:
-                    ipr.link("add", ifname=host_name, kind="veth", peer=peer_name)
-                    created = True
-                except NetlinkError as e:
-                    if e.code != errno.EEXIST:
-                        raise LinkError(f"{what}: {_reason(e)}") from e
-                host = self._index(ipr, host_name)
-                peer = self._index(ipr, peer_name)
-            if host is None or peer is None:
-                present, absent = (host_name, peer_name) if peer is None else (peer_name, host_name)
-                raise LinkError(
-                    f"{what}: {present} already exists but {absent} does not;"
-                    f" delete {present} first"
-                )
+            # One request makes the whole pair (MTUs, MAC, host end up): it is
+            # on the path of every container start.
+            peer = {"ifname": peer_name, "mtu": int(mtu)}
+            if peer_mac is not None:
+                peer["address"] = peer_mac
             try:
-                self._set(ipr, peer_name, peer, mtu=mtu, mac=peer_mac)
-                self._set(ipr, host_name, host, mtu=mtu, up=True)
+                ipr.link("add", ifname=host_name, kind="veth", mtu=int(mtu), state="up", peer=peer)
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:
+                    settings = _describe_settings(mtu, peer_mac, None)
+                    raise LinkError(f"{what} ({settings}): {_reason(e)}") from e
+                self._reuse_veth(ipr, what, host_name, peer_name, mtu, peer_mac)
+                return
+            try:
                 disable_tx_checksum(peer_name)
             except LinkError:
-                if created:  # leave nothing half-made behind
-                    with contextlib.suppress(NetlinkError):
-                        ipr.link("del", index=host)
+                with contextlib.suppress(NetlinkError):  # leave nothing half-made behind
+                    ipr.link("del", ifname=host_name)
                 raise
 
         return self.call(what, operation)
+
+    def _reuse_veth(self, ipr, what, host_name, peer_name, mtu, peer_mac):
+        """Bring a pair an earlier attempt made to what `create_veth` makes."""
+        host = self._index(ipr, host_name)
+        peer = self._index(ipr, peer_name)
+        if host is None or peer is None:
+            present, absent = (host_name, peer_name) if peer is None else (peer_name, host_name)
+            raise LinkError(
+                f"{what}: {present} already exists but {absent} does not; delete {present} first"
+            )
+        self._set(ipr, peer_name, peer, mtu=mtu, mac=peer_mac)
+        self._set(ipr, host_name, host, mtu=mtu, up=True)
+        disable_tx_checksum(peer_name)
 
     def delete_link(self, ifname):
         def operation(ipr):

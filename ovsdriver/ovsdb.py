@@ -5,7 +5,11 @@ builders queued with `OVSDB.transact`; each reactor tick folds all queued
 builders into one OVSDB transaction (so concurrent requests share one
 ovs-vswitchd reconfiguration), commits it without blocking, and fires each
 operation's Deferred once ovs-vswitchd has applied it (``cur_cfg`` caught up
-with ``next_cfg``). Each operation is all or nothing: a builder that raises
+with ``next_cfg``), or, for an operation queued with ``applied=False``, once
+OVSDB confirmed the commit: `OVSDB.applied` then waits for ovs-vswitchd, so a
+caller can overlap that wait with other work (CreateEndpoint answers at the
+commit, and Join, which the engine sends ~10 ms later, waits for the port).
+Each operation is all or nothing: a builder that raises
 has already written into the shared transaction, so that transaction is
 thrown away and built again without it. A TRY_AGAIN rebuilds the operations;
 a failed shared transaction is retried one operation at a time so one bad
@@ -160,6 +164,16 @@ class _Watch:
         return "ovsdb"
 
 
+def _root(idl):
+    """The Open_vSwitch table's one row, or None."""
+    return next(iter(idl.tables["Open_vSwitch"].rows.values()), None)
+
+
+def _next_cfg(idl):
+    root = _root(idl)
+    return root.next_cfg if root is not None else 0
+
+
 def by_name(idl, table, name):
     """The row of `table` called `name`, from the replica's name index."""
     rows = idl.tables[table].rows
@@ -212,7 +226,8 @@ class _Operation:
         self.queued_at = queued_at
         self.phase = "queued"
         self.after = None
-        self.wait = False
+        self.wait = False  # finishes only once ovs-vswitchd applied it
+        self.applies = False  # ovs-vswitchd has something to apply
         self.alone = False
         self.timer = None
         self.background = False
@@ -259,6 +274,8 @@ class OVSDB(service.Service):
         self._txn = None
         self._in_flight = []
         self._waiting_cfg = []  # (cfg, operation)
+        #: the highest ``next_cfg`` this process committed since it (re)connected
+        self._committed_cfg = None
         self._watches = []
         self._timer = None
         self._seqno = None
@@ -330,10 +347,12 @@ class OVSDB(service.Service):
 
     # -- the public operations ---------------------------------------------
 
-    def transact(self, build, background=False):
+    def transact(self, build, background=False, applied=True):
         """Queue `build(context)`; it may write through ``context`` and returns
         None or a callable that computes the result once ovs-vswitchd has
-        applied the transaction (it may raise to fail the operation).
+        applied the transaction (it may raise to fail the operation). With
+        `applied` False, the operation finishes once OVSDB has confirmed the
+        commit, and `OVSDB.applied` waits for ovs-vswitchd.
 
         A `background` operation (a deletion nothing waits for) is committed
         when no other operation has been around for a while, in a transaction
@@ -343,6 +362,7 @@ class OVSDB(service.Service):
         op = _Operation(build, defer.Deferred(), self.reactor.seconds())
         op.timer = self.reactor.callLater(self.apply_timeout, self._expire, op)
         op.background = background
+        op.wait = applied
         if background:
             self._background.append(op)
         else:
@@ -357,6 +377,25 @@ class OVSDB(service.Service):
         if self._background:
             self._schedule(self.background_quiet)
         return result
+
+    def applied(self, read=None):
+        """Fire (with `read(idl)`, if given) once ovs-vswitchd has applied
+        every change this process has committed (after a restart or a
+        reconnect: every change OVSDB holds); fail like an operation whose
+        change ovs-vswitchd does not apply in time."""
+        if self._committed_cfg is not None:
+            cfg = defer.succeed(self._committed_cfg)
+        else:
+            cfg = self.query(_next_cfg)
+        return cfg.addCallback(self._wait_applied, read)
+
+    def _wait_applied(self, cfg, read):
+        op = _Operation(None, defer.Deferred(), self.reactor.seconds())
+        op.after, op.wait, op.phase = read, True, "applying"
+        op.timer = self.reactor.callLater(self.apply_timeout, self._expire, op)
+        self._waiting_cfg.append((cfg, op))
+        self._check_applied()
+        return op.deferred
 
     def query(self, read):
         """Call `read(idl)` on a live replica (waiting for one briefly)."""
@@ -403,6 +442,8 @@ class OVSDB(service.Service):
         idl = self.idl
         idl.run()
         if self.connected:
+            if self._down_since is not None:  # OVSDB may have been replaced
+                self._committed_cfg = None
             self._down_since = None
         else:
             if self._down_since is None:
@@ -499,8 +540,8 @@ class OVSDB(service.Service):
             batch = built
         if not batch:
             return
-        if any(op.wait for op in batch):
-            root = next(iter(self.idl.tables["Open_vSwitch"].rows.values()), None)
+        if any(op.applies for op in batch):
+            root = _root(self.idl)
             if root is None:
                 txn.abort()
                 error = OVSDBUnavailable(
@@ -529,7 +570,7 @@ class OVSDB(service.Service):
             except Exception as e:
                 self._fail(op, e)
                 continue
-            op.wait = ctx.wait_for_vswitchd and self.wait_for_vswitchd
+            op.applies = ctx.wait_for_vswitchd and self.wait_for_vswitchd
             op.phase = "committing"
             built.append(op)
         return txn, built
@@ -543,11 +584,13 @@ class OVSDB(service.Service):
         self._txn, self._in_flight = None, []
         self.metrics.ovsdb_committed(status, len(ops))
         if status in (Txn.SUCCESS, Txn.UNCHANGED):
-            waits = status == Txn.SUCCESS and any(op.wait for op in ops)
-            cfg = txn.get_increment_new_value() if waits else None
+            applies = status == Txn.SUCCESS and any(op.applies for op in ops)
+            cfg = txn.get_increment_new_value() if applies else None
+            if cfg is not None:
+                self._committed_cfg = max(cfg, self._committed_cfg or cfg)
             self.metrics.ovsdb_applying(cfg)
             for op in ops:
-                if op.wait and cfg is not None:
+                if op.wait and op.applies and cfg is not None:
                     op.phase = "applying"
                     self._waiting_cfg.append((cfg, op))
                 else:
@@ -572,7 +615,7 @@ class OVSDB(service.Service):
     def _check_applied(self):
         if not self._waiting_cfg or self.idl is None:
             return
-        root = next(iter(self.idl.tables["Open_vSwitch"].rows.values()), None)
+        root = _root(self.idl)
         if root is None:
             return
         cur_cfg = root.cur_cfg

@@ -597,6 +597,7 @@ class FakeVSwitch:
         "add_network",
         "remove_network",
         "add_endpoint",
+        "port_ready",
         "remove_endpoint",
         "mark_removed",
         "finish_removals",
@@ -730,9 +731,16 @@ class FakeVSwitch:
         bridge.ports[endpoint.port] = endpoint
         if endpoint.port_type == "internal":
             self._plug(endpoint.port, endpoint.mtu)
-        if endpoint.port in self._broken:
-            return defer.fail(VSwitchError(f"Open vSwitch could not add port {endpoint.port}"))
         return defer.succeed(endpoint)
+
+    def port_ready(self, endpoint):
+        if not self.port_exists(endpoint.port):
+            error = f"port {endpoint.port} vanished from OVSDB while being added"
+        elif endpoint.port in self._broken:
+            error = f"Open vSwitch could not add port {endpoint.port}"
+        else:
+            return defer.succeed(endpoint)
+        return defer.fail(VSwitchError(error))
 
     def remove_endpoint(self, endpoint_id):
         for bridge in self.bridges.values():

@@ -264,7 +264,9 @@ class VSwitch:
         return self.ovsdb.transact(build)
 
     def add_endpoint(self, endpoint):
-        """Plug an endpoint's port into its bridge; fail if ovs-vswitchd can't."""
+        """Plug an endpoint's port into its bridge. Fires (with the endpoint)
+        once OVSDB holds the port, before ovs-vswitchd has made it:
+        `port_ready` waits for that."""
 
         def build(ctx):
             existing = ctx.find("Port", endpoint.port)
@@ -279,7 +281,7 @@ class VSwitch:
                         f"port {endpoint.port} already exists and belongs to "
                         f"{'endpoint ' + owner[:12] if owner else 'something else'}"
                     )
-                return lambda idl: _checked_endpoint(idl, endpoint)
+                return lambda idl: endpoint
             bridge = ctx.find("Bridge", endpoint.bridge)
             if bridge is None:
                 raise VSwitchError(
@@ -307,9 +309,14 @@ class VSwitch:
             iface.mtu_request = [endpoint.mtu]
             if kind == "internal":
                 iface.mac = [endpoint.mac]
-            return lambda idl: _checked_endpoint(idl, endpoint)
+            return lambda idl: endpoint
 
-        return self.ovsdb.transact(build)
+        return self.ovsdb.transact(build, applied=False)
+
+    def port_ready(self, endpoint):
+        """Fire with the endpoint once ovs-vswitchd has made its port; fail,
+        naming the port, if ovs-vswitchd could not."""
+        return self.ovsdb.applied(lambda idl: _checked_endpoint(idl, endpoint))
 
     def remove_endpoint(self, endpoint_id):
         """Unplug an endpoint's port; an unknown endpoint is already gone."""

@@ -4,7 +4,8 @@ and `FakeVSwitch` both run these tests (see test_vswitch_*.py).
 A module using this contract imports the tests with ``from ... import *`` and
 provides a ``harness`` fixture with: ``vswitch``, ``call(method, *args)`` (run a
 port method and return its result or raise), ``bridge_exists(name)``,
-``port_exists(name)``, ``break_port(name)``, ``add_foreign_bridge(name)`` and
+``port_exists(name)``, ``link_exists(name)`` (a kernel interface of that
+name exists, as ovs-vswitchd makes them), ``break_port(name)``, ``add_foreign_bridge(name)`` and
 ``add_host_link(name)`` (a host interface to use as an uplink).
 """
 
@@ -171,10 +172,27 @@ def test_a_port_ovs_cannot_create_fails_with_its_name(harness):
     # A veth port whose host end does not exist: ovs-vswitchd reports an error.
     ep = endpoint(net, port="ove-" + EP_1[:11], ifname="oep-" + EP_1[:11], port_type="veth")
     harness.break_port(ep.port)
-    with pytest.raises(VSwitchError, match=ep.port):
-        harness.call(harness.vswitch.add_endpoint, ep)
+    harness.call(harness.vswitch.add_endpoint, ep)  # OVSDB takes it
+    with pytest.raises(VSwitchError, match=f"could not add port {ep.port}"):
+        harness.call(harness.vswitch.port_ready, ep)
     harness.call(harness.vswitch.remove_endpoint, EP_1)
     assert not harness.port_exists(ep.port)
+
+
+def test_a_ready_port_exists(harness):
+    net = network()
+    harness.call(harness.vswitch.add_network, net)
+    ep = endpoint(net)
+    harness.call(harness.vswitch.add_endpoint, ep)
+    assert harness.call(harness.vswitch.port_ready, ep) == ep
+    assert harness.link_exists(ep.port)
+
+
+def test_a_port_not_in_ovsdb_is_never_ready(harness):
+    net = network()
+    harness.call(harness.vswitch.add_network, net)
+    with pytest.raises(VSwitchError, match="oep-e1e1e1e1e1e"):
+        harness.call(harness.vswitch.port_ready, endpoint(net))
 
 
 def test_vlan_networks_share_a_bridge(harness):

@@ -26,6 +26,9 @@ class RealHarness:
             self.world.ovs.vsctl("--bare", "--columns=name", "find", "Port", f"name={name}")
         )
 
+    def link_exists(self, name):
+        return name in self.world.netns.links()
+
     def break_port(self, name):
         """Nothing to do: a veth port whose host end is missing fails for real."""
 

@@ -201,10 +201,14 @@ def test_internal_network_has_no_gateway(world):
     assert "Gateway" not in join and join["DisableGatewayService"] is True
 
 
-def test_a_port_ovs_refuses_is_removed_again(world):
+def test_a_port_ovs_refuses_fails_join_and_goes_with_the_endpoint(world):
     world.create_network({"ovs.port_type": "veth"})
     world.vswitch.break_port("ove-" + EP[:11])
-    assert "could not add port" in world.create_endpoint()["Err"]
+    assert "Err" not in world.create_endpoint()  # answered before ovs-vswitchd acts
+    join = world.post("NetworkDriver.Join", dict(world.ids(), SandboxKey="/x"))
+    assert "could not add port ove-" + EP[:11] in join["Err"]
+    # The engine deletes the endpoint of a failed Join.
+    assert world.post("NetworkDriver.DeleteEndpoint", world.ids()) == {}
     assert not world.vswitch.port_exists("ove-" + EP[:11])
     assert world.kernel.state("ove-" + EP[:11]) is None
     assert world.kernel.state("oep-" + EP[:11]) is None

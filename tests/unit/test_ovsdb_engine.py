@@ -8,6 +8,7 @@ import pytest
 from ovsdriver.ovsdb import OVSDBUnavailable
 from ovsdriver.values import Network
 from ovsdriver.vswitch import VSwitch, VSwitchError
+from tests.contract_vswitch import endpoint
 from tests.scripted_idl import Txn, scripted_engine
 
 NET_A, NET_B, NET_C = ("a1" * 32), ("b2" * 32), ("c3" * 32)
@@ -184,6 +185,66 @@ def test_a_change_vswitchd_never_applies_fails_after_the_apply_timeout(clock, id
     failed = outcome(vswitch.add_network(network(NET_A)))
     clock.advance(0)
     idl.answer(Txn.SUCCESS)
+    clock.pump([1.0] * 15)
+    assert failed[0].check(OVSDBUnavailable)
+    assert "ovs-vswitchd did not apply the change within 15 s" in str(failed[0].value)
+
+
+# -- an addition answered at the commit, ovs-vswitchd awaited later ------------
+
+
+def added_endpoint(clock, idl, vswitch):
+    """An endpoint whose addition OVSDB confirmed and ovs-vswitchd has not applied."""
+    outcome(vswitch.add_network(network(NET_A)))
+    clock.advance(0)
+    serve(clock, idl)
+    ep = endpoint(network(NET_A))
+    added = outcome(vswitch.add_endpoint(ep))
+    clock.advance(0)
+    idl.answer(Txn.SUCCESS)
+    clock.advance(0.1)
+    assert added == [ep], "the addition waited for ovs-vswitchd"
+    return ep
+
+
+def test_an_endpoint_is_ready_only_once_vswitchd_applied_its_port(clock, idl, vswitch):
+    ep = added_endpoint(clock, idl, vswitch)
+    ready = outcome(vswitch.port_ready(ep))
+    clock.pump([0.1] * 5)
+    assert ready == []
+    idl.catch_up()
+    clock.advance(0.1)
+    assert ready == [ep]
+
+
+def test_after_a_reconnect_readiness_waits_for_what_ovsdb_holds(clock, idl, vswitch):
+    ep = added_endpoint(clock, idl, vswitch)
+    idl.disconnect()
+    clock.advance(1.0)
+    idl.reconnect()
+    clock.advance(0.1)
+    ready = outcome(vswitch.port_ready(ep))
+    clock.pump([0.1] * 5)
+    assert ready == []
+    idl.catch_up()
+    clock.advance(0.1)
+    assert ready == [ep]
+
+
+def test_a_port_vswitchd_reports_broken_is_not_ready(clock, idl, vswitch):
+    ep = added_endpoint(clock, idl, vswitch)
+    idl.catch_up()
+    (iface,) = [row for row in idl.rows("Interface") if row.name == ep.port]
+    iface._data["error"] = ["could not open network device oep-x (No such device)"]
+    failed = outcome(vswitch.port_ready(ep))
+    clock.advance(0.1)
+    assert failed[0].check(VSwitchError)
+    assert f"could not add port {ep.port}: could not open" in str(failed[0].value)
+
+
+def test_readiness_vswitchd_never_reaches_fails_after_the_apply_timeout(clock, idl, vswitch):
+    ep = added_endpoint(clock, idl, vswitch)
+    failed = outcome(vswitch.port_ready(ep))
     clock.pump([1.0] * 15)
     assert failed[0].check(OVSDBUnavailable)
     assert "ovs-vswitchd did not apply the change within 15 s" in str(failed[0].value)
