@@ -260,10 +260,18 @@ def makeService(options, reactor=None):
     if options["metrics"]:
         hooked = (plugin, reconciler, firewall)
         serve_metrics(options["metrics"], reactor, ovsdb, hooked).setServiceParent(top)
-    site = server.Site(plugin)
+    site = _PluginSite(plugin)
     site.displayTracebacks = False
     ListenerService(options["listen"], site, reactor).setServiceParent(top)
     return top
+
+
+class _PluginSite(server.Site):
+    """The plugin's site, without an access log: a line per engine call would
+    bury what matters in the driver's log (``--metrics`` counts the calls)."""
+
+    def log(self, request):
+        pass
 
 
 def serve_metrics(description, reactor, ovsdb, hooked):

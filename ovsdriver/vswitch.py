@@ -7,6 +7,7 @@ IDL rows. Everything the driver knows is in external_ids, so a restarted driver
 finds it all again.
 """
 
+import functools
 import ipaddress
 import time
 
@@ -549,7 +550,10 @@ def _bridge_records(bridge):
     return records
 
 
+@functools.lru_cache(maxsize=1024)
 def _read_network(bridge, key, network_id, value):
+    """The record `value` as a `Network` (or an `UnreadableRecord`); cached,
+    as every request reads the records and they rarely change."""
     try:
         network = Network.from_json(value)
         if network.network_id != network_id:
