@@ -2,10 +2,13 @@
 
 The driver owns no state of its own: everything is in OVSDB (through the
 `VSwitch` port) and the kernel (through the `Netlink` port), so it can be killed
-and restarted at any time. Every method is idempotent, and whatever an operation
-made is undone again when a later step of it fails.
+and restarted at any time. (It only remembers, for Join, the ports
+CreateEndpoint is still making; a restarted driver asks OVSDB instead.) Every
+method is idempotent, and whatever an operation made is undone again when a
+later step of it fails.
 """
 
+import contextlib
 import os
 
 import attr
@@ -69,6 +72,14 @@ def _unknown_endpoint(endpoint_id):
     return DriverError(f"endpoint {endpoint_id[:12]} is not known to the ovs driver")
 
 
+@attr.s(frozen=True)
+class _Failed:
+    """A failure kept as a value until Join or DeleteEndpoint picks it up
+    (a failed Deferred nobody waits for would be logged as unhandled)."""
+
+    failure = attr.ib()
+
+
 class Driver:
     """The network driver, over a vswitch and a netlink port."""
 
@@ -83,6 +94,9 @@ class Driver:
         #: Called with each endpoint Join answered (the reconciler watches
         #: for its sandbox from then on).
         self.on_join = lambda endpoint: None
+        #: endpoint id -> Deferred of the port CreateEndpoint is making, which
+        #: Join (or DeleteEndpoint) waits for; fires with an endpoint or `_Failed`
+        self._plugging = {}
 
     async def _network(self, network_id):
         network = await self.vswitch.network(check_id("NetworkID", network_id))
@@ -143,6 +157,7 @@ class Driver:
     # -- endpoints -------------------------------------------------------------
 
     async def create_endpoint(self, network_id, endpoint_id, interface):
+        await self._plugged(check_id("EndpointID", endpoint_id))  # a repeated call
         network, existing = await self._network_and_endpoint(network_id, endpoint_id)
         given_mac = interface.get("MacAddress") or ""
         mac = check_mac("Interface.MacAddress", given_mac) if given_mac else generate_mac()
@@ -162,19 +177,41 @@ class Driver:
         )
         if existing is not None:  # a repeated CreateEndpoint: same answer
             endpoint = existing
+        elif network.ovn_switch:  # OVN may change the MAC address it answers
+            endpoint = await self._plug(network, endpoint)
         else:
-            try:
-                if network.ovn_switch:
-                    endpoint = await self._ovn().bind_endpoint(network, endpoint)
-                if endpoint.port_type == "veth":
-                    await self.netlink.create_veth(
-                        endpoint.port, endpoint.ifname, endpoint.mtu, mac
-                    )
-                await self.vswitch.add_endpoint(endpoint)
-            except Exception:
-                await self._undo(self.delete_endpoint(network_id, endpoint_id))
-                raise
+            # The engine sends Join ~10 ms later, and only then needs the
+            # port: it is made (OVSDB, ovs-vswitchd, a veth pair) meanwhile,
+            # and Join reports whatever failed.
+            plugging = defer.ensureDeferred(self._plug(network, endpoint))
+            self._plugging[endpoint_id] = plugging.addErrback(_Failed)
         return {} if given_mac else {"MacAddress": endpoint.mac}
+
+    async def _plug(self, network, endpoint):
+        """Make the endpoint's port; undo what was made if a step fails."""
+        try:
+            if network.ovn_switch:
+                endpoint = await self._ovn().bind_endpoint(network, endpoint)
+            if endpoint.port_type == "veth":
+                await self.netlink.create_veth(
+                    endpoint.port, endpoint.ifname, endpoint.mtu, endpoint.mac
+                )
+            await self.vswitch.add_endpoint(endpoint)
+        except Exception:
+            await self._undo(self._remove_endpoint(endpoint.endpoint_id))
+            raise
+        return endpoint
+
+    async def _plugged(self, endpoint_id):
+        """Wait for the port CreateEndpoint is making, if it is (True), and
+        raise what failed; False if none is being made."""
+        plugging = self._plugging.pop(endpoint_id, None)
+        if plugging is None:
+            return False
+        outcome = await plugging
+        if isinstance(outcome, _Failed):
+            outcome.failure.raiseException()
+        return True
 
     async def delete_endpoint(self, network_id, endpoint_id):
         """Mark the endpoint's port for deletion (one OVSDB transaction, which
@@ -182,6 +219,11 @@ class Driver:
         the background, once no addition waits for ovs-vswitchd. A driver killed
         in between finishes the deletion when it is back (the reconciler)."""
         check_id("EndpointID", endpoint_id)
+        with contextlib.suppress(Exception):  # undone already
+            await self._plugged(endpoint_id)
+        await self._remove_endpoint(endpoint_id)  # whatever an undo could not
+
+    async def _remove_endpoint(self, endpoint_id):
         endpoint = await self.vswitch.mark_removed(endpoint_id)
         if endpoint is not None and endpoint.iface_id and self.ovn is not None:
             await self.ovn.unbind_endpoint(endpoint)
@@ -230,15 +272,15 @@ class Driver:
         return info
 
     async def join(self, network_id, endpoint_id, sandbox_key):
+        # The engine moves the port into the sandbox as soon as Join answers.
+        plugged = await self._plugged(check_id("EndpointID", endpoint_id))
         network, endpoint = await self._network_and_endpoint(network_id, endpoint_id)
         if endpoint is None:
             raise _unknown_endpoint(endpoint_id)
         await self.vswitch.set_sandbox(endpoint_id, sandbox_key)
         self.on_join(attr.evolve(endpoint, sandbox=sandbox_key))
-        # CreateEndpoint answered before ovs-vswitchd made the port (it does
-        # so while the engine is busy between the two calls); the engine moves
-        # the port into the sandbox as soon as Join answers.
-        await self.vswitch.port_ready(endpoint)
+        if not plugged:  # made by an earlier run of the driver, perhaps just now
+            await self.vswitch.port_ready(endpoint)
         if network.ovn_switch:
             # The container's first packet must find its port installed.
             await self._ovn().wait_installed(endpoint)

@@ -5,15 +5,12 @@ builders queued with `OVSDB.transact`; each reactor tick folds all queued
 builders into one OVSDB transaction (so concurrent requests share one
 ovs-vswitchd reconfiguration), commits it without blocking, and fires each
 operation's Deferred once ovs-vswitchd has applied it (``cur_cfg`` caught up
-with ``next_cfg``), or, for an operation queued with ``applied=False``, once
-OVSDB confirmed the commit: `OVSDB.applied` then waits for ovs-vswitchd, so a
-caller can overlap that wait with other work (CreateEndpoint answers at the
-commit, and Join, which the engine sends ~10 ms later, waits for the port).
-Each operation is all or nothing: a builder that raises
-has already written into the shared transaction, so that transaction is
-thrown away and built again without it. A TRY_AGAIN rebuilds the operations;
-a failed shared transaction is retried one operation at a time so one bad
-operation cannot fail its neighbours. While OVSDB is unreachable, operations fail within
+with ``next_cfg``); `OVSDB.applied` waits for everything committed so far.
+Each operation is all or nothing: a builder that raises has already written
+into the shared transaction, so that transaction is thrown away and built
+again without it. A TRY_AGAIN rebuilds the operations; a failed shared
+transaction is retried one operation at a time so one bad operation cannot
+fail its neighbours. While OVSDB is unreachable, operations fail within
 ``unavailable_timeout`` seconds with an error naming OVSDB and its address.
 
 Background operations (deletions) never delay the others: ovs-vswitchd
@@ -226,8 +223,7 @@ class _Operation:
         self.queued_at = queued_at
         self.phase = "queued"
         self.after = None
-        self.wait = False  # finishes only once ovs-vswitchd applied it
-        self.applies = False  # ovs-vswitchd has something to apply
+        self.wait = False
         self.alone = False
         self.timer = None
         self.background = False
@@ -347,12 +343,10 @@ class OVSDB(service.Service):
 
     # -- the public operations ---------------------------------------------
 
-    def transact(self, build, background=False, applied=True):
+    def transact(self, build, background=False):
         """Queue `build(context)`; it may write through ``context`` and returns
         None or a callable that computes the result once ovs-vswitchd has
-        applied the transaction (it may raise to fail the operation). With
-        `applied` False, the operation finishes once OVSDB has confirmed the
-        commit, and `OVSDB.applied` waits for ovs-vswitchd.
+        applied the transaction (it may raise to fail the operation).
 
         A `background` operation (a deletion nothing waits for) is committed
         when no other operation has been around for a while, in a transaction
@@ -362,7 +356,6 @@ class OVSDB(service.Service):
         op = _Operation(build, defer.Deferred(), self.reactor.seconds())
         op.timer = self.reactor.callLater(self.apply_timeout, self._expire, op)
         op.background = background
-        op.wait = applied
         if background:
             self._background.append(op)
         else:
@@ -540,7 +533,7 @@ class OVSDB(service.Service):
             batch = built
         if not batch:
             return
-        if any(op.applies for op in batch):
+        if any(op.wait for op in batch):
             root = _root(self.idl)
             if root is None:
                 txn.abort()
@@ -570,7 +563,7 @@ class OVSDB(service.Service):
             except Exception as e:
                 self._fail(op, e)
                 continue
-            op.applies = ctx.wait_for_vswitchd and self.wait_for_vswitchd
+            op.wait = ctx.wait_for_vswitchd and self.wait_for_vswitchd
             op.phase = "committing"
             built.append(op)
         return txn, built
@@ -584,13 +577,13 @@ class OVSDB(service.Service):
         self._txn, self._in_flight = None, []
         self.metrics.ovsdb_committed(status, len(ops))
         if status in (Txn.SUCCESS, Txn.UNCHANGED):
-            applies = status == Txn.SUCCESS and any(op.applies for op in ops)
-            cfg = txn.get_increment_new_value() if applies else None
+            waits = status == Txn.SUCCESS and any(op.wait for op in ops)
+            cfg = txn.get_increment_new_value() if waits else None
             if cfg is not None:
                 self._committed_cfg = max(cfg, self._committed_cfg or cfg)
             self.metrics.ovsdb_applying(cfg)
             for op in ops:
-                if op.wait and op.applies and cfg is not None:
+                if op.wait and cfg is not None:
                     op.phase = "applying"
                     self._waiting_cfg.append((cfg, op))
                 else:

@@ -731,7 +731,7 @@ class FakeVSwitch:
         bridge.ports[endpoint.port] = endpoint
         if endpoint.port_type == "internal":
             self._plug(endpoint.port, endpoint.mtu)
-        return defer.succeed(endpoint)
+        return self.port_ready(endpoint)
 
     def port_ready(self, endpoint):
         if not self.port_exists(endpoint.port):

@@ -265,9 +265,7 @@ class VSwitch:
         return self.ovsdb.transact(build)
 
     def add_endpoint(self, endpoint):
-        """Plug an endpoint's port into its bridge. Fires (with the endpoint)
-        once OVSDB holds the port, before ovs-vswitchd has made it:
-        `port_ready` waits for that."""
+        """Plug an endpoint's port into its bridge; fail if ovs-vswitchd can't."""
 
         def build(ctx):
             existing = ctx.find("Port", endpoint.port)
@@ -282,7 +280,7 @@ class VSwitch:
                         f"port {endpoint.port} already exists and belongs to "
                         f"{'endpoint ' + owner[:12] if owner else 'something else'}"
                     )
-                return lambda idl: endpoint
+                return lambda idl: _checked_endpoint(idl, endpoint)
             bridge = ctx.find("Bridge", endpoint.bridge)
             if bridge is None:
                 raise VSwitchError(
@@ -310,13 +308,14 @@ class VSwitch:
             iface.mtu_request = [endpoint.mtu]
             if kind == "internal":
                 iface.mac = [endpoint.mac]
-            return lambda idl: endpoint
+            return lambda idl: _checked_endpoint(idl, endpoint)
 
-        return self.ovsdb.transact(build, applied=False)
+        return self.ovsdb.transact(build)
 
     def port_ready(self, endpoint):
-        """Fire with the endpoint once ovs-vswitchd has made its port; fail,
-        naming the port, if ovs-vswitchd could not."""
+        """Fire with the endpoint once ovs-vswitchd has applied everything
+        committed so far (after a driver restart: everything in OVSDB); fail,
+        naming the port, if ovs-vswitchd could not make the endpoint's port."""
         return self.ovsdb.applied(lambda idl: _checked_endpoint(idl, endpoint))
 
     def remove_endpoint(self, endpoint_id):

@@ -190,11 +190,11 @@ def test_a_change_vswitchd_never_applies_fails_after_the_apply_timeout(clock, id
     assert "ovs-vswitchd did not apply the change within 15 s" in str(failed[0].value)
 
 
-# -- an addition answered at the commit, ovs-vswitchd awaited later ------------
+# -- waiting for ovs-vswitchd to have applied what was committed ---------------
 
 
-def added_endpoint(clock, idl, vswitch):
-    """An endpoint whose addition OVSDB confirmed and ovs-vswitchd has not applied."""
+def committed_endpoint(clock, idl, vswitch):
+    """An endpoint whose port OVSDB has and ovs-vswitchd has not made yet."""
     outcome(vswitch.add_network(network(NET_A)))
     clock.advance(0)
     serve(clock, idl)
@@ -203,22 +203,22 @@ def added_endpoint(clock, idl, vswitch):
     clock.advance(0)
     idl.answer(Txn.SUCCESS)
     clock.advance(0.1)
-    assert added == [ep], "the addition waited for ovs-vswitchd"
-    return ep
+    return ep, added
 
 
 def test_an_endpoint_is_ready_only_once_vswitchd_applied_its_port(clock, idl, vswitch):
-    ep = added_endpoint(clock, idl, vswitch)
+    ep, added = committed_endpoint(clock, idl, vswitch)
     ready = outcome(vswitch.port_ready(ep))
     clock.pump([0.1] * 5)
-    assert ready == []
+    assert added == ready == []
     idl.catch_up()
     clock.advance(0.1)
-    assert ready == [ep]
+    assert added == ready == [ep]
+    assert outcome(vswitch.port_ready(ep)) == [ep]  # nothing left to wait for
 
 
 def test_after_a_reconnect_readiness_waits_for_what_ovsdb_holds(clock, idl, vswitch):
-    ep = added_endpoint(clock, idl, vswitch)
+    ep, _ = committed_endpoint(clock, idl, vswitch)
     idl.disconnect()
     clock.advance(1.0)
     idl.reconnect()
@@ -232,18 +232,19 @@ def test_after_a_reconnect_readiness_waits_for_what_ovsdb_holds(clock, idl, vswi
 
 
 def test_a_port_vswitchd_reports_broken_is_not_ready(clock, idl, vswitch):
-    ep = added_endpoint(clock, idl, vswitch)
-    idl.catch_up()
+    ep, added = committed_endpoint(clock, idl, vswitch)
     (iface,) = [row for row in idl.rows("Interface") if row.name == ep.port]
     iface._data["error"] = ["could not open network device oep-x (No such device)"]
-    failed = outcome(vswitch.port_ready(ep))
+    idl.catch_up()
     clock.advance(0.1)
-    assert failed[0].check(VSwitchError)
-    assert f"could not add port {ep.port}: could not open" in str(failed[0].value)
+    failed = outcome(vswitch.port_ready(ep))
+    for result in (added, failed):
+        assert result[0].check(VSwitchError)
+        assert f"could not add port {ep.port}: could not open" in str(result[0].value)
 
 
 def test_readiness_vswitchd_never_reaches_fails_after_the_apply_timeout(clock, idl, vswitch):
-    ep = added_endpoint(clock, idl, vswitch)
+    ep, _ = committed_endpoint(clock, idl, vswitch)
     failed = outcome(vswitch.port_ready(ep))
     clock.pump([1.0] * 15)
     assert failed[0].check(OVSDBUnavailable)

@@ -1,0 +1,98 @@
+"""CreateEndpoint answers at once and the port is made while the engine
+prepares Join, which waits for it (the driver over verified fakes)."""
+
+import pytest
+from twisted.internet import defer
+
+from ovsdriver.driver import Driver
+from ovsdriver.testing import FakeFirewall, FakeNetlink, FakeVSwitch
+from ovsdriver.vswitch import VSwitchError
+
+NET = "4e" * 32
+EP = "e9" * 32
+V4 = [{"AddressSpace": "LocalDefault", "Pool": "10.30.0.0/24", "Gateway": "10.30.0.1/24"}]
+INTERFACE = {"Address": "10.30.0.2/24"}
+
+
+class GatedVSwitch(FakeVSwitch):
+    """A FakeVSwitch whose port additions wait until the test opens the gate,
+    as ovs-vswitchd takes its time making a port."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.gate = defer.Deferred()
+
+    def add_endpoint(self, endpoint):
+        return self.gate.addCallback(lambda _: super(GatedVSwitch, self).add_endpoint(endpoint))
+
+
+def result(d):
+    box = []
+    d.addBoth(box.append)
+    return box
+
+
+@pytest.fixture
+def driver():
+    kernel = FakeNetlink()
+    driver = Driver(GatedVSwitch(kernel=kernel), kernel, FakeFirewall())
+    options = {"com.docker.network.generic": {}}
+    (created,) = result(defer.ensureDeferred(driver.create_network(NET, options, V4, [])))
+    assert created is None
+    return driver
+
+
+def create(driver, endpoint_id=EP):
+    return result(defer.ensureDeferred(driver.create_endpoint(NET, endpoint_id, INTERFACE)))
+
+
+def join(driver, endpoint_id=EP):
+    return result(defer.ensureDeferred(driver.join(NET, endpoint_id, "/var/run/docker/netns/x")))
+
+
+def test_create_endpoint_answers_before_the_port_exists_and_join_waits_for_it(driver):
+    (answer,) = create(driver)
+    assert "MacAddress" in answer
+    assert not driver.vswitch.port_exists("oep-" + EP[:11])
+    joined = join(driver)
+    assert joined == []
+    driver.vswitch.gate.callback(None)
+    assert joined[0]["InterfaceName"]["SrcName"] == "oep-" + EP[:11]
+    assert driver.netlink.state("oep-" + EP[:11]) is not None
+
+
+def test_a_repeated_create_endpoint_gives_the_same_mac(driver):
+    (first,) = create(driver)
+    second = create(driver)
+    assert second == []  # it waits for the first one's port
+    driver.vswitch.gate.callback(None)
+    assert second == [first]
+
+
+def test_a_port_that_cannot_be_made_fails_join_and_leaves_nothing(driver):
+    driver.vswitch.break_port("oep-" + EP[:11])
+    (answer,) = create(driver)
+    assert "MacAddress" in answer
+    joined = join(driver)
+    driver.vswitch.gate.callback(None)
+    assert joined[0].check(VSwitchError)
+    assert "could not add port oep-" + EP[:11] in joined[0].getErrorMessage()
+    assert not driver.vswitch.port_exists("oep-" + EP[:11])
+    assert result(defer.ensureDeferred(driver.delete_endpoint(NET, EP))) == [None]
+
+
+def test_delete_endpoint_waits_for_the_port_being_made(driver):
+    create(driver)
+    deleted = result(defer.ensureDeferred(driver.delete_endpoint(NET, EP)))
+    assert deleted == []
+    driver.vswitch.gate.callback(None)
+    assert deleted == [None]
+    assert not driver.vswitch.port_exists("oep-" + EP[:11])
+
+
+def test_a_restarted_driver_joins_a_port_an_earlier_run_made(driver):
+    create(driver)
+    driver.vswitch.gate.callback(None)
+    restarted = Driver(driver.vswitch, driver.netlink, driver.firewall)
+    (joined,) = join(restarted)
+    assert joined["InterfaceName"]["SrcName"] == "oep-" + EP[:11]
