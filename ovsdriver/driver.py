@@ -98,12 +98,6 @@ class Driver:
         #: Join (or DeleteEndpoint) waits for; fires with an endpoint or `_Failed`
         self._plugging = {}
 
-    async def _network(self, network_id):
-        network = await self.vswitch.network(check_id("NetworkID", network_id))
-        if network is None:
-            raise _unknown_network(network_id)
-        return network
-
     async def _network_and_endpoint(self, network_id, endpoint_id):
         """The network (which must exist) and the endpoint (or None), in one read."""
         check_id("NetworkID", network_id)
@@ -303,8 +297,9 @@ class Driver:
         await self.vswitch.set_sandbox(check_id("EndpointID", endpoint_id), None)
 
     async def program_external_connectivity(self, network_id, endpoint_id, options):
-        endpoint = await self._endpoint(network_id, endpoint_id)
-        network = await self._network(network_id)
+        network, endpoint = await self._network_and_endpoint(network_id, endpoint_id)
+        if endpoint is None:
+            raise _unknown_endpoint(endpoint_id)
         if network.internal:
             return
         requests = parse_portmap(options)

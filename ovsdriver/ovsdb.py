@@ -27,6 +27,7 @@ import json
 import time
 
 import ovs.db.idl
+import ovs.json
 from twisted.application import service
 from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
@@ -326,6 +327,12 @@ class OVSDB(service.Service):
             helper.register_columns(table, columns)
         self.idl = ovs.db.idl.Idl(self.remote, helper)
         log.info("connecting to {name} at {remote}", name=self.name, remote=self.remote)
+        if ovs.json.PARSER != ovs.json.PARSER_C:
+            log.info(
+                "this python-ovs reads JSON in pure Python (PyPI's build has no C "
+                "extension): every OVSDB update costs several times the CPU; "
+                "Debian's python3-openvswitch has the C parser"
+            )
         self._schedule(0)
 
     @property

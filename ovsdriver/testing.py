@@ -645,22 +645,26 @@ class FakeVSwitch:
     def network(self, network_id):
         return self.networks().addCallback(lambda nets: nets.get(network_id))
 
+    def _endpoints(self):
+        return [
+            ep
+            for b in self.bridges.values()
+            for name, ep in b.ports.items()
+            if ep is not None and name not in self._removing
+        ]
+
+    def _endpoint(self, endpoint_id):
+        return next((ep for ep in self._endpoints() if ep.endpoint_id == endpoint_id), None)
+
     def endpoints(self):
-        return defer.succeed(
-            [
-                ep
-                for b in self.bridges.values()
-                for name, ep in b.ports.items()
-                if ep is not None and name not in self._removing
-            ]
-        )
+        return defer.succeed(self._endpoints())
 
     def network_and_endpoint(self, network_id, endpoint_id):
-        return defer.succeed((self.network(network_id).result, self.endpoint(endpoint_id).result))
+        networks = {nid: n for b in self.bridges.values() for nid, n in b.networks.items()}
+        return defer.succeed((networks.get(network_id), self._endpoint(endpoint_id)))
 
     def endpoint(self, endpoint_id):
-        found = [ep for ep in self.endpoints().result if ep.endpoint_id == endpoint_id]
-        return defer.succeed(found[0] if found else None)
+        return defer.succeed(self._endpoint(endpoint_id))
 
     def add_network(self, network):
         bridge = self.bridges.get(network.bridge)
@@ -773,7 +777,7 @@ class FakeVSwitch:
         return self._evolve(endpoint_id, sandbox=sandbox)
 
     def set_sandbox_seen(self, endpoint_id, sandbox, seen):
-        found = self.endpoint(endpoint_id).result
+        found = self._endpoint(endpoint_id)
         if found is None or found.sandbox != sandbox:
             return defer.succeed(None)
         return self._evolve(endpoint_id, sandbox_seen=seen)

@@ -148,9 +148,10 @@ class SlowVSwitch(FakeVSwitch):
         return self._later(super().endpoints())
 
     def endpoint(self, endpoint_id):
-        everyone = FakeVSwitch.endpoints(self).result
-        found = next((ep for ep in everyone if ep.endpoint_id == endpoint_id), None)
-        return self._later(defer.succeed(found))
+        return self._later(super().endpoint(endpoint_id))
+
+    def network_and_endpoint(self, network_id, endpoint_id):
+        return self._later(super().network_and_endpoint(network_id, endpoint_id))
 
     def set_published(self, endpoint_id, published):
         return self._later(super().set_published(endpoint_id, published))
