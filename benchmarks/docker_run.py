@@ -5,15 +5,23 @@ real user has it, so the bridge driver does its firewall work too, like
 ovsdriver always does), one driver, and four networks side by side: none
 (``--network none``), Docker's bridge driver (a user-defined ``-d bridge``
 network: the world's dockerd runs ``--bridge=none``), ovsdriver with internal
-ports and ovsdriver with veth ports. Each round runs, for every network in
-turn (the order rotates from round to round), N containers one after another,
-then ``docker rm -f`` them one after another, then N containers from 8
-concurrent clients and ``docker rm -f`` them from 8 clients. Prints medians
-over the rounds and the network cost per container (time minus the
-no-network time, divided by N).
+ports and ovsdriver with veth ports.
 
-    sudo python3 benchmarks/docker_run.py [--containers 20] [--rounds 3]
-    sudo python3 benchmarks/docker_run.py --trace   # one traced run per network
+Sequential: N times, one ``docker run -d`` on each network in turn (the order
+rotates), each timed alone, then ``docker rm -f`` of those four, each timed.
+Concurrent: R times, for each network in turn, 8 containers started by 8
+concurrent clients (the batch timed), then removed by 8 clients. Interleaving
+the networks container by container keeps the machine's drift out of the
+comparison; the table gives medians per container and the network cost (the
+median minus the no-network median), with the ratio to the bridge driver and,
+for the sequential ratio, a bootstrap 90% interval.
+
+Run it with the Python libraries the driver is deployed with (the .deb and
+``scripts/run-driver`` use Debian's; ``scripts/run-tests-debian`` makes
+``.venv-debian`` with them): PyPI's python-ovs parses JSON in pure Python.
+
+    sudo .venv-debian/bin/python benchmarks/docker_run.py [--containers 40] [--rounds 10]
+    sudo .venv-debian/bin/python benchmarks/docker_run.py --trace   # one traced run per network
 
 ``--trace`` starts the driver through ``benchmarks/trace.py`` and prints, for
 one ``docker run`` on each network, the driver's timeline (engine calls, OVSDB
@@ -25,6 +33,7 @@ netlink requests dockerd makes (``strace``, which slows it: counts only).
 import argparse
 import json
 import os
+import random
 import re
 import shutil
 import statistics
@@ -35,6 +44,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
+
+import ovs.json
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -105,48 +116,74 @@ def remove_many(world, ids, clients):
     return time.perf_counter() - start
 
 
+def rotated(names, i):
+    return names[i % len(names) :] + names[: i % len(names)]
+
+
 def bench(world, networks, count, rounds):
-    results = {name: {} for name in networks}
+    """Per network, seconds per container: "run" and "rm" (one at a time),
+    "batch" and "batch rm" (8 clients at once, the batch's time / 8)."""
     names = list(networks)
+    samples = {name: {"run": [], "rm": [], "batch": [], "batch rm": []} for name in names}
+    for i in range(count):
+        started = {}
+        for name in rotated(names, i):
+            took, started[name] = run_many(world, networks[name], 1, 1)
+            samples[name]["run"].append(took)
+        for name in rotated(names, i):
+            samples[name]["rm"].append(remove_many(world, started[name], 1))
+    print(f"  {count} sequential runs per network done", flush=True)
     for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            net = networks[name]
-            for label, clients in (("seq", 1), ("conc", CLIENTS)):
-                took, ids = run_many(world, net, count, clients)
-                removed = remove_many(world, ids, clients)
-                results[name].setdefault(label, []).append(took)
-                results[name].setdefault("rm " + label, []).append(removed)
-            print(f"  round {r + 1}: {name} done", flush=True)
-    return {name: {k: statistics.median(v) for k, v in m.items()} for name, m in results.items()}
+        for name in rotated(names, r):
+            took, ids = run_many(world, networks[name], CLIENTS, CLIENTS)
+            samples[name]["batch"].append(took / CLIENTS)
+            samples[name]["batch rm"].append(remove_many(world, ids, CLIENTS) / CLIENTS)
+    print(f"  {rounds} concurrent batches per network done", flush=True)
+    return samples
 
 
-def print_table(medians, count, rounds):
+def cost_ratio_interval(samples, name, draws=2000):
+    """A bootstrap 90% interval of the sequential cost ratio of *name* to the bridge."""
+    rng = random.Random(9)
+    runs = {n: samples[n]["run"] for n in ("none", "docker bridge", name)}
+    ratios = []
+    for _ in range(draws):
+        med = {n: statistics.median(rng.choices(v, k=len(v))) for n, v in runs.items()}
+        bridge = med["docker bridge"] - med["none"]
+        if bridge > 0:
+            ratios.append((med[name] - med["none"]) / bridge)
+    ratios.sort()
+    return ratios[int(len(ratios) * 0.05)], ratios[int(len(ratios) * 0.95) - 1]
+
+
+def print_table(samples, count, rounds):
     load = Path("/proc/loadavg").read_text().split()[:3]
+    print(f"\ndriver: {sys.executable}, python-ovs JSON parser: {ovs.json.PARSER}")
     print(
-        f"\n{count} containers per step, median of {rounds} rounds, {CLIENTS} concurrent clients;"
-        f" load average at the end {' '.join(load)}"
+        f"{count} sequential runs and {rounds} batches of {CLIENTS} per network, interleaved;"
+        f" medians per container; load average at the end {' '.join(load)}"
     )
-    none = medians["none"]
-    bridge = medians["docker bridge"]
-    head = (
-        f"| network | {count} x docker run, sequential | {count} at once | "
-        f"network cost per container (seq / conc) | vs bridge (seq / conc) | "
-        f"{count} x docker rm -f, sequential | at once |"
+    med = {n: {k: statistics.median(v) for k, v in m.items()} for n, m in samples.items()}
+    print(
+        "| network | docker run, one at a time | 8 at once, per container | network cost "
+        "(seq / conc) | vs bridge (seq / conc) | seq ratio, 90% interval | docker rm -f, "
+        "one at a time | 8 at once, per container |"
     )
-    print(head)
-    print("|---" * 7 + "|")
-    for name, m in medians.items():
-        cost = [(m[k] - none[k]) / count for k in ("seq", "conc")]
-        bcost = [(bridge[k] - none[k]) / count for k in ("seq", "conc")]
+    print("|---" * 8 + "|")
+    none, bridge = med["none"], med["docker bridge"]
+    for name, m in med.items():
+        cost = [m[k] - none[k] for k in ("run", "batch")]
+        bcost = [bridge[k] - none[k] for k in ("run", "batch")]
         if name == "none":
-            costs, ratio = "-", "-"
+            costs = ratio = interval = "-"
         else:
             costs = f"{cost[0] * 1000:.0f} ms / {cost[1] * 1000:.0f} ms"
             ratio = " / ".join(f"{c / b:.2f}x" if b > 0 else "n/a" for c, b in zip(cost, bcost))
+            low, high = cost_ratio_interval(samples, name)
+            interval = f"{low:.2f}-{high:.2f}x"
         print(
-            f"| {name} | {m['seq']:.2f} s | {m['conc']:.2f} s | {costs} | {ratio} | "
-            f"{m['rm seq']:.2f} s | {m['rm conc']:.2f} s |"
+            f"| {name} | {m['run'] * 1000:.0f} ms | {m['batch'] * 1000:.0f} ms | {costs} | "
+            f"{ratio} | {interval} | {m['rm'] * 1000:.0f} ms | {m['batch rm'] * 1000:.0f} ms |"
         )
 
 
@@ -232,8 +269,8 @@ def trace_bridge(world, network):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--containers", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--containers", type=int, default=40, help="sequential runs per network")
+    parser.add_argument("--rounds", type=int, default=10, help="concurrent batches per network")
     parser.add_argument("--trace", action="store_true", help="trace one run per network instead")
     args = parser.parse_args()
     with DockerWorld(iptables=True) as world:
@@ -259,8 +296,8 @@ def main():
                     trace_one(world, driver, trace_file, name, networks[name])
                 trace_bridge(world, networks["docker bridge"])
             else:
-                medians = bench(world, networks, args.containers, args.rounds)
-                print_table(medians, args.containers, args.rounds)
+                samples = bench(world, networks, args.containers, args.rounds)
+                print_table(samples, args.containers, args.rounds)
         finally:
             world.dockerd.reset()
             if args.trace:
