@@ -164,8 +164,31 @@ class VSwitch:
 
     def __init__(self, ovsdb):
         self.ovsdb = ovsdb
+        self._version = None  # of the replica the memo below was read from
+        self._memo = {}
 
     # -- reads ---------------------------------------------------------------
+
+    def _memoized(self, idl, key, read):
+        """`read(idl)`, computed once per version of the replica: the engine
+        asks about one endpoint several times while a container starts."""
+        version = (id(idl), idl.change_seqno)
+        if version != self._version:
+            self._version, self._memo = version, {}
+        if key not in self._memo:
+            self._memo[key] = read(idl)
+        return self._memo[key]
+
+    def _records(self, idl):
+        return self._memoized(idl, "records", _records)
+
+    def _endpoint(self, idl, endpoint_id):
+        def read(idl):
+            records = self._records(idl)
+            networks = {k: v for k, v in records.items() if isinstance(v, Network)}
+            return _endpoint(idl, endpoint_id, networks)
+
+        return self._memoized(idl, ("endpoint", endpoint_id), read)
 
     def networks(self):
         """All networks recorded in OVSDB, by network id."""
@@ -176,7 +199,7 @@ class VSwitch:
         record in OVSDB cannot be read."""
 
         def read(idl):
-            network = _records(idl).get(network_id)
+            network = self._records(idl).get(network_id)
             if isinstance(network, UnreadableRecord):
                 raise network
             return network
@@ -184,7 +207,7 @@ class VSwitch:
         return self.ovsdb.query(read)
 
     def endpoint(self, endpoint_id):
-        return self.ovsdb.query(lambda idl: _endpoint(idl, endpoint_id))
+        return self.ovsdb.query(lambda idl: self._endpoint(idl, endpoint_id))
 
     def endpoints(self):
         return self.ovsdb.query(_endpoints)
@@ -194,12 +217,10 @@ class VSwitch:
         fails like `network` when the network's record cannot be read."""
 
         def read(idl):
-            records = _records(idl)
-            network = records.get(network_id)
+            network = self._records(idl).get(network_id)
             if isinstance(network, UnreadableRecord):
                 raise network
-            networks = {k: v for k, v in records.items() if isinstance(v, Network)}
-            return network, _endpoint(idl, endpoint_id, networks)
+            return network, self._endpoint(idl, endpoint_id)
 
         return self.ovsdb.query(read)
 
