@@ -278,6 +278,12 @@ def _respond(response, request):
         return
     request.write(_json(response))
     request.finish()
+    # Send it now: the engine waits for it, while Twisted would send it only
+    # after this reactor turn's timed calls, such as building the next OVSDB
+    # transaction (a port CreateEndpoint has just asked for).
+    flush = getattr(request.transport, "doWrite", None)
+    if flush is not None and request.transport.connected:
+        flush()
 
 
 def _json(value):
