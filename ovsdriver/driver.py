@@ -101,7 +101,7 @@ class Driver:
     async def _network_and_endpoint(self, network_id, endpoint_id):
         """The network (which must exist) and the endpoint (or None), in one read."""
         check_id("NetworkID", network_id)
-        check_id("EndpointID", endpoint_id)
+        await self._plug_done(check_id("EndpointID", endpoint_id))
         network, endpoint = await self.vswitch.network_and_endpoint(network_id, endpoint_id)
         if network is None:
             raise _unknown_network(network_id)
@@ -196,16 +196,25 @@ class Driver:
             raise
         return endpoint
 
-    async def _plugged(self, endpoint_id):
-        """Wait for the port CreateEndpoint is making, if it is (True), and
-        raise what failed; False if none is being made."""
-        plugging = self._plugging.pop(endpoint_id, None)
+    def _plug_done(self, endpoint_id):
+        """Deferred: the outcome (an endpoint or `_Failed`) of the port
+        CreateEndpoint is making for the endpoint, or None if it is not
+        making one. Any request about the endpoint waits for it."""
+        plugging = self._plugging.get(endpoint_id)
         if plugging is None:
-            return False
-        outcome = await plugging
+            return defer.succeed(None)
+        done = defer.Deferred()
+        plugging.addBoth(lambda outcome: done.callback(outcome) or outcome)
+        return done
+
+    async def _plugged(self, endpoint_id):
+        """Wait for the port CreateEndpoint is making, if it is (True), raise
+        what failed, and forget it; False if none is being made."""
+        outcome = await self._plug_done(endpoint_id)
+        self._plugging.pop(endpoint_id, None)
         if isinstance(outcome, _Failed):
             outcome.failure.raiseException()
-        return True
+        return outcome is not None
 
     async def delete_endpoint(self, network_id, endpoint_id):
         """Mark the endpoint's port for deletion (one OVSDB transaction, which
@@ -244,7 +253,8 @@ class Driver:
         )
 
     async def _endpoint(self, network_id, endpoint_id):
-        endpoint = await self.vswitch.endpoint(check_id("EndpointID", endpoint_id))
+        await self._plug_done(check_id("EndpointID", endpoint_id))
+        endpoint = await self.vswitch.endpoint(endpoint_id)
         if endpoint is None:
             raise _unknown_endpoint(endpoint_id)
         return endpoint
@@ -294,7 +304,8 @@ class Driver:
         return response
 
     async def leave(self, network_id, endpoint_id):
-        await self.vswitch.set_sandbox(check_id("EndpointID", endpoint_id), None)
+        await self._plug_done(check_id("EndpointID", endpoint_id))
+        await self.vswitch.set_sandbox(endpoint_id, None)
 
     async def program_external_connectivity(self, network_id, endpoint_id, options):
         network, endpoint = await self._network_and_endpoint(network_id, endpoint_id)
@@ -347,7 +358,8 @@ class Driver:
             await self.vswitch.set_published(endpoint.endpoint_id, published)
 
     async def revoke_external_connectivity(self, network_id, endpoint_id):
-        endpoint = await self.vswitch.endpoint(check_id("EndpointID", endpoint_id))
+        await self._plug_done(check_id("EndpointID", endpoint_id))
+        endpoint = await self.vswitch.endpoint(endpoint_id)
         if endpoint is not None and endpoint.published:
             await self.vswitch.set_published(endpoint_id, [])
             await self.sync_firewall()

@@ -96,3 +96,15 @@ def test_a_restarted_driver_joins_a_port_an_earlier_run_made(driver):
     restarted = Driver(driver.vswitch, driver.netlink, driver.firewall)
     (joined,) = join(restarted)
     assert joined["InterfaceName"]["SrcName"] == "oep-" + EP[:11]
+
+
+def test_other_requests_about_the_endpoint_wait_for_its_port(driver):
+    create(driver)
+    info = result(defer.ensureDeferred(driver.endpoint_info(NET, EP)))
+    programmed = result(defer.ensureDeferred(driver.program_external_connectivity(NET, EP, {})))
+    assert info == programmed == []
+    driver.vswitch.gate.callback(None)
+    assert info[0]["port"] == "oep-" + EP[:11]
+    assert programmed == [None]
+    (joined,) = join(driver)  # the outcome is still there for Join
+    assert joined["InterfaceName"]["SrcName"] == "oep-" + EP[:11]
