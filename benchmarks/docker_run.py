@@ -13,14 +13,14 @@ Concurrent: R times, for each network in turn, 8 containers started by 8
 concurrent clients (the batch timed), then removed by 8 clients. Interleaving
 the networks container by container keeps the machine's drift out of the
 comparison; the table gives medians per container and the network cost (the
-median minus the no-network median), with the ratio to the bridge driver and,
-for the sequential ratio, a bootstrap 90% interval.
+median minus the no-network median), with the ratio to the bridge driver and
+its bootstrap 90% interval.
 
 Run it with the Python libraries the driver is deployed with (the .deb and
 ``scripts/run-driver`` use Debian's; ``scripts/run-tests-debian`` makes
 ``.venv-debian`` with them): PyPI's python-ovs parses JSON in pure Python.
 
-    sudo .venv-debian/bin/python benchmarks/docker_run.py [--containers 40] [--rounds 10]
+    sudo .venv-debian/bin/python benchmarks/docker_run.py [--containers 40] [--rounds 20]
     sudo .venv-debian/bin/python benchmarks/docker_run.py --trace   # one traced run per network
 
 ``--trace`` starts the driver through ``benchmarks/trace.py`` and prints, for
@@ -142,10 +142,11 @@ def bench(world, networks, count, rounds):
     return samples
 
 
-def cost_ratio_interval(samples, name, draws=2000):
-    """A bootstrap 90% interval of the sequential cost ratio of *name* to the bridge."""
+def cost_ratio_interval(samples, name, key, draws=2000):
+    """A bootstrap 90% interval of the cost ratio of *name* to the bridge
+    (*key*: "run" or "batch")."""
     rng = random.Random(9)
-    runs = {n: samples[n]["run"] for n in ("none", "docker bridge", name)}
+    runs = {n: samples[n][key] for n in ("none", "docker bridge", name)}
     ratios = []
     for _ in range(draws):
         med = {n: statistics.median(rng.choices(v, k=len(v))) for n, v in runs.items()}
@@ -166,7 +167,7 @@ def print_table(samples, count, rounds):
     med = {n: {k: statistics.median(v) for k, v in m.items()} for n, m in samples.items()}
     print(
         "| network | docker run, one at a time | 8 at once, per container | network cost "
-        "(seq / conc) | vs bridge (seq / conc) | seq ratio, 90% interval | docker rm -f, "
+        "(seq / conc) | vs bridge (seq / conc) | ratio's 90% interval (seq / conc) | docker rm -f, "
         "one at a time | 8 at once, per container |"
     )
     print("|---" * 8 + "|")
@@ -179,8 +180,10 @@ def print_table(samples, count, rounds):
         else:
             costs = f"{cost[0] * 1000:.0f} ms / {cost[1] * 1000:.0f} ms"
             ratio = " / ".join(f"{c / b:.2f}x" if b > 0 else "n/a" for c, b in zip(cost, bcost))
-            low, high = cost_ratio_interval(samples, name)
-            interval = f"{low:.2f}-{high:.2f}x"
+            interval = " / ".join(
+                "{:.2f}-{:.2f}x".format(*cost_ratio_interval(samples, name, key))
+                for key in ("run", "batch")
+            )
         print(
             f"| {name} | {m['run'] * 1000:.0f} ms | {m['batch'] * 1000:.0f} ms | {costs} | "
             f"{ratio} | {interval} | {m['rm'] * 1000:.0f} ms | {m['batch rm'] * 1000:.0f} ms |"
@@ -270,7 +273,7 @@ def trace_bridge(world, network):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--containers", type=int, default=40, help="sequential runs per network")
-    parser.add_argument("--rounds", type=int, default=10, help="concurrent batches per network")
+    parser.add_argument("--rounds", type=int, default=20, help="concurrent batches per network")
     parser.add_argument("--trace", action="store_true", help="trace one run per network instead")
     args = parser.parse_args()
     with DockerWorld(iptables=True) as world:
