@@ -23,11 +23,13 @@ Run it with the Python libraries the driver is deployed with (the .deb and
     sudo .venv-debian/bin/python benchmarks/docker_run.py [--containers 40] [--rounds 20]
     sudo .venv-debian/bin/python benchmarks/docker_run.py --trace   # one traced run per network
 
-``--trace`` starts the driver through ``benchmarks/trace.py`` and prints, for
-one ``docker run`` on each network, the driver's timeline (engine calls, OVSDB
-transactions, ``cur_cfg``, netlink calls, child processes) and
-ovs-vswitchd's log lines; for the bridge driver, the child processes and
-netlink requests dockerd makes (``strace``, which slows it: counts only).
+``--trace`` starts the driver through ``benchmarks/trace.py`` and dockerd with
+``--debug`` and prints, for one ``docker run`` on each network, the driver's
+timeline (engine calls, OVSDB transactions, ``cur_cfg``, netlink calls, child
+processes) and ovs-vswitchd's log lines; for the bridge driver, the child
+processes and netlink requests dockerd makes (``strace``, which slows it:
+counts only); then, over N containers per network, the phases of a
+container's start in dockerd's debug log, with the driver's handlers in them.
 """
 
 import argparse
@@ -270,13 +272,89 @@ def trace_bridge(world, network):
     print(f"netlink requests (sendmsg or sendto to AF_NETLINK): {netlink}")
 
 
+#: What dockerd's debug log says while it starts a container, in order:
+#: (phase name, the line that ends it).
+PHASES = (
+    ("start API call -> first address assigned", "Assigning addresses"),
+    ("CreateEndpoint (in process for the bridge)", "Assigning addresses"),
+    ("Join", "Programming external connectivity"),
+    ("ProgramExternalConnectivity, EndpointOperInfo x2", "bundle dir created"),
+)
+
+
+START = re.compile(r"Calling POST /v[\d.]+/containers/\w+/start")
+NETWORK_NAME = re.compile(r'on network ([\w.-]+)"?$')
+
+
+def _dockerd_lines(world):
+    """(epoch seconds, message) of every line of dockerd's (debug) log."""
+    found = []
+    for line in world.dockerd.logfile.read_text(errors="replace").splitlines():
+        match = re.match(r'time="([^"]+)" level=\w+ msg="(.*)', line)
+        if match and "." in match.group(1):
+            when = datetime.strptime(match.group(1)[:26], "%Y-%m-%dT%H:%M:%S.%f")
+            found.append((when.replace(tzinfo=timezone.utc).timestamp(), match.group(2)))
+    return found
+
+
+def phases(world, trace_file, networks, count):
+    """Where the engine spends a container's start, network by network: the
+    phases of dockerd's debug log, and the driver's handlers inside them."""
+    names = ["docker bridge", "ovs (internal ports)", "ovs (veth ports)"]
+    for i in range(count):
+        started = {}
+        for name in rotated(names, i):
+            _, started[name] = run_many(world, networks[name], 1, 1)
+        for name in names:
+            remove_many(world, started[name], 1)
+    lines = _dockerd_lines(world)
+    handlers = [json.loads(line) for line in Path(trace_file).read_text().splitlines()]
+    handlers = [r for r in handlers if r["what"].startswith("api ")]
+    starts = [(t, i) for i, (t, m) in enumerate(lines) if START.match(m)]
+    table = {}
+    for k, (start, first) in enumerate(starts):
+        last = starts[k + 1][1] if k + 1 < len(starts) else len(lines)
+        window = lines[first:last]
+        network = next((NETWORK_NAME.search(m) for _, m in window if "Assigning" in m), None)
+        name = next((n for n in names if network and networks[n] == network.group(1)), None)
+        if name is None:
+            continue
+        times, at = [start], 0
+        for _, marker in PHASES:
+            at = next((j for j in range(at, len(window)) if marker in window[j][1]), None)
+            if at is None:
+                break
+            times.append(window[at][0])
+            at += 1
+        if len(times) != len(PHASES) + 1:
+            continue
+        row = table.setdefault(name, {})
+        for (phase, _), begin, end in zip(PHASES, times, times[1:]):
+            row.setdefault(phase, []).append((end - begin) * 1000)
+        row.setdefault("whole: start API call -> bundle", []).append((times[-1] - start) * 1000)
+        for record in handlers:
+            if start <= record["t"] <= times[-1]:
+                row.setdefault("  driver: " + record["what"][4:], []).append(record["ms"])
+    print(f"\n--- where dockerd spends a container's start, {count} per network, medians (ms) ---")
+    print("| phase (dockerd's debug log) | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    keys = list(dict.fromkeys(key for row in table.values() for key in row))
+    for key in keys:
+        cells = [
+            f"{statistics.median(table[n][key]):.1f}" if key in table.get(n, {}) else "-"
+            for n in names
+        ]
+        print(f"| {key} | " + " | ".join(cells) + " |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--containers", type=int, default=40, help="sequential runs per network")
     parser.add_argument("--rounds", type=int, default=20, help="concurrent batches per network")
     parser.add_argument("--trace", action="store_true", help="trace one run per network instead")
     args = parser.parse_args()
-    with DockerWorld(iptables=True) as world:
+    debug = ["--debug"] if args.trace else []  # the phases come from its debug log
+    with DockerWorld(iptables=True, dockerd_args=debug) as world:
         if args.trace:
             trace_file = world.directory / "driver-trace.jsonl"
             TracedDriver.trace_file = trace_file
@@ -298,6 +376,7 @@ def main():
                 for name in ("ovs (internal ports)", "ovs (veth ports)"):
                     trace_one(world, driver, trace_file, name, networks[name])
                 trace_bridge(world, networks["docker bridge"])
+                phases(world, trace_file, networks, args.containers)
             else:
                 samples = bench(world, networks, args.containers, args.rounds)
                 print_table(samples, args.containers, args.rounds)

@@ -1337,13 +1337,20 @@ class DockerWorld(OVSWorld):
         self,
         directory: str | os.PathLike[str] | None = None,
         iptables: bool = False,
+        dockerd_args: Sequence[str] = (),
     ) -> None:
         self._iptables = iptables
+        self._dockerd_args = list(dockerd_args)
         super().__init__(directory)
 
     def _setup(self) -> None:
         self.dockerd = self._stack.enter_context(
-            Dockerd(self.netns, self.directory / "docker", iptables=self._iptables)
+            Dockerd(
+                self.netns,
+                self.directory / "docker",
+                iptables=self._iptables,
+                extra_args=self._dockerd_args,
+            )
         )
         self.dockerd.import_busybox()
 
