@@ -174,9 +174,9 @@ class Driver:
         elif network.ovn_switch:  # OVN may change the MAC address it answers
             endpoint = await self._plug(network, endpoint)
         else:
-            # The engine sends Join ~10 ms later, and only then needs the
-            # port: it is made (OVSDB, ovs-vswitchd, a veth pair) meanwhile,
-            # and Join reports whatever failed.
+            # The engine sends Join a few milliseconds later, and only then
+            # needs the port: it is added (a veth pair, OVSDB) meanwhile, and
+            # Join, which waits for ovs-vswitchd, reports whatever failed.
             plugging = defer.ensureDeferred(self._plug(network, endpoint))
             self._plugging[endpoint_id] = plugging.addErrback(_Failed)
         return {} if given_mac else {"MacAddress": endpoint.mac}
@@ -208,13 +208,12 @@ class Driver:
         return done
 
     async def _plugged(self, endpoint_id):
-        """Wait for the port CreateEndpoint is making, if it is (True), raise
-        what failed, and forget it; False if none is being made."""
+        """Wait for the port CreateEndpoint is adding to OVSDB, if it is, raise
+        what failed, and forget it."""
         outcome = await self._plug_done(endpoint_id)
         self._plugging.pop(endpoint_id, None)
         if isinstance(outcome, _Failed):
             outcome.failure.raiseException()
-        return outcome is not None
 
     async def delete_endpoint(self, network_id, endpoint_id):
         """Mark the endpoint's port for deletion (one OVSDB transaction, which
@@ -277,14 +276,15 @@ class Driver:
 
     async def join(self, network_id, endpoint_id, sandbox_key):
         # The engine moves the port into the sandbox as soon as Join answers.
-        plugged = await self._plugged(check_id("EndpointID", endpoint_id))
+        await self._plugged(check_id("EndpointID", endpoint_id))
         network, endpoint = await self._network_and_endpoint(network_id, endpoint_id)
         if endpoint is None:
             raise _unknown_endpoint(endpoint_id)
         await self.vswitch.set_sandbox(endpoint_id, sandbox_key)
         self.on_join(attr.evolve(endpoint, sandbox=sandbox_key))
-        if not plugged:  # made by an earlier run of the driver, perhaps just now
-            await self.vswitch.port_ready(endpoint)
+        # The port's transaction is committed; ovs-vswitchd may still be making
+        # it (it did so while the sandbox was recorded).
+        await self.vswitch.port_ready(endpoint)
         if network.ovn_switch:
             # The container's first packet must find its port installed.
             await self._ovn().wait_installed(endpoint)

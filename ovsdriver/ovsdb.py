@@ -5,7 +5,8 @@ builders queued with `OVSDB.transact`; each reactor tick folds all queued
 builders into one OVSDB transaction (so concurrent requests share one
 ovs-vswitchd reconfiguration), commits it without blocking, and fires each
 operation's Deferred once ovs-vswitchd has applied it (``cur_cfg`` caught up
-with ``next_cfg``); `OVSDB.applied` waits for everything committed so far.
+with ``next_cfg``), or for an operation queued with ``applied=False`` once
+OVSDB has committed it; `OVSDB.applied` waits for ovs-vswitchd then.
 Each operation is all or nothing: a builder that raises has already written
 into the shared transaction, so that transaction is thrown away and built
 again without it. A TRY_AGAIN rebuilds the operations; a failed shared
@@ -224,7 +225,8 @@ class _Operation:
         self.queued_at = queued_at
         self.phase = "queued"
         self.after = None
-        self.wait = False
+        self.wait = False  # ovs-vswitchd has something to apply
+        self.until_applied = True  # the Deferred fires once it has, not at the commit
         self.alone = False
         self.timer = None
         self.background = False
@@ -350,10 +352,13 @@ class OVSDB(service.Service):
 
     # -- the public operations ---------------------------------------------
 
-    def transact(self, build, background=False):
+    def transact(self, build, background=False, applied=True):
         """Queue `build(context)`; it may write through ``context`` and returns
         None or a callable that computes the result once ovs-vswitchd has
-        applied the transaction (it may raise to fail the operation).
+        applied the transaction (it may raise to fail the operation). With
+        `applied` False it is computed once OVSDB has committed it, and
+        `OVSDB.applied` waits for ovs-vswitchd (`committed_cfg`, read then,
+        says what to wait for).
 
         A `background` operation (a deletion nothing waits for) is committed
         when no other operation has been around for a while, in a transaction
@@ -363,6 +368,7 @@ class OVSDB(service.Service):
         op = _Operation(build, defer.Deferred(), self.reactor.seconds())
         op.timer = self.reactor.callLater(self.apply_timeout, self._expire, op)
         op.background = background
+        op.until_applied = applied
         if background:
             self._background.append(op)
         else:
@@ -378,16 +384,20 @@ class OVSDB(service.Service):
             self._schedule(self.background_quiet)
         return result
 
-    def applied(self, read=None):
+    @property
+    def committed_cfg(self):
+        """The ``next_cfg`` of the latest transaction this process committed
+        since it (re)connected, or None."""
+        return self._committed_cfg
+
+    def applied(self, read=None, cfg=None):
         """Fire (with `read(idl)`, if given) once ovs-vswitchd has applied
-        every change this process has committed (after a restart or a
-        reconnect: every change OVSDB holds); fail like an operation whose
+        `cfg`, or every change this process has committed (after a restart or
+        a reconnect: every change OVSDB holds); fail like an operation whose
         change ovs-vswitchd does not apply in time."""
-        if self._committed_cfg is not None:
-            cfg = defer.succeed(self._committed_cfg)
-        else:
-            cfg = self.query(_next_cfg)
-        return cfg.addCallback(self._wait_applied, read)
+        cfg = cfg if cfg is not None else self._committed_cfg
+        wanted = defer.succeed(cfg) if cfg is not None else self.query(_next_cfg)
+        return wanted.addCallback(self._wait_applied, read)
 
     def _wait_applied(self, cfg, read):
         op = _Operation(None, defer.Deferred(), self.reactor.seconds())
@@ -590,7 +600,7 @@ class OVSDB(service.Service):
                 self._committed_cfg = max(cfg, self._committed_cfg or cfg)
             self.metrics.ovsdb_applying(cfg)
             for op in ops:
-                if op.wait and cfg is not None:
+                if op.wait and op.until_applied and cfg is not None:
                     op.phase = "applying"
                     self._waiting_cfg.append((cfg, op))
                 else:

@@ -735,7 +735,7 @@ class FakeVSwitch:
         bridge.ports[endpoint.port] = endpoint
         if endpoint.port_type == "internal":
             self._plug(endpoint.port, endpoint.mtu)
-        return self.port_ready(endpoint)
+        return defer.succeed(endpoint)
 
     def port_ready(self, endpoint):
         if not self.port_exists(endpoint.port):

@@ -166,6 +166,7 @@ class VSwitch:
         self.ovsdb = ovsdb
         self._version = None  # of the replica the memo below was read from
         self._memo = {}
+        self._adding = {}  # port name -> the next_cfg that makes it
 
     # -- reads ---------------------------------------------------------------
 
@@ -286,7 +287,8 @@ class VSwitch:
         return self.ovsdb.transact(build)
 
     def add_endpoint(self, endpoint):
-        """Plug an endpoint's port into its bridge; fail if ovs-vswitchd can't."""
+        """Plug an endpoint's port into its bridge: fire (with the endpoint)
+        once OVSDB has it; `port_ready` waits for ovs-vswitchd to make it."""
 
         def build(ctx):
             existing = ctx.find("Port", endpoint.port)
@@ -301,7 +303,7 @@ class VSwitch:
                         f"port {endpoint.port} already exists and belongs to "
                         f"{'endpoint ' + owner[:12] if owner else 'something else'}"
                     )
-                return lambda idl: _checked_endpoint(idl, endpoint)
+                return lambda idl: endpoint
             bridge = ctx.find("Bridge", endpoint.bridge)
             if bridge is None:
                 raise VSwitchError(
@@ -329,15 +331,20 @@ class VSwitch:
             iface.mtu_request = [endpoint.mtu]
             if kind == "internal":
                 iface.mac = [endpoint.mac]
-            return lambda idl: _checked_endpoint(idl, endpoint)
+            return lambda idl: endpoint
 
-        return self.ovsdb.transact(build)
+        def added(result):
+            self._adding[endpoint.port] = self.ovsdb.committed_cfg  # this commit's
+            return result
+
+        return self.ovsdb.transact(build, applied=False).addCallback(added)
 
     def port_ready(self, endpoint):
-        """Fire with the endpoint once ovs-vswitchd has applied everything
-        committed so far (after a driver restart: everything in OVSDB); fail,
-        naming the port, if ovs-vswitchd could not make the endpoint's port."""
-        return self.ovsdb.applied(lambda idl: _checked_endpoint(idl, endpoint))
+        """Fire with the endpoint once ovs-vswitchd has made its port (for a
+        port another run of the driver added: once it has applied everything
+        in OVSDB); fail, naming the port, if ovs-vswitchd could not."""
+        cfg = self._adding.pop(endpoint.port, None)
+        return self.ovsdb.applied(lambda idl: _checked_endpoint(idl, endpoint), cfg)
 
     def remove_endpoint(self, endpoint_id):
         """Unplug an endpoint's port; an unknown endpoint is already gone."""
@@ -357,6 +364,8 @@ class VSwitch:
         gone for the driver, and `finish_removals` (at the latest the
         reconciler's next pass, also after a restart) deletes the port. Costs
         ovs-vswitchd nothing. Fires with the endpoint (None if unknown)."""
+        for name in (port_name(endpoint_id), veth_host_name(endpoint_id)):
+            self._adding.pop(name, None)
 
         def build(ctx):
             port = _endpoint_port(ctx.find, endpoint_id, removing=True)

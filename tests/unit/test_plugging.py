@@ -69,7 +69,7 @@ def test_a_repeated_create_endpoint_gives_the_same_mac(driver):
     assert second == [first]
 
 
-def test_a_port_that_cannot_be_made_fails_join_and_leaves_nothing(driver):
+def test_a_port_ovs_cannot_make_fails_join_and_goes_with_the_endpoint(driver):
     driver.vswitch.break_port("oep-" + EP[:11])
     (answer,) = create(driver)
     assert "MacAddress" in answer
@@ -77,8 +77,21 @@ def test_a_port_that_cannot_be_made_fails_join_and_leaves_nothing(driver):
     driver.vswitch.gate.callback(None)
     assert joined[0].check(VSwitchError)
     assert "could not add port oep-" + EP[:11] in joined[0].getErrorMessage()
-    assert not driver.vswitch.port_exists("oep-" + EP[:11])
+    # The engine deletes the endpoint of a failed Join.
     assert result(defer.ensureDeferred(driver.delete_endpoint(NET, EP))) == [None]
+    assert not driver.vswitch.port_exists("oep-" + EP[:11])
+
+
+def test_a_port_ovsdb_refuses_fails_join(driver):
+    other = EP[:11] + "0" * 53  # its port has the same name
+    create(driver, other)
+    driver.vswitch.gate.callback(None)
+    create(driver)
+    joined = join(driver)
+    assert joined[0].check(VSwitchError)
+    assert "port oep-" + EP[:11] + " already exists" in joined[0].getErrorMessage()
+    (kept,) = join(driver, other)
+    assert kept["InterfaceName"]["SrcName"] == "oep-" + EP[:11]
 
 
 def test_delete_endpoint_waits_for_the_port_being_made(driver):
