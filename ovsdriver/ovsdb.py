@@ -218,6 +218,21 @@ class Context:
         row.delete()
 
 
+class _Idl(ovs.db.idl.Idl):
+    """python-ovs's Idl, counting the changes of each row, so that what is
+    read from a row can be kept until it changes (`row_versions`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.row_versions = {}  # uuid -> changes seen
+
+    def notify(self, event, row, updates=None):
+        if event == ovs.db.idl.ROW_DELETE:
+            self.row_versions.pop(row.uuid, None)
+        else:
+            self.row_versions[row.uuid] = self.row_versions.get(row.uuid, 0) + 1
+
+
 class _Operation:
     def __init__(self, build, deferred, queued_at):
         self.build = build
@@ -327,7 +342,7 @@ class OVSDB(service.Service):
         helper = ovs.db.idl.SchemaHelper(schema_json=schema)
         for table, columns in self.tables.items():
             helper.register_columns(table, columns)
-        self.idl = ovs.db.idl.Idl(self.remote, helper)
+        self.idl = _Idl(self.remote, helper)
         log.info("connecting to {name} at {remote}", name=self.name, remote=self.remote)
         if ovs.json.PARSER != ovs.json.PARSER_C:
             log.info(

@@ -11,6 +11,7 @@ import functools
 import ipaddress
 import time
 
+import attr
 from twisted.logger import Logger
 
 from ovsdriver.northbound import gateway_mac as ovn_gateway_mac
@@ -167,6 +168,7 @@ class VSwitch:
         self._version = None  # of the replica the memo below was read from
         self._memo = {}
         self._adding = {}  # port name -> the next_cfg that makes it
+        self._snapshots = {}  # port uuid -> _Snapshot, while its rows are unchanged
 
     # -- reads ---------------------------------------------------------------
 
@@ -211,7 +213,26 @@ class VSwitch:
         return self.ovsdb.query(lambda idl: self._endpoint(idl, endpoint_id))
 
     def endpoints(self):
-        return self.ovsdb.query(_endpoints)
+        return self.ovsdb.query(self._endpoints)
+
+    def _endpoints(self, idl):
+        """`_endpoints`, reading again only the ports whose rows changed: the
+        reconciler asks for all of them every 2 s, and reading 1000 from the
+        replica costs ~110 ms of the reactor's time."""
+        versions = getattr(idl, "row_versions", None)
+        if versions is None:
+            return _endpoints(idl)
+        found, snapshots = [], {}
+        for bridge in idl.tables["Bridge"].rows.values():
+            for port in bridge.ports:
+                snapshot = self._snapshots.get(port.uuid)
+                if snapshot is None or not snapshot.current(port, bridge.name, versions):
+                    snapshot = _Snapshot.of(port, bridge.name, versions)
+                snapshots[port.uuid] = snapshot
+                if snapshot.endpoint is not None:
+                    found.append(snapshot.endpoint)
+        self._snapshots = snapshots
+        return found
 
     def network_and_endpoint(self, network_id, endpoint_id):
         """(network or None, endpoint or None), read together in one query;
@@ -617,14 +638,46 @@ def _endpoint(idl, endpoint_id, networks=None, removing=False):
     return _endpoint_from_rows(network.bridge if network else None, port, port.interfaces[0])
 
 
+@attr.s(frozen=True, slots=True)
+class _Snapshot:
+    """What a port's rows said (its endpoint, or None for another port), and
+    the versions of those rows then."""
+
+    port = attr.ib()
+    iface = attr.ib()
+    bridge = attr.ib()
+    versions = attr.ib()
+    endpoint = attr.ib()
+
+    @classmethod
+    def of(cls, port, bridge, versions):
+        iface = port.interfaces[0] if port.interfaces else None
+        seen = (versions.get(port.uuid), iface and versions.get(iface.uuid))
+        return cls(port, iface, bridge, seen, _endpoint_of_port(bridge, port, iface))
+
+    def current(self, port, bridge, versions):
+        iface = self.iface
+        seen = (versions.get(port.uuid), iface and versions.get(iface.uuid))
+        return port is self.port and bridge == self.bridge and seen == self.versions
+
+
+def _endpoint_of_port(bridge_name, port, iface):
+    """The endpoint a port is (not one being removed), or None."""
+    ids = port.external_ids
+    if iface is None or ENDPOINT_ID not in ids or OWNER not in ids or REMOVING in ids:
+        return None
+    return _endpoint_from_rows(bridge_name, port, iface)
+
+
 def _endpoints(idl):
     """Snapshots of all the driver's endpoints (not those being removed)."""
     found = []
     for bridge in idl.tables["Bridge"].rows.values():
         for port in bridge.ports:
-            ids = port.external_ids
-            if ENDPOINT_ID in ids and OWNER in ids and REMOVING not in ids:
-                found.append(_endpoint_from_rows(bridge.name, port, port.interfaces[0]))
+            iface = port.interfaces[0] if port.interfaces else None
+            endpoint = _endpoint_of_port(bridge.name, port, iface)
+            if endpoint is not None:
+                found.append(endpoint)
     return found
 
 

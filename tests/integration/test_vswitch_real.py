@@ -6,6 +6,7 @@ import pytest
 from ovsdriver.ovsdb import OVSDB
 from ovsdriver.vswitch import VSwitch
 from tests.contract_vswitch import *  # noqa: F403
+from tests.contract_vswitch import endpoint, network
 from tests.reactor_thread import get_reactor, run_in_reactor
 from tests.world import wait_until
 
@@ -56,3 +57,20 @@ def ovsdb(ovs_world_module):
 def harness(ovs_world_module, ovsdb):
     yield RealHarness(ovs_world_module, ovsdb)
     ovs_world_module.ovs.reset()
+
+
+def test_endpoints_follow_changes_made_outside_the_driver(harness):
+    """Endpoint snapshots are kept while their rows are unchanged (the
+    reconciler reads them all every 2 s): an edit must still show at once."""
+    net = network()
+    harness.call(harness.vswitch.add_network, net)
+    ep = endpoint(net)
+    harness.call(harness.vswitch.add_endpoint, ep)
+    assert [e.sandbox for e in harness.call(harness.vswitch.endpoints)] == [None]
+    harness.world.ovs.vsctl("set", "Interface", ep.port, "external_ids:ovsdriver-sandbox=/x")
+    wait_until(
+        lambda: [e.sandbox for e in harness.call(harness.vswitch.endpoints)] == ["/x"],
+        timeout=10,
+    )
+    harness.world.ovs.vsctl("set", "Port", ep.port, "external_ids:ovsdriver-removing=1")
+    wait_until(lambda: harness.call(harness.vswitch.endpoints) == [], timeout=10)
