@@ -250,17 +250,11 @@ class _Worker:
                 raise LinkError(f"cannot add addresses to {ifname}: no such interface")
             for address in addresses:
                 try:
-                    ipr.addr(
-                        "add",
-                        index=index,
-                        address=str(address.ip),
-                        prefixlen=address.network.prefixlen,
-                    )
+                    _add_address(ipr, index, address)
                 except NetlinkError as e:
-                    if e.code != errno.EEXIST:
-                        raise LinkError(
-                            f"cannot add address {address} to {ifname}: {_reason(e)}"
-                        ) from e
+                    raise LinkError(
+                        f"cannot add address {address} to {ifname}: {_reason(e)}"
+                    ) from e
             try:
                 ipr.link("set", index=index, state="up")
             except NetlinkError as e:
@@ -479,17 +473,7 @@ class _Worker:
                 settings["flags"] = IFA_F_NODAD  # usable at once: it was in use already
             elif address.network.prefixlen < 31:
                 settings["broadcast"] = str(address.network.broadcast_address)
-            try:
-                ipr.addr(
-                    "add",
-                    index=index,
-                    address=str(address.ip),
-                    prefixlen=address.network.prefixlen,
-                    **settings,
-                )
-            except NetlinkError as e:
-                if e.code != errno.EEXIST:
-                    raise
+            _add_address(ipr, index, address, **settings)
 
         what = f"cannot add address {address} to link {index} in sandbox {sandbox}"
         return self._in_sandbox(sandbox, what, operation)
@@ -504,6 +488,21 @@ class _Worker:
 
         what = f"cannot add route {_describe_route(route)} in sandbox {sandbox}"
         return self._in_sandbox(sandbox, what, operation)
+
+
+def _add_address(ipr, index, address, **settings):
+    """Add the CIDR *address* to link *index*; one there already is fine."""
+    try:
+        ipr.addr(
+            "add",
+            index=index,
+            address=str(address.ip),
+            prefixlen=address.network.prefixlen,
+            **settings,
+        )
+    except NetlinkError as e:
+        if e.code != errno.EEXIST:
+            raise
 
 
 def _setns(fd, what):
