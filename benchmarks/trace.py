@@ -57,7 +57,7 @@ def _timed_deferred(what, fn):
 def install():
     import ovs.db.idl
 
-    from ovsdriver import api, netlink, ovsdb
+    from ovsdriver import api, netlink, ovsdb, vswitch
 
     for name, (handler, _) in api.METHODS.items():
         original = getattr(api.Handlers, handler)
@@ -68,6 +68,10 @@ def install():
         if name.startswith("_") or name in ("start", "stop") or not callable(original):
             continue
         setattr(netlink.Netlink, name, _timed_deferred("netlink " + name, original))
+    for name, original in list(vars(vswitch.VSwitch).items()):
+        if name.startswith("_") or not inspect.isfunction(original):
+            continue
+        setattr(vswitch.VSwitch, name, _timed_deferred("vswitch " + name, original))
 
     engine = ovsdb.OVSDB
     txn_init = ovs.db.idl.Transaction.__init__

@@ -14,6 +14,7 @@ import os
 import attr
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ovsdriver.firewall import FirewallError, check_published
 from ovsdriver.options import check_address, check_id, ovn_request, parse_network, parse_portmap
@@ -33,6 +34,9 @@ log = Logger()
 
 #: A network whose record cannot be read: what is known of it is its id.
 UNKNOWN = Network(network_id="", bridge="")
+#: Ports CreateEndpoint could not make, kept for Join or DeleteEndpoint to
+#: report; beyond this many (an engine that never sent them) the oldest go.
+MAX_FAILED_PLUGS = 256
 
 
 class DriverError(Exception):
@@ -95,8 +99,10 @@ class Driver:
         #: for its sandbox from then on).
         self.on_join = lambda endpoint: None
         #: endpoint id -> Deferred of the port CreateEndpoint is making, which
-        #: Join (or DeleteEndpoint) waits for; fires with an endpoint or `_Failed`
+        #: any request about the endpoint waits for; fires with None or `_Failed`
         self._plugging = {}
+        #: endpoint id -> `_Failed`: a port CreateEndpoint could not make
+        self._failed = {}
 
     async def _network_and_endpoint(self, network_id, endpoint_id):
         """The network (which must exist) and the endpoint (or None), in one read."""
@@ -178,7 +184,8 @@ class Driver:
             # needs the port: it is added (a veth pair, OVSDB) meanwhile, and
             # Join, which waits for ovs-vswitchd, reports whatever failed.
             plugging = defer.ensureDeferred(self._plug(network, endpoint))
-            self._plugging[endpoint_id] = plugging.addErrback(_Failed)
+            self._plugging[endpoint_id] = plugging
+            plugging.addBoth(self._plug_ended, endpoint_id)
         return {} if given_mac else {"MacAddress": endpoint.mac}
 
     async def _plug(self, network, endpoint):
@@ -196,23 +203,34 @@ class Driver:
             raise
         return endpoint
 
+    def _plug_ended(self, outcome, endpoint_id):
+        """A made port is in OVSDB, where Join finds it: forget it. A failure
+        is kept until Join or DeleteEndpoint reports it."""
+        del self._plugging[endpoint_id]
+        if not isinstance(outcome, Failure):
+            return None
+        self._failed[endpoint_id] = failed = _Failed(outcome)
+        while len(self._failed) > MAX_FAILED_PLUGS:
+            del self._failed[next(iter(self._failed))]
+        return failed
+
     def _plug_done(self, endpoint_id):
-        """Deferred: the outcome (an endpoint or `_Failed`) of the port
-        CreateEndpoint is making for the endpoint, or None if it is not
-        making one. Any request about the endpoint waits for it."""
+        """Deferred: None once the port CreateEndpoint is making for the
+        endpoint (if it is) is made, or `_Failed`. Any request about the
+        endpoint waits for it."""
         plugging = self._plugging.get(endpoint_id)
         if plugging is None:
-            return defer.succeed(None)
+            return defer.succeed(self._failed.get(endpoint_id))
         done = defer.Deferred()
         plugging.addBoth(lambda outcome: done.callback(outcome) or outcome)
         return done
 
     async def _plugged(self, endpoint_id):
-        """Wait for the port CreateEndpoint is adding to OVSDB, if it is, raise
-        what failed, and forget it."""
+        """Wait for the port CreateEndpoint is making, if it is, and raise (once)
+        what failed."""
         outcome = await self._plug_done(endpoint_id)
-        self._plugging.pop(endpoint_id, None)
         if isinstance(outcome, _Failed):
+            self._failed.pop(endpoint_id, None)
             outcome.failure.raiseException()
 
     async def delete_endpoint(self, network_id, endpoint_id):

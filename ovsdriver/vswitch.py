@@ -369,6 +369,7 @@ class VSwitch:
 
     def remove_endpoint(self, endpoint_id):
         """Unplug an endpoint's port; an unknown endpoint is already gone."""
+        self._forget_addition(endpoint_id)
 
         def build(ctx):
             port = _endpoint_port(ctx.find, endpoint_id)
@@ -385,8 +386,7 @@ class VSwitch:
         gone for the driver, and `finish_removals` (at the latest the
         reconciler's next pass, also after a restart) deletes the port. Costs
         ovs-vswitchd nothing. Fires with the endpoint (None if unknown)."""
-        for name in (port_name(endpoint_id), veth_host_name(endpoint_id)):
-            self._adding.pop(name, None)
+        self._forget_addition(endpoint_id)
 
         def build(ctx):
             port = _endpoint_port(ctx.find, endpoint_id, removing=True)
@@ -397,6 +397,10 @@ class VSwitch:
             return lambda idl: _endpoint(idl, endpoint_id, removing=True)
 
         return self.ovsdb.transact(build)
+
+    def _forget_addition(self, endpoint_id):
+        for name in (port_name(endpoint_id), veth_host_name(endpoint_id)):
+            self._adding.pop(name, None)
 
     def finish_removals(self, ports=None):
         """Delete the ports marked for deletion (those named in `ports`, or

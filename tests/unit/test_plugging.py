@@ -121,3 +121,23 @@ def test_other_requests_about_the_endpoint_wait_for_its_port(driver):
     assert programmed == [None]
     (joined,) = join(driver)  # the outcome is still there for Join
     assert joined["InterfaceName"]["SrcName"] == "oep-" + EP[:11]
+
+
+def test_an_engine_that_never_joins_leaves_little_in_memory(driver, monkeypatch):
+    monkeypatch.setattr("ovsdriver.driver.MAX_FAILED_PLUGS", 3)
+    driver.vswitch.gate.callback(None)
+    made = [f"{n:02x}" * 32 for n in range(1, 6)]
+    for endpoint_id in made:
+        create(driver, endpoint_id)
+    assert driver._plugging == driver._failed == {}  # Join reads OVSDB
+    refused = [endpoint_id[:11] + "f" * 53 for endpoint_id in made]  # names taken
+    for endpoint_id in refused:
+        create(driver, endpoint_id)
+    assert list(driver._failed) == refused[2:]  # the oldest failures went
+    (joined,) = join(driver, refused[-1])
+    assert "already exists" in joined.getErrorMessage()
+    (joined,) = join(driver, refused[0])
+    assert "is not known to the ovs driver" in joined.getErrorMessage()
+    assert list(driver._failed) == refused[2:4]
+    (joined,) = join(driver, made[0])
+    assert joined["InterfaceName"]["SrcName"] == "oep-" + made[0][:11]
