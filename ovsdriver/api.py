@@ -276,7 +276,9 @@ def _error_response(failure, method):
 def _respond(response, request):
     if request.finished or request._disconnected:
         return
-    request.write(_json(response))
+    body = _json(response)
+    request.setHeader(b"Content-Length", b"%d" % len(body))  # not chunked
+    request.write(body)
     request.finish()
     # Send it now: the engine waits for it, while Twisted would send it only
     # after this reactor turn's timed calls, such as building the next OVSDB

@@ -295,10 +295,14 @@ class Driver:
     async def join(self, network_id, endpoint_id, sandbox_key):
         # The engine moves the port into the sandbox as soon as Join answers.
         await self._plugged(check_id("EndpointID", endpoint_id))
-        network, endpoint = await self._network_and_endpoint(network_id, endpoint_id)
+        # Recorded (an OVSDB round trip) while the request is read.
+        recorded = self.vswitch.set_sandbox(endpoint_id, sandbox_key)
+        try:
+            network, endpoint = await self._network_and_endpoint(network_id, endpoint_id)
+        finally:
+            await recorded
         if endpoint is None:
             raise _unknown_endpoint(endpoint_id)
-        await self.vswitch.set_sandbox(endpoint_id, sandbox_key)
         self.on_join(attr.evolve(endpoint, sandbox=sandbox_key))
         # The port's transaction is committed; ovs-vswitchd may still be making
         # it (it did so while the sandbox was recorded).

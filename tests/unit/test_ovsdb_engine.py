@@ -263,3 +263,32 @@ def test_readiness_vswitchd_never_reaches_fails_after_the_apply_timeout(clock, i
     clock.pump([1.0] * 15)
     assert failed[0].check(OVSDBUnavailable)
     assert "ovs-vswitchd did not apply the change within 15 s" in str(failed[0].value)
+
+
+def test_a_sandbox_is_sent_in_the_same_turn_unless_a_transaction_is_in_flight(
+    clock, idl, vswitch
+):
+    ep = committed_endpoint(clock, idl, vswitch)
+    recorded = outcome(vswitch.set_sandbox(ep.endpoint_id, "/var/run/docker/netns/a"))
+    assert len(idl.outstanding) == 1  # the clock did not move: Join waits for it
+    idl.answer(Txn.SUCCESS)
+    clock.advance(0.1)
+    assert recorded == [None]
+    assert sandbox(idl, ep) == "/var/run/docker/netns/a"
+    later = endpoint(network(NET_A), endpoint_id="f2" * 32, port="oep-f2f2f2f2f2f")
+    outcome(vswitch.add_endpoint(later))
+    clock.advance(0)
+    left = outcome(vswitch.set_sandbox(ep.endpoint_id, None))
+    assert len(idl.outstanding) == 1  # one transaction at a time
+    idl.answer(Txn.SUCCESS)
+    clock.advance(0.1)
+    assert len(idl.outstanding) == 1
+    idl.answer(Txn.SUCCESS)
+    clock.advance(0.1)
+    assert left == [None]
+    assert sandbox(idl, ep) is None
+
+
+def sandbox(idl, ep):
+    (iface,) = [row for row in idl.rows("Interface") if row.name == ep.port]
+    return iface.external_ids.get("ovsdriver-sandbox")
