@@ -173,6 +173,19 @@ def _next_cfg(idl):
     return root.next_cfg if root is not None else 0
 
 
+def column(row, name):
+    """``row.<name>``, read straight from the replica when no open transaction
+    changes the row: python-ovs's attribute turns a set or map column into
+    Python, back into OVSDB data (checking every constraint) and into Python
+    again, three times the work where the reconciler reads 1000 ports."""
+    state = row.__dict__
+    if isinstance(row, ovs.db.idl.Row) and not state["_changes"] and not state["_mutations"]:
+        datum = (state["_data"] or {}).get(name)
+        if datum is not None:
+            return datum.to_python(row._uuid_to_row)
+    return getattr(row, name)
+
+
 def by_name(idl, table, name):
     """The row of `table` called `name`, from the replica's name index."""
     rows = idl.tables[table].rows

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from ovsdriver.northbound import gateway_mac as ovn_gateway_mac
 from ovsdriver.northbound import gateway_port_name as ovn_gateway_port
-from ovsdriver.ovsdb import by_name
+from ovsdriver.ovsdb import by_name, column
 from ovsdriver.values import Endpoint, InvalidValue, Network, PublishedPort, check_mac
 
 log = Logger()
@@ -74,7 +74,7 @@ def _one(column):
 
 
 def _ids(row):
-    return dict(row.external_ids)
+    return column(row, "external_ids")
 
 
 def _endpoint_from_rows(bridge_name, port, iface):
@@ -224,7 +224,7 @@ class VSwitch:
             return _endpoints(idl)
         found, snapshots = [], {}
         for bridge in idl.tables["Bridge"].rows.values():
-            for port in bridge.ports:
+            for port in column(bridge, "ports"):
                 snapshot = self._snapshots.get(port.uuid)
                 if snapshot is None or not snapshot.current(port, bridge.name, versions):
                     snapshot = _Snapshot.of(port, bridge.name, versions)
@@ -598,7 +598,7 @@ def _records(idl):
 def _bridge_records(bridge):
     """The network records on one bridge: id -> `Network` or `UnreadableRecord`."""
     records = {}
-    for key, value in bridge.external_ids.items():
+    for key, value in column(bridge, "external_ids").items():
         if key.startswith(NETWORK_RECORD):
             network_id = key[len(NETWORK_RECORD) :]
             records[network_id] = _read_network(bridge.name, key, network_id, value)
@@ -656,7 +656,7 @@ class _Snapshot:
 
     @classmethod
     def of(cls, port, bridge, versions):
-        iface = port.interfaces[0] if port.interfaces else None
+        iface = _interface(port)
         seen = (versions.get(port.uuid), iface and versions.get(iface.uuid))
         return cls(port, iface, bridge, seen, _endpoint_of_port(bridge, port, iface))
 
@@ -666,9 +666,14 @@ class _Snapshot:
         return port is self.port and bridge == self.bridge and seen == self.versions
 
 
+def _interface(port):
+    interfaces = column(port, "interfaces")
+    return interfaces[0] if interfaces else None
+
+
 def _endpoint_of_port(bridge_name, port, iface):
     """The endpoint a port is (not one being removed), or None."""
-    ids = port.external_ids
+    ids = column(port, "external_ids")
     if iface is None or ENDPOINT_ID not in ids or OWNER not in ids or REMOVING in ids:
         return None
     return _endpoint_from_rows(bridge_name, port, iface)
@@ -678,8 +683,8 @@ def _endpoints(idl):
     """Snapshots of all the driver's endpoints (not those being removed)."""
     found = []
     for bridge in idl.tables["Bridge"].rows.values():
-        for port in bridge.ports:
-            iface = port.interfaces[0] if port.interfaces else None
+        for port in column(bridge, "ports"):
+            iface = _interface(port)
             endpoint = _endpoint_of_port(bridge.name, port, iface)
             if endpoint is not None:
                 found.append(endpoint)
@@ -688,7 +693,8 @@ def _endpoints(idl):
 
 def _marked_ports(idl):
     """Names of the ports marked for deletion."""
-    return [p.name for p in idl.tables["Port"].rows.values() if REMOVING in p.external_ids]
+    ports = idl.tables["Port"].rows.values()
+    return [port.name for port in ports if REMOVING in column(port, "external_ids")]
 
 
 def _checked_endpoint(idl, endpoint):

@@ -3,10 +3,11 @@ ovs-vswitchd: batching, outages, restarts and vswitchd failures."""
 
 import time
 
+import ovs.db.idl
 import pytest
 from twisted.internet import defer
 
-from ovsdriver.ovsdb import OVSDB, OVSDBUnavailable, by_name
+from ovsdriver.ovsdb import OVSDB, OVSDBUnavailable, by_name, column
 from ovsdriver.values import Endpoint, Network
 from ovsdriver.vswitch import VSwitch
 from tests.reactor_thread import get_reactor, run_in_reactor
@@ -209,3 +210,36 @@ def test_schema_fetch_timeouts_leave_no_connection_open(tmp_path):
         for conn in accepted:
             conn.close()
         server.close()
+
+
+def test_column_reads_what_python_ovs_reads(ovs_world, services):
+    ovsdb = start(ovs_world.ovs.remote)
+    services.append(ovsdb)
+    vswitch = VSwitch(ovsdb)
+    run_in_reactor(vswitch.add_network, network())
+    run_in_reactor(vswitch.add_endpoint, endpoint(1))
+    ovs_world.ovs.vsctl("set", "Port", endpoint(1).port, "tag=7")
+    wait_until(
+        lambda: (
+            run_in_reactor(ovsdb.query, lambda idl: by_name(idl, "Port", endpoint(1).port).tag)
+            == [7]
+        )
+    )
+
+    def compare(idl):
+        port = by_name(idl, "Port", endpoint(1).port)
+        bridge = by_name(idl, "Bridge", network().bridge)
+        for row, name in ((port, "external_ids"), (port, "interfaces"), (port, "tag"),
+                          (bridge, "ports"), (bridge, "name")):  # fmt: skip
+            assert column(row, name) == getattr(row, name), name
+        # Inside an open transaction, the change shows (python-ovs reads it).
+        txn = ovs.db.idl.Transaction(idl)
+        port.setkey("external_ids", "ovsdriver-test", "1")
+        port.tag = [8]
+        assert column(port, "external_ids")["ovsdriver-test"] == "1"
+        assert column(port, "tag") == [8]
+        txn.abort()
+        assert "ovsdriver-test" not in column(port, "external_ids")
+        assert column(port, "tag") == [7]
+
+    run_in_reactor(ovsdb.query, compare)
