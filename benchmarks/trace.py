@@ -3,7 +3,7 @@
     python -m benchmarks.trace TRACE_FILE [twistd arguments...]
 
 Wraps, before twistd starts, the driver's API handlers (engine calls), the
-OVSDB engine (each transaction: operations, commit status, ``cur_cfg`` caught
+vswitch operations, the OVSDB engine (each transaction: operations, commit status, ``cur_cfg`` caught
 up), the netlink port's calls and every child process, and appends one JSON
 line per event to TRACE_FILE: ``{"t": epoch seconds, "what": ..., "ms": duration}``.
 Nothing in ``ovsdriver`` changes: the driver runs untraced unless started
