@@ -3,9 +3,10 @@
     python -m benchmarks.trace TRACE_FILE [twistd arguments...]
 
 Wraps, before twistd starts, the driver's API handlers (engine calls), the
-vswitch operations, the OVSDB engine (each transaction: operations, commit status, ``cur_cfg`` caught
-up), the netlink port's calls and every child process, and appends one JSON
-line per event to TRACE_FILE: ``{"t": epoch seconds, "what": ..., "ms": duration}``.
+vswitch operations, the OVSDB engine (each transaction: operations, commit
+status, ``cur_cfg`` caught up), the netlink port's calls and every child
+process, and appends one JSON line per event to TRACE_FILE:
+``{"t": epoch seconds, "what": ..., "ms": duration}``.
 Nothing in ``ovsdriver`` changes: the driver runs untraced unless started
 through this module (see ``benchmarks/docker_run.py --trace``).
 """

@@ -103,6 +103,9 @@ class Driver:
         self._plugging = {}
         #: endpoint id -> `_Failed`: a port CreateEndpoint could not make
         self._failed = {}
+        #: endpoint id -> Deferred that fires once the port CreateEndpoint is
+        #: making has its OVSDB transaction queued (or its making failed)
+        self._queued = {}
 
     async def _network_and_endpoint(self, network_id, endpoint_id):
         """The network (which must exist) and the endpoint (or None), in one read."""
@@ -183,13 +186,15 @@ class Driver:
             # The engine sends Join a few milliseconds later, and only then
             # needs the port: it is added (a veth pair, OVSDB) meanwhile, and
             # Join, which waits for ovs-vswitchd, reports whatever failed.
-            plugging = defer.ensureDeferred(self._plug(network, endpoint))
+            self._queued[endpoint_id] = queued = defer.Deferred()
+            plugging = defer.ensureDeferred(self._plug(network, endpoint, queued))
             self._plugging[endpoint_id] = plugging
             plugging.addBoth(self._plug_ended, endpoint_id)
         return {} if given_mac else {"MacAddress": endpoint.mac}
 
-    async def _plug(self, network, endpoint):
-        """Make the endpoint's port; undo what was made if a step fails."""
+    async def _plug(self, network, endpoint, queued=None):
+        """Make the endpoint's port; undo what was made if a step fails. Fire
+        *queued* once the port's transaction is queued."""
         try:
             if network.ovn_switch:
                 endpoint = await self._ovn().bind_endpoint(network, endpoint)
@@ -197,8 +202,13 @@ class Driver:
                 await self.netlink.create_veth(
                     endpoint.port, endpoint.ifname, endpoint.mtu, endpoint.mac
                 )
-            await self.vswitch.add_endpoint(endpoint)
+            added = self.vswitch.add_endpoint(endpoint)
+            if queued is not None:
+                queued.callback(None)
+            await added
         except Exception:
+            if queued is not None and not queued.called:
+                queued.callback(None)
             await self._undo(self._remove_endpoint(endpoint.endpoint_id))
             raise
         return endpoint
@@ -207,6 +217,7 @@ class Driver:
         """A made port is in OVSDB, where Join finds it: forget it. A failure
         is kept until Join or DeleteEndpoint reports it."""
         del self._plugging[endpoint_id]
+        del self._queued[endpoint_id]
         if not isinstance(outcome, Failure):
             return None
         self._failed[endpoint_id] = failed = _Failed(outcome)
@@ -223,6 +234,16 @@ class Driver:
             return defer.succeed(self._failed.get(endpoint_id))
         done = defer.Deferred()
         plugging.addBoth(lambda outcome: done.callback(outcome) or outcome)
+        return done
+
+    def _port_queued(self, endpoint_id):
+        """Deferred: fires once the port CreateEndpoint is making (if it is)
+        has its OVSDB transaction queued, or its making failed."""
+        queued = self._queued.get(endpoint_id)
+        if queued is None or queued.called:
+            return defer.succeed(None)
+        done = defer.Deferred()
+        queued.addCallback(lambda _: done.callback(None))
         return done
 
     async def _plugged(self, endpoint_id):
@@ -294,10 +315,13 @@ class Driver:
 
     async def join(self, network_id, endpoint_id, sandbox_key):
         # The engine moves the port into the sandbox as soon as Join answers.
-        await self._plugged(check_id("EndpointID", endpoint_id))
-        # Recorded (an OVSDB round trip) while the request is read.
+        # The sandbox is recorded in the port's own transaction if that is not
+        # sent yet (a veth pair takes a few ms), else right after it, while
+        # the port is made and the request is read.
+        await self._port_queued(check_id("EndpointID", endpoint_id))
         recorded = self.vswitch.set_sandbox(endpoint_id, sandbox_key)
         try:
+            await self._plugged(endpoint_id)
             network, endpoint = await self._network_and_endpoint(network_id, endpoint_id)
         finally:
             await recorded

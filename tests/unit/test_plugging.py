@@ -6,7 +6,9 @@ from twisted.internet import defer
 
 from ovsdriver.driver import Driver
 from ovsdriver.testing import FakeFirewall, FakeNetlink, FakeVSwitch
-from ovsdriver.vswitch import VSwitchError
+from ovsdriver.values import Network
+from ovsdriver.vswitch import VSwitch, VSwitchError
+from tests.scripted_idl import Txn, scripted_engine
 
 NET = "4e" * 32
 EP = "e9" * 32
@@ -141,3 +143,44 @@ def test_an_engine_that_never_joins_leaves_little_in_memory(driver, monkeypatch)
     assert list(driver._failed) == refused[2:4]
     (joined,) = join(driver, made[0])
     assert joined["InterfaceName"]["SrcName"] == "oep-" + made[0][:11]
+
+
+class GatedNetlink(FakeNetlink):
+    """A FakeNetlink whose veth pairs wait until the test opens the gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = defer.Deferred()
+
+    def create_veth(self, *args):
+        return self.gate.addCallback(lambda _: FakeNetlink.create_veth(self, *args))
+
+
+def test_a_join_during_a_veth_pairs_making_shares_the_ports_transaction(clock, idl):
+    engine = scripted_engine(clock, idl)
+    vswitch = VSwitch(engine)
+    driver = Driver(vswitch, GatedNetlink(), FakeFirewall())
+    network = Network(network_id=NET, bridge="obr-" + NET[:11], port_type="veth")
+    added = result(vswitch.add_network(network))
+    clock.advance(0)
+    idl.answer(Txn.SUCCESS)
+    clock.advance(0.1)
+    idl.catch_up()
+    clock.advance(0.1)
+    assert added == [None]
+    (answer,) = create(driver)
+    joined = join(driver)
+    assert joined == [] and idl.outstanding == []
+    driver.netlink.gate.callback(None)  # the pair is made: the port is queued
+    (txn,) = idl.outstanding  # in one transaction with the sandbox
+    (iface,) = [
+        data for table, data in txn.writes["inserted"].values() if table.name == "Interface"
+    ]
+    assert iface["external_ids"]["ovsdriver-sandbox"] == "/var/run/docker/netns/x"
+    idl.answer(Txn.SUCCESS)
+    clock.advance(0.1)
+    assert joined == []  # ovs-vswitchd has not made the port yet
+    idl.catch_up()
+    clock.advance(0.1)
+    assert joined[0]["InterfaceName"]["SrcName"] == "oep-" + EP[:11]
+    engine.running = False
