@@ -76,6 +76,13 @@ def _unknown_endpoint(endpoint_id):
     return DriverError(f"endpoint {endpoint_id[:12]} is not known to the ovs driver")
 
 
+def _follow(d):
+    """A new Deferred that fires with what *d* fires with (*d* keeps it)."""
+    follower = defer.Deferred()
+    d.addBoth(lambda outcome: follower.callback(outcome) or outcome)
+    return follower
+
+
 @attr.s(frozen=True)
 class _Failed:
     """A failure kept as a value until Join or DeleteEndpoint picks it up
@@ -232,19 +239,13 @@ class Driver:
         plugging = self._plugging.get(endpoint_id)
         if plugging is None:
             return defer.succeed(self._failed.get(endpoint_id))
-        done = defer.Deferred()
-        plugging.addBoth(lambda outcome: done.callback(outcome) or outcome)
-        return done
+        return _follow(plugging)
 
     def _port_queued(self, endpoint_id):
         """Deferred: fires once the port CreateEndpoint is making (if it is)
         has its OVSDB transaction queued, or its making failed."""
         queued = self._queued.get(endpoint_id)
-        if queued is None or queued.called:
-            return defer.succeed(None)
-        done = defer.Deferred()
-        queued.addCallback(lambda _: done.callback(None))
-        return done
+        return defer.succeed(None) if queued is None else _follow(queued)
 
     async def _plugged(self, endpoint_id):
         """Wait for the port CreateEndpoint is making, if it is, and raise (once)
