@@ -332,9 +332,18 @@ def phases(world, trace_file, networks, count):
         for (phase, _), begin, end in zip(PHASES, times, times[1:]):
             row.setdefault(phase, []).append((end - begin) * 1000)
         row.setdefault("whole: start API call -> bundle", []).append((times[-1] - start) * 1000)
-        for record in handlers:
-            if start <= record["t"] <= times[-1]:
-                row.setdefault("  driver: " + record["what"][4:], []).append(record["ms"])
+        mine = [r for r in handlers if start <= r["t"] <= times[-1]]
+        for record in mine:
+            row.setdefault("  driver: " + record["what"][4:], []).append(record["ms"])
+        join = next((r for r in mine if r["what"] == "api NetworkDriver.Join"), None)
+        if join is not None:  # the engine's share of the Join phase (times[2:4])
+            answered = join["t"] + join["ms"] / 1000
+            row.setdefault("  Join phase: engine, until the handler starts", []).append(
+                (join["t"] - times[2]) * 1000
+            )
+            row.setdefault("  Join phase: engine, after the answer", []).append(
+                (times[3] - answered) * 1000
+            )
     print(f"\n--- where dockerd spends a container's start, {count} per network, medians (ms) ---")
     print("| phase (dockerd's debug log) | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
