@@ -223,8 +223,8 @@ class Driver:
     def _plug_ended(self, outcome, endpoint_id):
         """A made port is in OVSDB, where Join finds it: forget it. A failure
         is kept until Join or DeleteEndpoint reports it."""
-        del self._plugging[endpoint_id]
-        del self._queued[endpoint_id]
+        self._plugging.pop(endpoint_id, None)
+        self._queued.pop(endpoint_id, None)
         if not isinstance(outcome, Failure):
             return None
         self._failed[endpoint_id] = failed = _Failed(outcome)
