@@ -84,6 +84,16 @@ def _follow(d):
 
 
 @attr.s(frozen=True)
+class _Making:
+    """A port CreateEndpoint is making: `queued` fires once its OVSDB
+    transaction is queued (or its making failed), `done` when it is made
+    (with None) or could not be (with `_Failed`)."""
+
+    queued = attr.ib()
+    done = attr.ib()
+
+
+@attr.s(frozen=True)
 class _Failed:
     """A failure kept as a value until Join or DeleteEndpoint picks it up
     (a failed Deferred nobody waits for would be logged as unhandled)."""
@@ -105,14 +115,11 @@ class Driver:
         #: Called with each endpoint Join answered (the reconciler watches
         #: for its sandbox from then on).
         self.on_join = lambda endpoint: None
-        #: endpoint id -> Deferred of the port CreateEndpoint is making, which
-        #: any request about the endpoint waits for; fires with None or `_Failed`
+        #: endpoint id -> `_Making`: the port CreateEndpoint is making, which
+        #: any request about the endpoint waits for
         self._plugging = {}
         #: endpoint id -> `_Failed`: a port CreateEndpoint could not make
         self._failed = {}
-        #: endpoint id -> Deferred that fires once the port CreateEndpoint is
-        #: making has its OVSDB transaction queued (or its making failed)
-        self._queued = {}
 
     async def _network_and_endpoint(self, network_id, endpoint_id):
         """The network (which must exist) and the endpoint (or None), in one read."""
@@ -193,10 +200,10 @@ class Driver:
             # The engine sends Join a few milliseconds later, and only then
             # needs the port: it is added (a veth pair, OVSDB) meanwhile, and
             # Join, which waits for ovs-vswitchd, reports whatever failed.
-            self._queued[endpoint_id] = queued = defer.Deferred()
-            plugging = defer.ensureDeferred(self._plug(network, endpoint, queued))
-            self._plugging[endpoint_id] = plugging
-            plugging.addBoth(self._plug_ended, endpoint_id)
+            queued = defer.Deferred()
+            done = defer.ensureDeferred(self._plug(network, endpoint, queued))
+            self._plugging[endpoint_id] = _Making(queued, done)
+            done.addBoth(self._plug_ended, endpoint_id)
         return {} if given_mac else {"MacAddress": endpoint.mac}
 
     async def _plug(self, network, endpoint, queued=None):
@@ -224,7 +231,6 @@ class Driver:
         """A made port is in OVSDB, where Join finds it: forget it. A failure
         is kept until Join or DeleteEndpoint reports it."""
         self._plugging.pop(endpoint_id, None)
-        self._queued.pop(endpoint_id, None)
         if not isinstance(outcome, Failure):
             return None
         self._failed[endpoint_id] = failed = _Failed(outcome)
@@ -236,16 +242,16 @@ class Driver:
         """Deferred: None once the port CreateEndpoint is making for the
         endpoint (if it is) is made, or `_Failed`. Any request about the
         endpoint waits for it."""
-        plugging = self._plugging.get(endpoint_id)
-        if plugging is None:
+        making = self._plugging.get(endpoint_id)
+        if making is None:
             return defer.succeed(self._failed.get(endpoint_id))
-        return _follow(plugging)
+        return _follow(making.done)
 
     def _port_queued(self, endpoint_id):
         """Deferred: fires once the port CreateEndpoint is making (if it is)
         has its OVSDB transaction queued, or its making failed."""
-        queued = self._queued.get(endpoint_id)
-        return defer.succeed(None) if queued is None else _follow(queued)
+        making = self._plugging.get(endpoint_id)
+        return defer.succeed(None) if making is None else _follow(making.queued)
 
     async def _plugged(self, endpoint_id):
         """Wait for the port CreateEndpoint is making, if it is, and raise (once)

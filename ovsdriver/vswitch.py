@@ -657,13 +657,16 @@ class _Snapshot:
     @classmethod
     def of(cls, port, bridge, versions):
         iface = _interface(port)
-        seen = (versions.get(port.uuid), iface and versions.get(iface.uuid))
+        seen = _row_versions(port, iface, versions)
         return cls(port, iface, bridge, seen, _endpoint_of_port(bridge, port, iface))
 
     def current(self, port, bridge, versions):
-        iface = self.iface
-        seen = (versions.get(port.uuid), iface and versions.get(iface.uuid))
+        seen = _row_versions(port, self.iface, versions)
         return port is self.port and bridge == self.bridge and seen == self.versions
+
+
+def _row_versions(port, iface, versions):
+    return versions.get(port.uuid), iface and versions.get(iface.uuid)
 
 
 def _interface(port):
