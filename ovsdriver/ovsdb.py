@@ -25,10 +25,12 @@ reconfiguration, which with many ports costs far more than closing a tap).
 """
 
 import json
+import os
 import time
 
 import ovs.db.idl
 import ovs.json
+from ovs.poller import POLLIN, POLLOUT
 from twisted.application import service
 from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
@@ -142,11 +144,33 @@ class _Wishes:
 
 
 class _Watch:
-    """A socket of the IDL registered with the reactor for one tick."""
+    """A socket of the IDL registered with the reactor for as long as the IDL
+    waits on it (registering it anew on every tick costs two system calls).
+
+    It watches its own duplicate of the socket's descriptor: python-ovs
+    closes a socket without telling, and the reactor must never be left
+    watching a number that is closed, or reused by the next socket."""
 
     def __init__(self, fd, tick):
-        self.fd = fd if isinstance(fd, int) else fd.fileno()
+        self.fd = os.dup(fd if isinstance(fd, int) else fd.fileno())
         self.tick = tick
+        self.reading = self.writing = False
+
+    def close(self, reactor):
+        self.want(reactor, False, False)
+        os.close(self.fd)
+
+    def want(self, reactor, reading, writing):
+        """Make the reactor watch for exactly these events."""
+        for wanted, now, add, remove in (
+            (reading, self.reading, reactor.addReader, reactor.removeReader),
+            (writing, self.writing, reactor.addWriter, reactor.removeWriter),
+        ):
+            if wanted and not now:
+                add(self)
+            elif now and not wanted:
+                remove(self)
+        self.reading, self.writing = reading, writing
 
     def fileno(self):
         return self.fd
@@ -303,7 +327,7 @@ class OVSDB(service.Service):
         self._waiting_cfg = []  # (cfg, operation)
         #: the highest ``next_cfg`` this process committed since it (re)connected
         self._committed_cfg = None
-        self._watches = []
+        self._watches = {}  # what the IDL waits on (a socket) -> _Watch
         self._timer = None
         self._seqno = None
         self._last_error = "not connected yet"
@@ -455,13 +479,22 @@ class OVSDB(service.Service):
         self._timer = self.reactor.callLater(delay, self._tick)
 
     def _unwatch(self):
-        for watch in self._watches:
-            try:
-                self.reactor.removeReader(watch)
-                self.reactor.removeWriter(watch)
-            except OSError:
-                pass
-        self._watches = []
+        self._set_watches([])
+
+    def _set_watches(self, fds):
+        """Watch the sockets in `fds` ((socket, poll events) pairs), changing
+        only what differs from the last tick; stale ones go first, as a new
+        socket may have the number of a closed one."""
+        wanted = {}
+        for fd, events in fds:
+            reading, writing = wanted.get(fd, (False, False))
+            wanted[fd] = (reading or bool(events & POLLIN), writing or bool(events & POLLOUT))
+        for fd in [fd for fd in self._watches if fd not in wanted]:
+            self._watches.pop(fd).close(self.reactor)
+        for fd, (reading, writing) in wanted.items():
+            if fd not in self._watches:
+                self._watches[fd] = _Watch(fd, self._tick)
+            self._watches[fd].want(self.reactor, reading, writing)
 
     def _tick(self):
         """Run the IDL, advance transactions, then wait for its next event."""
@@ -469,7 +502,6 @@ class OVSDB(service.Service):
             return
         self._ticking = True
         try:
-            self._unwatch()
             if self.idl is not None:
                 self._run_idl()
             self._expire_unconnected()
@@ -512,13 +544,7 @@ class OVSDB(service.Service):
             self.idl.wait(wishes)
             if self._txn is not None:
                 self._txn.wait(wishes)
-        for fd, events in wishes.fds:
-            watch = _Watch(fd, self._tick)
-            if events & 1:  # POLLIN
-                self.reactor.addReader(watch)
-            if events & 4:  # POLLOUT
-                self.reactor.addWriter(watch)
-            self._watches.append(watch)
+        self._set_watches(wishes.fds)
         delay = self.fallback_tick
         if wishes.timeout is not None:
             delay = min(delay, wishes.timeout / 1000.0)
