@@ -159,6 +159,16 @@ def cost_ratio_interval(samples, name, key, draws=2000):
     return ratios[int(len(ratios) * 0.05)], ratios[int(len(ratios) * 0.95) - 1]
 
 
+def paired_difference(samples, name, key, draws=2000):
+    """The median of *name* minus the bridge round by round (the two ran
+    side by side in each round, so the machine's drift cancels), and its
+    bootstrap 90% interval, resampling rounds: (median, low, high) seconds."""
+    rng = random.Random(9)
+    diffs = [a - b for a, b in zip(samples[name][key], samples["docker bridge"][key])]
+    medians = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(draws))
+    return statistics.median(diffs), medians[int(draws * 0.05)], medians[int(draws * 0.95) - 1]
+
+
 def print_table(samples, count, rounds):
     load = Path("/proc/loadavg").read_text().split()[:3]
     print(f"\ndriver: {sys.executable}, python-ovs JSON parser: {ovs.json.PARSER}")
@@ -190,6 +200,21 @@ def print_table(samples, count, rounds):
             f"| {name} | {m['run'] * 1000:.0f} ms | {m['batch'] * 1000:.0f} ms | {costs} | "
             f"{ratio} | {interval} | {m['rm'] * 1000:.0f} ms | {m['batch rm'] * 1000:.0f} ms |"
         )
+    print(
+        "\n| network | minus the bridge, paired by round: one at a time | 8 at once, per "
+        "container | as a ratio of the bridge's network cost (seq / conc) |"
+    )
+    print("|---" * 4 + "|")
+    for name in med:
+        if name in ("none", "docker bridge"):
+            continue
+        cells, ratios = [], []
+        for key in ("run", "batch"):
+            d, low, high = paired_difference(samples, name, key)
+            cells.append(f"{d * 1000:+.1f} ms ({low * 1000:+.1f} to {high * 1000:+.1f})")
+            b = bridge[key] - none[key]
+            ratios.append(f"{1 + d / b:.2f}x ({1 + low / b:.2f}-{1 + high / b:.2f}x)")
+        print(f"| {name} | {cells[0]} | {cells[1]} | {' / '.join(ratios)} |")
 
 
 # -- tracing ------------------------------------------------------------------------
