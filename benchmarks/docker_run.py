@@ -33,6 +33,7 @@ container's start in dockerd's debug log, with the driver's handlers in them.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -51,13 +52,17 @@ import ovs.json
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.world import BUSYBOX_IMAGE, DockerWorld, Driver  # noqa: E402
+from tests.world import BUSYBOX_IMAGE, PLUGIN_DIR, DockerWorld, Driver, wait_until  # noqa: E402
+
+NULL = "null"  # in NETWORKS: the do-nothing remote driver
 
 NETWORKS = {
     "none": None,
     "docker bridge": ("bench-bridge", "bridge", "10.201.0.0/16"),
     "ovs (internal ports)": ("bench-internal", None, "10.202.0.0/16"),
     "ovs (veth ports)": ("bench-veth", None, "10.203.0.0/16", "ovs.port_type=veth"),
+    # The floor of any remote driver: benchmarks/null_driver.py answers at once.
+    "remote driver doing nothing": ("bench-null", NULL, "10.204.0.0/16"),
 }
 CLIENTS = 8
 
@@ -74,12 +79,34 @@ class TracedDriver(Driver):
         return [sys.executable, "-m", "benchmarks.trace", str(self.trace_file), *argv[at:]]
 
 
-def network_args(world, driver, name):
+@contextlib.contextmanager
+def null_driver(world):
+    """`benchmarks/null_driver.py` inside the world's namespace: its name."""
+    name = "nullbench" + os.urandom(3).hex()
+    path = f"{PLUGIN_DIR}/{name}.sock"
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    process = world.netns.popen([sys.executable, "-m", "benchmarks.null_driver", path], cwd=here)
+    try:
+        wait_until(lambda: os.path.exists(path), timeout=30, message=f"{path} never appeared")
+        yield name
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def network_args(world, driver, name, null_driver=None):
     spec = NETWORKS[name]
     if spec is None:
         return "none"
     net, kind, subnet, *options = spec
-    args = ["network", "create", "-d", kind or driver.name, "--subnet", subnet]
+    kind = null_driver if kind == NULL else kind or driver.name
+    args = ["network", "create", "-d", kind, "--subnet", subnet]
     for option in options:
         args += ["-o", option]
     world.dockerd.docker(*args, net)
@@ -325,7 +352,7 @@ def _dockerd_lines(world):
 def phases(world, trace_file, networks, count):
     """Where the engine spends a container's start, network by network: the
     phases of dockerd's debug log, and the driver's handlers inside them."""
-    names = ["docker bridge", "ovs (internal ports)", "ovs (veth ports)"]
+    names = [name for name in NETWORKS if name != "none"]
     for i in range(count):
         started = {}
         for name in rotated(names, i):
@@ -388,7 +415,8 @@ def main():
     parser.add_argument("--trace", action="store_true", help="trace one run per network instead")
     args = parser.parse_args()
     debug = ["--debug"] if args.trace else []  # the phases come from its debug log
-    with DockerWorld(iptables=True, dockerd_args=debug) as world:
+    with contextlib.ExitStack() as stack:
+        world = stack.enter_context(DockerWorld(iptables=True, dockerd_args=debug))
         if args.trace:
             trace_file = world.directory / "driver-trace.jsonl"
             TracedDriver.trace_file = trace_file
@@ -401,7 +429,8 @@ def main():
         else:
             driver = world.start_driver()
         try:
-            networks = {name: network_args(world, driver, name) for name in NETWORKS}
+            null = stack.enter_context(null_driver(world))
+            networks = {name: network_args(world, driver, name, null) for name in NETWORKS}
             # Warm up every path once (image, first bridge use, firewall chains).
             for net in networks.values():
                 _, ids = run_many(world, net, 2, 1)
