@@ -2,10 +2,12 @@
 
 One private dockerd (``tests/world.py``'s DockerWorld, ``--iptables=true`` as a
 real user has it, so the bridge driver does its firewall work too, like
-ovsdriver always does), one driver, and four networks side by side: none
+ovsdriver always does), one driver, and five networks side by side: none
 (``--network none``), Docker's bridge driver (a user-defined ``-d bridge``
 network: the world's dockerd runs ``--bridge=none``), ovsdriver with internal
-ports and ovsdriver with veth ports.
+ports, ovsdriver with veth ports, and a remote driver that does nothing
+(``benchmarks/null_driver.py``: what the engine itself spends on any remote
+driver's calls).
 
 Sequential: N times, one ``docker run -d`` on each network in turn (the order
 rotates), each timed alone, then ``docker rm -f`` of those four, each timed.
@@ -14,7 +16,9 @@ concurrent clients (the batch timed), then removed by 8 clients. Interleaving
 the networks container by container keeps the machine's drift out of the
 comparison; the table gives medians per container and the network cost (the
 median minus the no-network median), with the ratio to the bridge driver and
-its bootstrap 90% interval.
+its bootstrap 90% interval; a second table gives each network minus the
+bridge round by round (the two ran side by side), the median of those
+differences and its bootstrap interval.
 
 Run it with the Python libraries the driver is deployed with (the .deb and
 ``scripts/run-driver`` use Debian's; ``scripts/run-tests-debian`` makes
@@ -335,6 +339,7 @@ PHASES = (
 
 
 START = re.compile(r"Calling POST /v[\d.]+/containers/\w+/start")
+SET_KEY = re.compile(r"sandbox set key processing took ([\d.]+)(ms|s) for container")
 NETWORK_NAME = re.compile(r'on network ([\w.-]+)"?$')
 
 
@@ -384,6 +389,13 @@ def phases(world, trace_file, networks, count):
         for (phase, _), begin, end in zip(PHASES, times, times[1:]):
             row.setdefault(phase, []).append((end - begin) * 1000)
         row.setdefault("whole: start API call -> bundle", []).append((times[-1] - start) * 1000)
+        # Later, runc's hook hands the container's namespace to dockerd, which
+        # moves the interface in and sets up its DNS resolver there.
+        setkey = next((SET_KEY.search(m) for _, m in window if SET_KEY.search(m)), None)
+        if setkey:
+            row.setdefault("sandbox SetKey (the hook: interface moved in, DNS)", []).append(
+                float(setkey.group(1)) * (1000 if setkey.group(2) == "s" else 1)
+            )
         mine = [r for r in handlers if start <= r["t"] <= times[-1]]
         for record in mine:
             row.setdefault("  driver: " + record["what"][4:], []).append(record["ms"])
