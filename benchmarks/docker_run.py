@@ -338,6 +338,7 @@ PHASES = (
 )
 
 
+TASK_STARTED = "topic=/tasks/start"
 START = re.compile(r"Calling POST /v[\d.]+/containers/\w+/start")
 SET_KEY = re.compile(r"sandbox set key processing took ([\d.]+)(ms|s) for container")
 NETWORK_NAME = re.compile(r'on network ([\w.-]+)"?$')
@@ -395,6 +396,11 @@ def phases(world, trace_file, networks, count):
         if setkey:
             row.setdefault("sandbox SetKey (the hook: interface moved in, DNS)", []).append(
                 float(setkey.group(1)) * (1000 if setkey.group(2) == "s" else 1)
+            )
+        started = next((t for t, m in window if TASK_STARTED in m), None)
+        if started:
+            row.setdefault("whole: start API call -> task started", []).append(
+                (started - start) * 1000
             )
         mine = [r for r in handlers if start <= r["t"] <= times[-1]]
         for record in mine:
