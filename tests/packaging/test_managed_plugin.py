@@ -80,7 +80,8 @@ def test_the_plugin_asks_for_host_networking_and_few_capabilities(docker_world, 
     assert config["Network"]["Type"] == "host"
     # Beyond Docker's defaults: links and iptables; setns into sandboxes.
     assert sorted(config["Linux"]["Capabilities"]) == ["CAP_NET_ADMIN", "CAP_SYS_ADMIN"]
-    assert config["Interface"]["Types"] == ["docker.networkdriver/1.0"]
+    # Its IPAM serves OVN networks (with args="--ovn-nb REMOTE").
+    assert config["Interface"]["Types"] == ["docker.networkdriver/1.0", "docker.ipamdriver/1.0"]
     mounts = {m["Name"]: m for m in config["Mounts"]}
     assert any("openvswitch" in mount for mount in mounts)
     assert mounts["openvswitch"]["Settable"] == ["source"]
@@ -112,6 +113,22 @@ def test_enabled_on_the_worlds_ovs_it_serves_docker(docker_world, plugin):
     dockerd.docker("rm", "-f", "pk1", "pk2", timeout=120)
     dockerd.docker("network", "rm", "pk", timeout=120)
     assert not [b for b in docker_world.ovs.bridges() if b.startswith("obr-")]
+    # The engine asks the plugin's IPAM too; without --ovn-nb it says what to do.
+    refused = dockerd.docker(
+        "network",
+        "create",
+        "-d",
+        f"{plugin}:latest",
+        "--ipam-driver",
+        f"{plugin}:latest",
+        "--ipam-opt",
+        "ovs.ovn.switch=pkipam",
+        "pkipam",
+        check=False,
+        timeout=120,
+    )
+    assert refused.returncode != 0
+    assert "start the driver with --ovn-nb" in refused.stderr, refused.stderr
 
 
 def test_disabled_and_removed_it_leaves_nothing_running(docker_world, plugin):
