@@ -84,12 +84,14 @@ class TracedDriver(Driver):
 
 
 @contextlib.contextmanager
-def null_driver(world):
-    """`benchmarks/null_driver.py` inside the world's namespace: its name."""
+def null_driver(world, trace_file=None):
+    """`benchmarks/null_driver.py` inside the world's namespace (tracing its
+    calls into `trace_file`): its name."""
     name = "nullbench" + os.urandom(3).hex()
     path = f"{PLUGIN_DIR}/{name}.sock"
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    process = world.netns.popen([sys.executable, "-m", "benchmarks.null_driver", path], cwd=here)
+    argv = [sys.executable, "-m", "benchmarks.null_driver", path]
+    process = world.netns.popen(argv + ([str(trace_file)] if trace_file else []), cwd=here)
     try:
         wait_until(lambda: os.path.exists(path), timeout=30, message=f"{path} never appeared")
         yield name
@@ -405,15 +407,18 @@ def phases(world, trace_file, networks, count):
         mine = [r for r in handlers if start <= r["t"] <= times[-1]]
         for record in mine:
             row.setdefault("  driver: " + record["what"][4:], []).append(record["ms"])
-        join = next((r for r in mine if r["what"] == "api NetworkDriver.Join"), None)
-        if join is not None:  # the engine's share of the Join phase (times[2:4])
-            answered = join["t"] + join["ms"] / 1000
-            row.setdefault("  Join phase: engine, until the handler starts", []).append(
-                (join["t"] - times[2]) * 1000
-            )
-            row.setdefault("  Join phase: engine, after the answer", []).append(
-                (times[3] - answered) * 1000
-            )
+        # The engine's share of a phase with one engine call in it: before the
+        # driver's handler starts, and after its answer.
+        for method, phase in (("CreateEndpoint", 1), ("Join", 2)):
+            call = next((r for r in mine if r["what"] == "api NetworkDriver." + method), None)
+            if call is not None:
+                answered = call["t"] + call["ms"] / 1000
+                row.setdefault(f"  {method} phase: engine, until the handler starts", []).append(
+                    (call["t"] - times[phase]) * 1000
+                )
+                row.setdefault(f"  {method} phase: engine, after the answer", []).append(
+                    (times[phase + 1] - answered) * 1000
+                )
     print(f"\n--- where dockerd spends a container's start, {count} per network, medians (ms) ---")
     print("| phase (dockerd's debug log) | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
@@ -435,8 +440,8 @@ def main():
     debug = ["--debug"] if args.trace else []  # the phases come from its debug log
     with contextlib.ExitStack() as stack:
         world = stack.enter_context(DockerWorld(iptables=True, dockerd_args=debug))
+        trace_file = world.directory / "driver-trace.jsonl" if args.trace else None
         if args.trace:
-            trace_file = world.directory / "driver-trace.jsonl"
             TracedDriver.trace_file = trace_file
             driver = TracedDriver(
                 world.netns,
@@ -447,7 +452,7 @@ def main():
         else:
             driver = world.start_driver()
         try:
-            null = stack.enter_context(null_driver(world))
+            null = stack.enter_context(null_driver(world, trace_file))
             networks = {name: network_args(world, driver, name, null) for name in NETWORKS}
             # Warm up every path once (image, first bridge use, firewall chains).
             for net in networks.values():

@@ -1,12 +1,13 @@
 """A remote network driver that does nothing: the floor of any remote driver.
 
-    python -m benchmarks.null_driver SOCKET_PATH
+    python -m benchmarks.null_driver SOCKET_PATH [TRACE_FILE]
 
 It answers the engine's calls at once from one thread (a bare HTTP/1.1 loop,
 no framework) and hands out veth pairs it made before the benchmark started (one end each),
 so that ``docker_run.py`` can show what the engine itself spends on a remote
 driver's round trips (CreateEndpoint, Join, ProgramExternalConnectivity,
-EndpointOperInfo...) next to the bridge driver's function calls. Not a driver
+EndpointOperInfo...) next to the bridge driver's function calls. With
+TRACE_FILE it appends a line per call there, as ``benchmarks/trace.py`` does. Not a driver
 for anything else: its containers have an address and no connectivity.
 """
 
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 POOL = 64  # links made up front: more than the containers a benchmark holds at once
 
@@ -71,7 +73,7 @@ class NullDriver:
         return {}
 
 
-def serve(path, driver):
+def serve(path, driver, trace=None):
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(path)
     listener.listen(64)
@@ -108,6 +110,7 @@ def serve(path, driver):
                     break
                 body, buffers[conn] = rest[:length], rest[length:]
                 method = lines[0].split()[1].lstrip("/")
+                started = time.time()
                 try:
                     answer = driver.answer(method, json.loads(body or b"{}"))
                 except Exception as e:  # say it to the engine, keep serving
@@ -117,13 +120,17 @@ def serve(path, driver):
                     b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.docker.plugins.v1.2+json\r\n"
                     b"Content-Length: %d\r\n\r\n%s" % (len(reply), reply)
                 )
+                if trace:
+                    record = {"t": started, "what": "api " + method}
+                    trace.write(json.dumps({**record, "ms": (time.time() - started) * 1000}) + "\n")
 
 
 def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # clean up on terminate()
     driver = NullDriver()
     try:
-        serve(sys.argv[1], driver)
+        trace = open(sys.argv[2], "a", buffering=1) if len(sys.argv) > 2 else None  # noqa: SIM115
+        serve(sys.argv[1], driver, trace)
     finally:
         driver.close()
         os.unlink(sys.argv[1])
