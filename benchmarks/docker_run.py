@@ -10,7 +10,7 @@ ports, ovsdriver with veth ports, and a remote driver that does nothing
 driver's calls).
 
 Sequential: N times, one ``docker run -d`` on each network in turn (the order
-rotates), each timed alone, then ``docker rm -f`` of those four, each timed.
+rotates), each timed alone, then ``docker rm -f`` of those, each timed.
 Concurrent: R times, for each network in turn, 8 containers started by 8
 concurrent clients (the batch timed), then removed by 8 clients. Interleaving
 the networks container by container keeps the machine's drift out of the
@@ -106,12 +106,12 @@ def null_driver(world, trace_file=None):
             os.unlink(path)
 
 
-def network_args(world, driver, name, null_driver=None):
+def network_args(world, driver, name, null_name=None):
     spec = NETWORKS[name]
     if spec is None:
         return "none"
     net, kind, subnet, *options = spec
-    kind = null_driver if kind == NULL else kind or driver.name
+    kind = null_name if kind == NULL else kind or driver.name
     args = ["network", "create", "-d", kind, "--subnet", subnet]
     for option in options:
         args += ["-o", option]

@@ -3,12 +3,13 @@
     python -m benchmarks.null_driver SOCKET_PATH [TRACE_FILE]
 
 It answers the engine's calls at once from one thread (a bare HTTP/1.1 loop,
-no framework) and hands out veth pairs it made before the benchmark started (one end each),
-so that ``docker_run.py`` can show what the engine itself spends on a remote
-driver's round trips (CreateEndpoint, Join, ProgramExternalConnectivity,
+no framework) and hands out one end of veth pairs it made before the benchmark
+started, so that ``docker_run.py`` can show what the engine itself spends on a
+remote driver's calls (CreateEndpoint, Join, ProgramExternalConnectivity,
 EndpointOperInfo...) next to the bridge driver's function calls. With
-TRACE_FILE it appends a line per call there, as ``benchmarks/trace.py`` does. Not a driver
-for anything else: its containers have an address and no connectivity.
+TRACE_FILE it appends a line per call there, as ``benchmarks/trace.py`` does.
+Not a driver for anything else: its containers have an address and no
+connectivity.
 """
 
 import json
