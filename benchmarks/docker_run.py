@@ -56,7 +56,14 @@ import ovs.json
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.world import BUSYBOX_IMAGE, PLUGIN_DIR, DockerWorld, Driver, wait_until  # noqa: E402
+from tests.world import (  # noqa: E402
+    BUSYBOX_IMAGE,
+    PLUGIN_DIR,
+    DockerWorld,
+    Driver,
+    stop_process,
+    wait_until,
+)
 
 NULL = "null"  # in NETWORKS: the do-nothing remote driver
 
@@ -96,12 +103,7 @@ def null_driver(world, trace_file=None):
         wait_until(lambda: os.path.exists(path), timeout=30, message=f"{path} never appeared")
         yield name
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process.pid, popen=process)
         if os.path.exists(path):
             os.unlink(path)
 
@@ -394,7 +396,7 @@ def phases(world, trace_file, networks, count):
         row.setdefault("whole: start API call -> bundle", []).append((times[-1] - start) * 1000)
         # Later, runc's hook hands the container's namespace to dockerd, which
         # moves the interface in and sets up its DNS resolver there.
-        setkey = next((SET_KEY.search(m) for _, m in window if SET_KEY.search(m)), None)
+        setkey = next(filter(None, (SET_KEY.search(m) for _, m in window)), None)
         if setkey:
             row.setdefault("sandbox SetKey (the hook: interface moved in, DNS)", []).append(
                 float(setkey.group(1)) * (1000 if setkey.group(2) == "s" else 1)

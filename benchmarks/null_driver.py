@@ -99,14 +99,8 @@ def serve(path, driver, trace=None):
             while b"\r\n\r\n" in buffers[conn]:
                 head, _, rest = buffers[conn].partition(b"\r\n\r\n")
                 lines = head.decode("latin-1").split("\r\n")
-                length = next(
-                    (
-                        int(v)
-                        for k, _, v in (h.partition(":") for h in lines[1:])
-                        if k.lower() == "content-length"
-                    ),
-                    0,
-                )
+                headers = dict(line.lower().partition(":")[::2] for line in lines[1:])
+                length = int(headers.get("content-length", 0))
                 if len(rest) < length:
                     break
                 body, buffers[conn] = rest[:length], rest[length:]
@@ -123,7 +117,8 @@ def serve(path, driver, trace=None):
                 )
                 if trace:
                     record = {"t": started, "what": "api " + method}
-                    trace.write(json.dumps({**record, "ms": (time.time() - started) * 1000}) + "\n")
+                    record["ms"] = (time.time() - started) * 1000
+                    trace.write(json.dumps(record) + "\n")
 
 
 def main():
