@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.world import REPO_ROOT, Netns, WorldError
+from tests.world import REPO_ROOT, Netns, WorldError, wait_until
 
 NET = "7b" * 32
 EP = "5d" * 32
@@ -110,6 +110,12 @@ def test_it_works_with_the_driver_stopped_and_sees_a_sandbox_go(ovs_world, drive
 def test_a_port_vswitchd_cannot_add_is_unhealthy(ovs_world, driver):
     create(driver, EP)
     ovs_world.ovs.vsctl("set", "Interface", PORT, "type=patch", "options:peer=nowhere")
+    # ovs-vsctl returns once ovs-vswitchd has reconfigured, which may be before
+    # it writes the port's error column; judge once Open vSwitch reports it.
+    wait_until(
+        lambda: ovs_world.ovs.vsctl("get", "Interface", PORT, "error") != "[]",
+        message=f"the error column of interface {PORT}",
+    )
     code, document = report(ovs_world)
     assert code == 1
     problem = endpoints_of(document)[EP]["problems"][0]
