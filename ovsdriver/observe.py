@@ -8,7 +8,6 @@ writes anything. Values a person edited by hand are reported as unreadable
 instead of stopping the look at everything else.
 """
 
-import errno
 import http.client
 import json
 import os
@@ -18,9 +17,7 @@ import time
 import urllib.parse
 
 import ovs.db.idl
-import ovs.jsonrpc
 import ovs.poller
-import ovs.stream
 
 from ovsdriver import firewall, netlink, vswitch
 from ovsdriver.health import (
@@ -31,7 +28,7 @@ from ovsdriver.health import (
     NetworkFacts,
     SandboxFacts,
 )
-from ovsdriver.ovsdb import TABLES
+from ovsdriver.ovsdb import TABLES, OVSDBUnavailable, fetch_schema
 from ovsdriver.sandboxes import INVISIBLE, MOUNTED, probe
 from ovsdriver.values import Network
 
@@ -75,35 +72,13 @@ def _block(poller, remote, deadline):
 
 
 def _fetch_schema(remote, deadline):
-    left_ms = max(int((deadline - time.monotonic()) * 1000), 1)
-    error, stream = ovs.stream.Stream.open_block(ovs.stream.Stream.open(remote), left_ms)
-    if error:
-        raise Unreachable(
-            f"cannot reach OVSDB at {remote} ({os.strerror(error)}); is ovsdb-server running? "
-            "(use --ovsdb to name another remote)"
-        )
-    rpc = ovs.jsonrpc.Connection(stream)
     try:
-        request = ovs.jsonrpc.Message.create_request("get_schema", ["Open_vSwitch"])
-        error = rpc.send(request)
-        while not error:
-            rpc.run()
-            error, reply = rpc.recv()
-            if error == errno.EAGAIN:
-                poller = ovs.poller.Poller()
-                rpc.wait(poller)
-                rpc.recv_wait(poller)
-                _block(poller, remote, deadline)
-                error = 0
-                continue
-            if error or reply.id != request.id:
-                continue
-            if reply.type != ovs.jsonrpc.Message.T_REPLY:
-                raise Unreachable(f"OVSDB at {remote} has no Open_vSwitch database: {reply.error}")
-            return reply.result
-        raise Unreachable(f"cannot read from OVSDB at {remote}: {os.strerror(error)}")
-    finally:
-        rpc.close()
+        return fetch_schema(remote, timeout=max(deadline - time.monotonic(), 0.001))
+    except OVSDBUnavailable as e:
+        raise Unreachable(
+            f"cannot reach OVSDB at {remote} ({e}); is ovsdb-server running? "
+            "(use --ovsdb to name another remote)"
+        ) from None
 
 
 def read_replica(idl):

@@ -24,15 +24,19 @@ other operation has been queued, committing or waiting for ovs-vswitchd for
 reconfiguration, which with many ports costs far more than closing a tap).
 """
 
-import json
+import errno
 import os
+import ssl
 import time
 
 import ovs.db.idl
 import ovs.json
+import ovs.jsonrpc
+import ovs.poller
+import ovs.stream
 from ovs.poller import POLLIN, POLLOUT
 from twisted.application import service
-from twisted.internet import defer, endpoints, protocol
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from ovsdriver.metrics import NO_METRICS
@@ -61,64 +65,109 @@ class OVSDBUnavailable(Exception):
     """OVSDB (or ovs-vswitchd behind it) could not carry out an operation."""
 
 
-def endpoint_description(remote):
-    """Turn an OVSDB remote (``unix:PATH``, ``tcp:HOST:PORT``) into a Twisted
-    client endpoint string."""
+REMOTE_FORMS = "unix:PATH, tcp:HOST:PORT or ssl:HOST:PORT"
+#: What python-ovs is given for ``ssl:`` remotes (the same three files as
+#: ovs-vsctl's and ovn-nbctl's --private-key, --certificate and --ca-cert).
+SSL_FILES = ("private-key", "certificate", "ca-cert")
+
+
+def check_remote(remote):
+    """`remote` if it is an OVSDB remote the driver can connect to; else
+    ValueError naming the forms it can."""
     kind, _, rest = remote.partition(":")
-    if kind == "unix" and rest:
-        return "unix:path=" + rest.replace(":", r"\:")
-    if kind == "tcp" and ":" in rest:
-        host, _, port = rest.rpartition(":")
-        return f"tcp:host={host.strip('[]')}:port={port}"
-    raise ValueError(f"unsupported OVSDB remote {remote!r}: use unix:PATH or tcp:HOST:PORT")
+    host, _, port = rest.rpartition(":")
+    if (kind == "unix" and rest) or (kind in ("tcp", "ssl") and host and port.isdigit()):
+        return remote
+    raise ValueError(f"unsupported OVSDB remote {remote!r}: use {REMOTE_FORMS}")
 
 
-class _SchemaFetcher(protocol.Protocol):
-    """Ask the server for its schema (``get_schema``) without blocking."""
+def configure_ssl(files):
+    """Give python-ovs the files of ``ssl:`` remotes ({name in `SSL_FILES`:
+    path}), once loaded here: a wrong one is named now, not at each
+    reconnection. python-ovs keeps them process-wide, for every connection."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_cert_chain(files["certificate"], files["private-key"])
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(
+            f"cannot load the certificate {files['certificate']} with the private key "
+            f"{files['private-key']}: {e}"
+        ) from None
+    try:
+        context.load_verify_locations(files["ca-cert"])
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"cannot load the CA certificate {files['ca-cert']}: {e}") from None
+    ovs.stream.Stream.ssl_set_private_key_file(files["private-key"])
+    ovs.stream.Stream.ssl_set_certificate_file(files["certificate"])
+    ovs.stream.Stream.ssl_set_ca_cert_file(files["ca-cert"])
+    ovs.stream.Stream.register_method("ssl", _TLSStream)
 
-    def __init__(self, database):
-        self.database = database
-        self.buffer = b""
-        self.result = defer.Deferred()
 
-    def connectionMade(self):
-        request = {"method": "get_schema", "params": [self.database], "id": 0}
-        self.transport.write(json.dumps(request).encode())
+class _TLSStream(ovs.stream.SSLStream):
+    """python-ovs's ``ssl:`` stream, whose failed handshake is a failed
+    connection with its reason kept in `failures` (python-ovs 3.1 lets the
+    exception out of the IDL, 4.0 turns it into EPERM, losing the reason)."""
 
-    def dataReceived(self, data):
-        self.buffer += data
+    failures = {}  # remote -> why its last handshake failed
+
+    def connect(self):
+        error = ovs.stream.Stream.connect(self)
+        if error:
+            if error != errno.EAGAIN:
+                self.failures.pop(self.name, None)  # not even TCP: no TLS to blame
+            return error
         try:
-            reply, _ = json.JSONDecoder().raw_decode(self.buffer.decode())
-        except ValueError:
-            return
-        self.transport.loseConnection()
-        if reply.get("error") or not isinstance(reply.get("result"), dict):
-            self.result.errback(OVSDBUnavailable(f"get_schema failed: {reply.get('error')}"))
-        else:
-            self.result.callback(reply["result"])
-
-    def connectionLost(self, reason):
-        self.transport = None
-        if not self.result.called:
-            self.result.errback(reason)
-
-    def close(self, result):
-        """Never leave the connection open, also after a timeout."""
-        if self.transport is not None:
-            self.transport.abortConnection()
-        return result
+            self.socket.do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return errno.EAGAIN
+        except OSError as e:
+            self.failures[self.name] = f"TLS handshake failed: {e}"
+            return errno.EPROTO
+        self.failures.pop(self.name, None)
+        return 0
 
 
-def fetch_schema(reactor, remote, database="Open_vSwitch", timeout=5.0):
-    """Fetch a database schema from the server, as JSON."""
-    point = endpoints.clientFromString(reactor, endpoint_description(remote))
-    fetcher = _SchemaFetcher(database)
-    factory = protocol.Factory.forProtocol(lambda: fetcher)
-    factory.noisy = False
-    d = point.connect(factory)
-    d.addCallback(lambda _: fetcher.result)
-    d.addTimeout(timeout, reactor)
-    return d.addBoth(fetcher.close)
+def _connection_error(remote, error):
+    return _TLSStream.failures.get(remote) or os.strerror(error)
+
+
+def fetch_schema(remote, database="Open_vSwitch", timeout=5.0):
+    """The schema of `database` at `remote`, as JSON; blocks (in a thread for
+    the driver) for at most `timeout` seconds, with python-ovs's own streams,
+    so ``ssl:`` works as it does for the IDL."""
+    deadline = time.monotonic() + timeout
+
+    def block(poller):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise OVSDBUnavailable("no answer in time")
+        poller.timer_wait(int(left * 1000) + 1)
+        poller.block()
+
+    left_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+    error, stream = ovs.stream.Stream.open_block(ovs.stream.Stream.open(remote), left_ms)
+    if error:
+        raise OVSDBUnavailable(_connection_error(remote, error))
+    rpc = ovs.jsonrpc.Connection(stream)
+    try:
+        request = ovs.jsonrpc.Message.create_request("get_schema", [database])
+        error = rpc.send(request)
+        while not error:
+            rpc.run()
+            error, reply = rpc.recv()
+            if error == errno.EAGAIN:
+                poller = ovs.poller.Poller()
+                rpc.wait(poller)
+                rpc.recv_wait(poller)
+                block(poller)
+                error = 0
+            elif not error and reply.id == request.id:
+                if reply.type != ovs.jsonrpc.Message.T_REPLY:
+                    raise OVSDBUnavailable(f"it has no {database} database: {reply.error}")
+                return reply.result
+        raise OVSDBUnavailable(os.strerror(error) if error > 0 else "connection closed")
+    finally:
+        rpc.close()
 
 
 class _Wishes:
@@ -356,7 +405,9 @@ class OVSDB(service.Service):
             self.idl = None
 
     def _fetch_schema(self):
-        d = fetch_schema(self.reactor, self.remote, self.database)
+        d = threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), fetch_schema, self.remote, self.database
+        )
         d.addCallbacks(self._start_idl, self._schema_failed)
 
     def _schema_failed(self, failure):
@@ -398,7 +449,8 @@ class OVSDB(service.Service):
 
     def unavailable(self):
         return OVSDBUnavailable(
-            f"cannot reach {self.name} at {self.remote} ({self._last_error}); "
+            f"cannot reach {self.name} at {self.remote} "
+            f"({_TLSStream.failures.get(self.remote, self._last_error)}); "
             "is ovsdb-server running?"
         )
 

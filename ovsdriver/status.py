@@ -16,7 +16,8 @@ import time
 
 from ovsdriver import observe
 from ovsdriver.health import Facts, assess
-from ovsdriver.tap import DEFAULT_OVSDB
+from ovsdriver.ovsdb import REMOTE_FORMS, SSL_FILES
+from ovsdriver.tap import DEFAULT_OVSDB, ssl_files
 
 HEALTHY, UNHEALTHY, UNREADABLE = 0, 1, 2
 
@@ -27,8 +28,10 @@ def add_arguments(parser):
         "--ovsdb",
         default=DEFAULT_OVSDB,
         metavar="REMOTE",
-        help=f"OVSDB remote: unix:PATH or tcp:HOST:PORT (default {DEFAULT_OVSDB})",
+        help=f"OVSDB remote: {REMOTE_FORMS} (default {DEFAULT_OVSDB})",
     )
+    for name in SSL_FILES:
+        parser.add_argument(f"--{name}", metavar="FILE", help="for an ssl: remote, as the driver's")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
         "--docker",
@@ -50,6 +53,8 @@ def add_arguments(parser):
 
 def gather(options, clock=time.time):
     """Read everything `assess` needs; raise observe.Unreachable without OVSDB."""
+    files = {name: getattr(options, name.replace("-", "_")) for name in SSL_FILES}
+    ssl_files({"ovsdb": options.ovsdb, **files}, ["ovsdb"], observe.Unreachable)
     networks, endpoints, behind = observe.read_ovsdb(options.ovsdb)
     warnings = []
     links, sandboxes, kernel_warnings = observe.read_kernel(

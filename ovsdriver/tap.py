@@ -21,7 +21,7 @@ from ovsdriver.ipam import Ipam
 from ovsdriver.netlink import Netlink
 from ovsdriver.northbound import NB_TABLES, Northbound
 from ovsdriver.ovn import OVN, ClaimCollector
-from ovsdriver.ovsdb import OVSDB
+from ovsdriver.ovsdb import OVSDB, REMOTE_FORMS, SSL_FILES, check_remote, configure_ssl
 from ovsdriver.reconcile import Reconciler
 from ovsdriver.vswitch import VSwitch
 
@@ -50,14 +50,17 @@ class Options(usage.Options):
             "Twisted server endpoint string to listen on; systemd:domain=UNIX:index=0 "
             "serves the socket of ovsdriver.socket.",
         ],
-        ["ovsdb", None, DEFAULT_OVSDB, "OVSDB remote: unix:PATH or tcp:HOST:PORT."],
+        ["ovsdb", None, DEFAULT_OVSDB, f"OVSDB remote: {REMOTE_FORMS}."],
         [
             "ovn-nb",
             None,
             None,
-            "OVN Northbound database (unix:PATH or tcp:HOST:PORT): enables multi-host "
+            f"OVN Northbound database ({REMOTE_FORMS}): enables multi-host "
             "OVN networks (--ipam-driver ovs --ipam-opt ovs.ovn.switch=NAME). Off by default.",
         ],
+        ["private-key", None, None, "PEM private key of the driver, for ssl: remotes."],
+        ["certificate", None, None, "PEM certificate of that key, for ssl: remotes."],
+        ["ca-cert", None, None, "PEM CA certificate that ssl: servers are checked against."],
         [
             "datapath-type",
             None,
@@ -81,10 +84,35 @@ class Options(usage.Options):
             self["datapath-type"] = detect_datapath_type()
         elif kind not in ("system", "netdev"):
             raise usage.UsageError("--datapath-type must be system, netdev or auto")
-        if not self["ovsdb"].startswith(("unix:", "tcp:")):
-            raise usage.UsageError("--ovsdb must look like unix:PATH or tcp:HOST:PORT")
-        if self["ovn-nb"] is not None and not self["ovn-nb"].startswith(("unix:", "tcp:")):
-            raise usage.UsageError("--ovn-nb must look like unix:PATH or tcp:HOST:PORT")
+        self["ssl"] = ssl_files(self, ["ovsdb", "ovn-nb"], usage.UsageError)
+
+
+def ssl_files(options, remotes, error):
+    """Check the remote options named in `remotes`; the SSL files ({name:
+    path}) when one of them is ``ssl:``, loaded into python-ovs, else None.
+    Raises `error` naming the option that is wrong."""
+    secure = []
+    for name in remotes:
+        remote = options[name]
+        if remote is None:
+            continue
+        try:
+            check_remote(remote)
+        except ValueError:
+            raise error(f"--{name} must look like {REMOTE_FORMS}, not {remote!r}") from None
+        if remote.startswith("ssl:"):
+            secure.append(f"--{name} {remote}")
+    files = {name: options[name] for name in SSL_FILES if options[name]}
+    if not secure:
+        return None
+    missing = [f"--{name}" for name in SSL_FILES if name not in files]
+    if missing:
+        raise error(f"{secure[0]} needs {', '.join(missing)} (the files of its TLS connection)")
+    try:
+        configure_ssl(files)
+    except ValueError as e:
+        raise error(str(e)) from None
+    return files
 
 
 class NetlinkService(service.Service):

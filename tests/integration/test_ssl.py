@@ -1,0 +1,160 @@
+"""``ssl:`` remotes against a real ovsdb-server over TLS: the driver serves
+OVN's IPAM through a Northbound database it reaches with its certificate,
+and says why when the server's certificate is not one its CA vouches for.
+
+The Northbound ovsdb-server runs in the world's namespace, listening on
+``pssl`` on the namespace's own loopback and on a UNIX socket the test reads
+through with ovn-nbctl."""
+
+import sys
+
+import pytest
+
+from tests import world
+from tests.tls import CA
+from tests.world import read_pidfile, run, stop_process
+
+NB_PORT = 6641
+NB_SSL = f"ssl:127.0.0.1:{NB_PORT}"
+NB_SCHEMA = world.OVN_NB_SCHEMA
+VSWITCH_SCHEMA = world.OVS_SCHEMA
+SWITCH = "secure"
+
+
+class SecureOVSDB:
+    """An ovsdb-server in `netns` with a database of `schema`, that takes TLS
+    clients on `port` whose certificate `ca` signed, and UNIX ones; its own
+    certificate is signed by `server_ca` (default `ca`). Its database stays
+    for the next one in `directory`."""
+
+    def __init__(self, netns, directory, ca, server_ca=None, schema=NB_SCHEMA, port=NB_PORT):
+        self.directory = directory
+        self.socket = directory / "db.sock"
+        self.pidfile = directory / "db.pid"
+        key, cert = (server_ca or ca).issue("server")
+        db = directory / "db"
+        if not db.exists():
+            run([world._tool("ovsdb-tool"), "create", db, schema])
+        self.netns = netns
+        netns.run(
+            [
+                world._tool("ovsdb-server"), db,
+                f"--remote=punix:{self.socket}", f"--remote=pssl:{port}:127.0.0.1",
+                f"--private-key={key}", f"--certificate={cert}", f"--ca-cert={ca.cert}",
+                f"--unixctl={directory / 'db.ctl'}", f"--pidfile={self.pidfile}",
+                f"--log-file={directory / 'db.log'}", "--detach",
+            ],
+            timeout=30,
+        )  # fmt: skip
+
+    def nbctl(self, *args):
+        argv = [world._tool("ovn-nbctl"), f"--db=unix:{self.socket}", "--timeout=10", *args]
+        return run(argv, timeout=20).stdout.strip()
+
+    def stop(self):
+        pid = read_pidfile(self.pidfile)
+        if self.netns.owns(pid):
+            stop_process(pid)
+
+
+@pytest.fixture
+def pki(ovs_world):
+    return CA(ovs_world.directory / "pki")
+
+
+@pytest.fixture
+def northbound(ovs_world, pki):
+    directory = ovs_world.directory / "nb"
+    directory.mkdir()
+    server = SecureOVSDB(ovs_world.netns, directory, pki)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def ssl_driver(ovs_world, key, cert, ca_cert):
+    ovs_world.ovs.vsctl("set", "Open_vSwitch", ".", "external_ids:system-id=host-a")
+    files = ["--private-key", str(key), "--certificate", str(cert), "--ca-cert", str(ca_cert)]
+    return ovs_world.start_driver(extra_args=["--ovn-nb", NB_SSL, *files])
+
+
+def request_pool(driver):
+    return driver.post(
+        "IpamDriver.RequestPool",
+        {"AddressSpace": "ovs", "Pool": "10.81.0.0/24", "Options": {"ovs.ovn.switch": SWITCH}},
+    )
+
+
+def test_the_driver_allocates_in_a_northbound_database_over_tls(ovs_world, pki, northbound):
+    driver = ssl_driver(ovs_world, *pki.issue("driver"), pki.cert)
+    status, pool = request_pool(driver)
+    assert status == 200 and "Error" not in pool, pool
+    status, reply = driver.post(
+        "IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": "", "Options": {}}
+    )
+    assert status == 200 and reply.get("Address", "").startswith("10.81.0."), reply
+    assert northbound.nbctl("--bare", "--columns=name", "list", "Logical_Switch") == SWITCH
+    claims = northbound.nbctl("--bare", "--columns=name", "list", "Logical_Switch_Port").split()
+    assert f"{SWITCH}/{reply['Address'].split('/')[0]}" in claims
+
+
+def test_a_server_the_ca_does_not_vouch_for_is_named_with_why(ovs_world, pki, northbound):
+    stranger = CA(ovs_world.directory / "other-pki", "stranger")
+    driver = ssl_driver(ovs_world, *stranger.issue("driver"), stranger.cert)
+    status, reply = request_pool(driver)
+    assert status == 200, reply
+    assert reply["Error"].startswith(f"cannot reach the OVN Northbound database at {NB_SSL} ("), (
+        reply
+    )
+    assert "certificate verify failed" in reply["Error"], reply
+    # Said once in the log, though the driver tried again every second since.
+    assert driver.log().count("cannot fetch the schema") == 1, driver.log()
+    assert northbound.nbctl("--bare", "--columns=name", "list", "Logical_Switch") == ""
+
+
+def test_a_server_that_comes_back_with_a_certificate_not_vouched_for_is_named(
+    ovs_world, pki, northbound
+):
+    """The replica's own connection (not the schema's) meets the bad handshake."""
+    driver = ssl_driver(ovs_world, *pki.issue("driver"), pki.cert)
+    status, pool = request_pool(driver)
+    assert status == 200 and "Error" not in pool, pool
+    northbound.stop()
+    stranger = CA(ovs_world.directory / "other-pki", "stranger")
+    impostor = SecureOVSDB(ovs_world.netns, northbound.directory, pki, server_ca=stranger)
+    try:
+        body = {"PoolID": pool["PoolID"], "Address": "", "Options": {}}
+        status, reply = driver.post("IpamDriver.RequestAddress", body)
+        assert status == 200, reply
+        assert "TLS handshake failed" in reply["Error"], reply
+        assert "certificate verify failed" in reply["Error"], reply
+        assert "tick failed" not in driver.log(), driver.log()
+    finally:
+        impostor.stop()
+
+
+def test_the_status_tool_reads_an_ovsdb_over_tls(ovs_world, pki):
+    directory = ovs_world.directory / "vswitch-db"
+    directory.mkdir()
+    server = SecureOVSDB(ovs_world.netns, directory, pki, schema=VSWITCH_SCHEMA, port=6640)
+    try:
+        run([world._tool("ovs-vsctl"), f"--db=unix:{server.socket}", "--no-wait", "init"])
+        key, cert = pki.issue("operator")
+        stranger = CA(ovs_world.directory / "other-pki", "stranger")
+
+        def status(ca_cert):
+            argv = [sys.executable, "-m", "ovsdriver", "status", "--docker", "none"]
+            argv += ["--no-firewall", "--ovsdb", "ssl:127.0.0.1:6640", "--private-key", key]
+            argv += ["--certificate", cert, "--ca-cert", ca_cert]
+            return ovs_world.netns.run(argv, check=False, cwd=world.REPO_ROOT, timeout=60)
+
+        result = status(pki.cert)
+        assert (result.returncode, result.stdout) == (0, "healthy: 0 networks, 0 endpoints\n")
+        result = status(stranger.cert)
+        assert result.returncode == 2, result
+        assert result.stdout.startswith(
+            "ovsdriver status: cannot reach OVSDB at ssl:127.0.0.1:6640 (TLS handshake failed: "
+        ), result.stdout
+    finally:
+        server.stop()
