@@ -5,7 +5,7 @@ with the hosts using them."""
 import ipaddress
 
 import pytest
-from twisted.internet import defer
+from twisted.internet import defer, task
 
 from ovsdriver.ipam import allocate
 from ovsdriver.northbound import NB_TABLES, Northbound, NorthboundError
@@ -29,6 +29,52 @@ def central():
         world.remove_tree(directory)
 
 
+def _replica(nb):
+    idl = nb.ovsdb.idl
+    if idl is None:
+        return None  # not connected yet
+    return {
+        (name, str(uuid)): {column: datum.to_json() for column, datum in row._data.items()}
+        for name, table in idl.tables.items()
+        for uuid, row in table.rows.items()
+    }
+
+
+async def _agreed(engines, timeout=5.0):
+    """Once every engine's replica is the same (within `timeout` seconds)."""
+    reactor = get_reactor()
+    deadline = reactor.seconds() + timeout
+    first, *others = engines
+    while any(_replica(nb) != _replica(first) for nb in others):
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"the replicas still differ after {timeout:g} s")
+        await task.deferLater(reactor, 0.005, lambda: None)
+
+
+class Synced:
+    """A Northbound engine whose operations end once every engine's replica
+    has their effect. Two hosts are two processes, and one acts on what the
+    other did long after its update arrived; two engines in one reactor
+    would race each other's updates instead."""
+
+    def __init__(self, northbound, engines):
+        self._northbound = northbound
+        self._engines = engines
+
+    def __getattr__(self, name):
+        method = getattr(self._northbound, name)
+
+        def call(*args, **kwargs):
+            done = method(*args, **kwargs)
+            return done.addBoth(
+                lambda result: defer.ensureDeferred(_agreed(self._engines)).addCallback(
+                    lambda _: result
+                )
+            )
+
+        return call
+
+
 @pytest.fixture
 def engines(central):
     """Two Northbound engines, as two hosts' drivers have them."""
@@ -44,7 +90,8 @@ def engines(central):
         )
         run_in_reactor(nb.startService)
         started.append(nb)
-    yield [Northbound(nb) for nb in started]
+    northbound = [Northbound(nb) for nb in started]
+    yield [Synced(nb, northbound) for nb in northbound]
     for nb in started:
         run_in_reactor(nb.stopService)
 
