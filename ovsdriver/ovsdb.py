@@ -127,10 +127,6 @@ class _TLSStream(ovs.stream.SSLStream):
         return 0
 
 
-def _connection_error(remote, error):
-    return _TLSStream.failures.get(remote) or os.strerror(error)
-
-
 def fetch_schema(remote, database="Open_vSwitch", timeout=5.0):
     """The schema of `database` at `remote`, as JSON; blocks (in a thread for
     the driver) for at most `timeout` seconds, with python-ovs's own streams,
@@ -147,7 +143,7 @@ def fetch_schema(remote, database="Open_vSwitch", timeout=5.0):
     left_ms = max(int((deadline - time.monotonic()) * 1000), 1)
     error, stream = ovs.stream.Stream.open_block(ovs.stream.Stream.open(remote), left_ms)
     if error:
-        raise OVSDBUnavailable(_connection_error(remote, error))
+        raise OVSDBUnavailable(_TLSStream.failures.get(remote) or os.strerror(error))
     rpc = ovs.jsonrpc.Connection(stream)
     try:
         request = ovs.jsonrpc.Message.create_request("get_schema", [database])
