@@ -11,50 +11,11 @@ import sys
 import pytest
 
 from tests import world
-from tests.tls import CA
-from tests.world import read_pidfile, run, stop_process
+from tests.tls import CA, SecureOVSDB
+from tests.world import run
 
-NB_PORT = 6641
-NB_SSL = f"ssl:127.0.0.1:{NB_PORT}"
-NB_SCHEMA = world.OVN_NB_SCHEMA
-VSWITCH_SCHEMA = world.OVS_SCHEMA
+NB_SSL = "ssl:127.0.0.1:6641"
 SWITCH = "secure"
-
-
-class SecureOVSDB:
-    """An ovsdb-server in `netns` with a database of `schema`, that takes TLS
-    clients on `port` whose certificate `ca` signed, and UNIX ones; its own
-    certificate is signed by `server_ca` (default `ca`). Its database stays
-    for the next one in `directory`."""
-
-    def __init__(self, netns, directory, ca, server_ca=None, schema=NB_SCHEMA, port=NB_PORT):
-        self.directory = directory
-        self.socket = directory / "db.sock"
-        self.pidfile = directory / "db.pid"
-        key, cert = (server_ca or ca).issue("server")
-        db = directory / "db"
-        if not db.exists():
-            run([world._tool("ovsdb-tool"), "create", db, schema])
-        self.netns = netns
-        netns.run(
-            [
-                world._tool("ovsdb-server"), db,
-                f"--remote=punix:{self.socket}", f"--remote=pssl:{port}:127.0.0.1",
-                f"--private-key={key}", f"--certificate={cert}", f"--ca-cert={ca.cert}",
-                f"--unixctl={directory / 'db.ctl'}", f"--pidfile={self.pidfile}",
-                f"--log-file={directory / 'db.log'}", "--detach",
-            ],
-            timeout=30,
-        )  # fmt: skip
-
-    def nbctl(self, *args):
-        argv = [world._tool("ovn-nbctl"), f"--db=unix:{self.socket}", "--timeout=10", *args]
-        return run(argv, timeout=20).stdout.strip()
-
-    def stop(self):
-        pid = read_pidfile(self.pidfile)
-        if self.netns.owns(pid):
-            stop_process(pid)
 
 
 @pytest.fixture
@@ -137,7 +98,7 @@ def test_a_server_that_comes_back_with_a_certificate_not_vouched_for_is_named(
 def test_the_status_tool_reads_an_ovsdb_over_tls(ovs_world, pki):
     directory = ovs_world.directory / "vswitch-db"
     directory.mkdir()
-    server = SecureOVSDB(ovs_world.netns, directory, pki, schema=VSWITCH_SCHEMA, port=6640)
+    server = SecureOVSDB(ovs_world.netns, directory, pki, schema=world.OVS_SCHEMA, port=6640)
     try:
         run([world._tool("ovs-vsctl"), f"--db=unix:{server.socket}", "--no-wait", "init"])
         key, cert = pki.issue("operator")

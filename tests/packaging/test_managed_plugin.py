@@ -19,6 +19,7 @@ import pytest
 
 from tests import world
 from tests.packaging.conftest import scenario
+from tests.tls import CA, SecureOVSDB
 
 
 def plugin_processes(w: world.DockerWorld) -> list[int]:
@@ -86,6 +87,7 @@ def test_the_plugin_asks_for_host_networking_and_few_capabilities(docker_world, 
     assert any("openvswitch" in mount for mount in mounts)
     assert mounts["openvswitch"]["Settable"] == ["source"]
     assert mounts["sandboxes"]["Settable"] == ["source"]
+    assert mounts["pki"]["Settable"] == ["source"] and "ro" in mounts["pki"]["Options"]
     assert "rshared" in mounts["sandboxes"]["Options"]
 
 
@@ -129,6 +131,42 @@ def test_enabled_on_the_worlds_ovs_it_serves_docker(docker_world, plugin):
     )
     assert refused.returncode != 0
     assert "start the driver with --ovn-nb" in refused.stderr, refused.stderr
+
+
+def test_it_reaches_an_ovn_northbound_database_over_tls(docker_world, plugin, tmp_path):
+    """With its certificates in the ``pki`` mount, the plugin's IPAM claims
+    the network's switch in a Northbound database it reaches over TLS."""
+    dockerd, ovs = docker_world.dockerd, docker_world.ovs
+    pki = CA(tmp_path / "pki")
+    key, cert = pki.issue("driver")
+    (tmp_path / "nb").mkdir()
+    northbound = SecureOVSDB(docker_world.netns, tmp_path / "nb", pki)
+    # An OVN chassis as far as a network needs one: no ovn-controller.
+    ovs.vsctl("set", "Open_vSwitch", ".", "external_ids:system-id=pk")
+    ovs.vsctl("add-br", "br-int", "--", "set", "Bridge", "br-int", "datapath_type=netdev")
+    try:
+        dockerd.docker("plugin", "disable", plugin, timeout=120)
+        dockerd.docker("plugin", "set", plugin, f"pki.source={pki.directory}")
+        files = {"private-key": key, "certificate": cert, "ca-cert": pki.cert}
+        args = "--datapath-type netdev --ovn-nb ssl:127.0.0.1:6641"
+        args += "".join(
+            f" --{option} /etc/openvswitch/{path.name}" for option, path in files.items()
+        )
+        dockerd.docker("plugin", "set", plugin, f"args={args}")
+        dockerd.docker("plugin", "enable", plugin, timeout=120)
+        plugin_ref = f"{plugin}:latest"
+        dockerd.docker(
+            "network", "create", "-d", plugin_ref, "--ipam-driver", plugin_ref,
+            "--ipam-opt", "ovs.ovn.switch=pkssl", "--subnet", "10.63.0.0/24", "pkssl",
+            timeout=120,
+        )  # fmt: skip
+        switches = ["--bare", "--columns=name", "list", "Logical_Switch"]
+        assert northbound.nbctl(*switches) == "pkssl", dockerd.log()[-3000:]
+        dockerd.docker("network", "rm", "pkssl", timeout=120)
+        assert northbound.nbctl(*switches) == ""
+    finally:
+        northbound.stop()
+        ovs.vsctl("--if-exists", "del-br", "br-int")
 
 
 def test_disabled_and_removed_it_leaves_nothing_running(docker_world, plugin):
