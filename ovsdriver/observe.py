@@ -29,7 +29,8 @@ from ovsdriver.health import (
     SandboxFacts,
 )
 from ovsdriver.ovsdb import TABLES, OVSDBUnavailable, fetch_schema
-from ovsdriver.sandboxes import INVISIBLE, MOUNTED, probe
+from ovsdriver.sandboxes import INVISIBLE, MOUNTED
+from ovsdriver.sandboxes import observe as observe_sandboxes
 from ovsdriver.values import Network
 
 DEFAULT_DOCKER = "unix:///var/run/docker.sock"
@@ -162,16 +163,21 @@ def read_kernel(endpoints):
         except netlink.LinkError as e:
             links = None
             warnings.append(f"cannot check links: {e}")
-        sandboxes = {}
-        for path in sorted({ep.sandbox for ep in endpoints if ep.sandbox}):
-            sandboxes[path] = _sandbox(worker, path, warnings)
+        paths = sorted({ep.sandbox for ep in endpoints if ep.sandbox})
+        observation = observe_sandboxes(paths)
+        found = {path: _sandbox(worker, observation, path, warnings) for path in paths}
     finally:
         worker.shutdown()
-    return links, sandboxes, warnings
+    return links, found, warnings
 
 
-def _sandbox(worker, path, warnings):
-    state = probe(path).kind
+def _sandbox(worker, observation, path, warnings):
+    """Mounted in any mount view is there, as the driver judges it (a view
+    can be a stale copy, see ovsdriver.sandboxes); its links are read
+    through a view that has it mounted."""
+    sighting = observation.sightings[path]
+    views = sighting.mounted_in()
+    state = MOUNTED if views else sighting.probes[observation.own_view].kind
     if state == INVISIBLE:
         warnings.append(
             f"cannot see sandbox {path}: run ovsdriver status in the engine's mount namespace"
@@ -179,7 +185,7 @@ def _sandbox(worker, path, warnings):
     if state != MOUNTED:
         return SandboxFacts(state)
     try:
-        return SandboxFacts(state, links=worker.sandbox_links(path))
+        return SandboxFacts(state, links=worker.sandbox_links(sighting.path_in(views[0])))
     except netlink.LinkError as e:
         warnings.append(str(e))
         return SandboxFacts(state, error=str(e))

@@ -4,6 +4,7 @@ in tests/e2e/test_status.py). A sandbox here is a network namespace the test
 makes and moves the endpoint's link into, as the engine would."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -105,6 +106,35 @@ def test_it_works_with_the_driver_stopped_and_sees_a_sandbox_go(ovs_world, drive
     endpoints = endpoints_of(document)
     assert endpoints[EP]["healthy"] is True, endpoints[EP]
     assert endpoints[EP2]["problems"][0].startswith(f"its sandbox {other.path} is gone")
+
+
+def test_a_sandbox_mounted_only_in_another_mount_view_is_judged_there(ovs_world, driver):
+    """As when status runs in a container with a stale copy of the engine's
+    mounts: the sandbox is mounted only in the mount namespace of another
+    process, and status finds it (and its link) through that process."""
+    create(driver, EP)
+    path = ovs_world.directory / "sandbox"
+    path.touch()
+    view = ovs_world.netns.popen(["unshare", "--mount", "--propagation", "private", "sleep", "600"])
+    try:
+        own = os.stat("/proc/self/ns/mnt").st_ino
+        wait_until(lambda: os.stat(f"/proc/{view.pid}/ns/mnt").st_ino != own, 10, 0.02)
+        in_view = f"/proc/{view.pid}/root{path}"
+        ovs_world.netns.run(
+            ["nsenter", f"--mount=/proc/{view.pid}/ns/mnt", "unshare", f"--net={path}", "true"]
+        )
+        ok(driver, "NetworkDriver.Join", dict(ids(), SandboxKey=str(path)))
+        ovs_world.netns.run(["ip", "link", "set", PORT, "netns", in_view])
+        inside = ["nsenter", f"--net={in_view}", "ip", "link", "set"]
+        ovs_world.netns.run([*inside, PORT, "name", "eth0"])
+        ovs_world.netns.run([*inside, "eth0", "up"])
+        code, document = report(ovs_world)
+        endpoint = endpoints_of(document)[EP]
+        assert code == 0, document
+        assert (endpoint["sandbox_state"], endpoint["link"]) == ("mounted", "eth0 up"), endpoint
+    finally:
+        view.kill()
+        view.wait(10)
 
 
 def test_a_port_vswitchd_cannot_add_is_unhealthy(ovs_world, driver):
