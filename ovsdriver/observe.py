@@ -28,7 +28,7 @@ from ovsdriver.health import (
     NetworkFacts,
     SandboxFacts,
 )
-from ovsdriver.ovsdb import TABLES, OVSDBUnavailable, fetch_schema
+from ovsdriver.ovsdb import TABLES, TLS_FAILED, OVSDBUnavailable, fetch_schema
 from ovsdriver.sandboxes import INVISIBLE, MOUNTED
 from ovsdriver.sandboxes import observe as observe_sandboxes
 from ovsdriver.values import Network
@@ -76,10 +76,10 @@ def _fetch_schema(remote, deadline):
     try:
         return fetch_schema(remote, timeout=max(deadline - time.monotonic(), 0.001))
     except OVSDBUnavailable as e:
-        raise Unreachable(
-            f"cannot reach OVSDB at {remote} ({e}); is ovsdb-server running? "
-            "(use --ovsdb to name another remote)"
-        ) from None
+        hint = "is ovsdb-server running? (use --ovsdb to name another remote)"
+        if str(e).startswith(TLS_FAILED):
+            hint = "check --private-key, --certificate and --ca-cert against the server's"
+        raise Unreachable(f"cannot reach OVSDB at {remote} ({e}); {hint}") from None
 
 
 def read_replica(idl):

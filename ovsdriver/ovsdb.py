@@ -69,6 +69,7 @@ REMOTE_FORMS = "unix:PATH, tcp:HOST:PORT or ssl:HOST:PORT"
 #: What python-ovs is given for ``ssl:`` remotes (the same three files as
 #: ovs-vsctl's and ovn-nbctl's --private-key, --certificate and --ca-cert).
 SSL_FILES = ("private-key", "certificate", "ca-cert")
+TLS_FAILED = "TLS handshake failed"
 
 
 def check_remote(remote):
@@ -121,7 +122,7 @@ class _TLSStream(ovs.stream.SSLStream):
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return errno.EAGAIN
         except OSError as e:
-            self.failures[self.name] = f"TLS handshake failed: {e}"
+            self.failures[self.name] = f"{TLS_FAILED}: {e}"
             return errno.EPROTO
         self.failures.pop(self.name, None)
         return 0
@@ -444,11 +445,11 @@ class OVSDB(service.Service):
         return idl is not None and idl.state == idl.IDL_S_MONITORING and idl._session.is_connected()
 
     def unavailable(self):
-        return OVSDBUnavailable(
-            f"cannot reach {self.name} at {self.remote} "
-            f"({_TLSStream.failures.get(self.remote, self._last_error)}); "
-            "is ovsdb-server running?"
-        )
+        error = _TLSStream.failures.get(self.remote, self._last_error)
+        hint = "is ovsdb-server running?"
+        if error.startswith(TLS_FAILED):
+            hint = "check --private-key, --certificate and --ca-cert against the server's"
+        return OVSDBUnavailable(f"cannot reach {self.name} at {self.remote} ({error}); {hint}")
 
     # -- the public operations ---------------------------------------------
 

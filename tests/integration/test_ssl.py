@@ -69,6 +69,9 @@ def test_a_server_the_ca_does_not_vouch_for_is_named_with_why(ovs_world, pki, no
         reply
     )
     assert "certificate verify failed" in reply["Error"], reply
+    assert reply["Error"].endswith(
+        "check --private-key, --certificate and --ca-cert against the server's"
+    )
     # Said once in the log, though the driver tried again every second since.
     assert driver.log().count("cannot fetch the schema") == 1, driver.log()
     assert northbound.nbctl("--bare", "--columns=name", "list", "Logical_Switch") == ""
@@ -117,5 +120,6 @@ def test_the_status_tool_reads_an_ovsdb_over_tls(ovs_world, pki):
         assert result.stdout.startswith(
             "ovsdriver status: cannot reach OVSDB at ssl:127.0.0.1:6640 (TLS handshake failed: "
         ), result.stdout
+        assert "; check --private-key, --certificate and --ca-cert" in result.stdout
     finally:
         server.stop()
