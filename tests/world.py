@@ -582,8 +582,9 @@ class OVS(_Closing):
         self.vsctl("--no-wait", "init")
         self.start_vswitchd()
 
-    def start_ovsdb(self, timeout: float = 30) -> None:
-        """Start ovsdb-server on the existing database file."""
+    def start_ovsdb(self, timeout: float = 30, extra_args: Sequence[str] = ()) -> None:
+        """Start ovsdb-server on the existing database file (``extra_args``:
+        more options, e.g. a ``pssl`` remote and its files)."""
         argv = [
             _tool("ovsdb-server"),
             str(self.db),
@@ -592,6 +593,7 @@ class OVS(_Closing):
             f"--pidfile={self.ovsdb_pidfile}",
             f"--log-file={self.ovsdb_log}",
             "--detach",
+            *extra_args,
         ]
         try:
             self._start_daemon(argv, "ovsdb-server", timeout)

@@ -98,6 +98,37 @@ def test_a_server_that_comes_back_with_a_certificate_not_vouched_for_is_named(
         impostor.stop()
 
 
+def test_the_driver_manages_open_vswitch_through_a_local_ovsdb_over_tls(ovs_world, pki):
+    key, cert = pki.issue("local-ovsdb")
+    ovs_world.ovs.stop_ovsdb()  # ovs-vswitchd reconnects over its UNIX socket
+    ovs_world.ovs.start_ovsdb(
+        extra_args=[
+            "--remote=pssl:6640:127.0.0.1",
+            f"--private-key={key}",
+            f"--certificate={cert}",
+            f"--ca-cert={pki.cert}",
+        ]  # fmt: skip
+    )
+    key, cert = pki.issue("driver")
+    files = ["--private-key", str(key), "--certificate", str(cert), "--ca-cert", str(pki.cert)]
+    name = world.unique_driver_name()
+    directory = ovs_world.directory / "ssl-driver"
+    with world.Driver(
+        ovs_world.netns, name, "ssl:127.0.0.1:6640", directory, extra_args=files
+    ) as driver:
+        network, endpoint = "5e" * 32, "6f" * 32
+        body = {"NetworkID": network, "Options": {}, "IPv6Data": []}
+        body["IPv4Data"] = [{"Pool": "10.82.0.0/24", "Gateway": "10.82.0.1/24"}]
+        status, reply = driver.post("NetworkDriver.CreateNetwork", body)
+        assert (status, reply) == (200, {}), reply
+        body = {"NetworkID": network, "EndpointID": endpoint}
+        body["Interface"] = {"Address": "10.82.0.2/24"}
+        status, reply = driver.post("NetworkDriver.CreateEndpoint", body)
+        assert status == 200 and "Err" not in reply, reply
+        bridge = "obr-" + network[:11]
+        assert ovs_world.ovs.vsctl("list-ports", bridge).split() == ["oep-" + endpoint[:11]]
+
+
 def test_the_status_tool_reads_an_ovsdb_over_tls(ovs_world, pki):
     directory = ovs_world.directory / "vswitch-db"
     directory.mkdir()
