@@ -1,4 +1,4 @@
-"""``ssl:`` remotes against a real ovsdb-server over TLS: the driver serves
+"""``ssl:`` remotes, and against a real ovsdb-server over TLS: the driver serves
 OVN's IPAM through a Northbound database it reaches with its certificate,
 and says why when the server's certificate is not one its CA vouches for.
 
@@ -8,8 +8,11 @@ through with ovn-nbctl."""
 
 import sys
 
+import ovs.stream
 import pytest
+from twisted.python import usage
 
+from ovsdriver.tap import Options
 from tests import world
 from tests.tls import CA, SecureOVSDB
 from tests.world import run
@@ -154,3 +157,49 @@ def test_the_status_tool_reads_an_ovsdb_over_tls(ovs_world, pki):
         assert "; check --private-key, --certificate and --ca-cert" in result.stdout
     finally:
         server.stop()
+
+
+@pytest.fixture
+def python_ovs_ssl():
+    """python-ovs's process-wide SSL settings, put back after the test."""
+    stream = ovs.stream.Stream
+    saved = (stream._SSL_private_key_file, stream._SSL_certificate_file, stream._SSL_ca_cert_file)
+    yield stream
+    stream.ssl_set_private_key_file(saved[0])
+    stream.ssl_set_certificate_file(saved[1])
+    stream.ssl_set_ca_cert_file(saved[2])
+
+
+def parse_ssl(key, cert, ca_cert):
+    files = ["--private-key", str(key), "--certificate", str(cert), "--ca-cert", str(ca_cert)]
+    options = Options()
+    options.parseOptions(["--ovn-nb", NB_SSL, *files])
+    return options
+
+
+def test_the_files_are_loaded_into_python_ovs_at_start(tmp_path, python_ovs_ssl):
+    ca = CA(tmp_path)
+    key, cert = ca.issue("driver")
+    options = parse_ssl(key, cert, ca.cert)
+    assert options["ssl"] == {
+        "private-key": str(key),
+        "certificate": str(cert),
+        "ca-cert": str(ca.cert),
+    }
+    stream = python_ovs_ssl
+    assert (stream._SSL_private_key_file, stream._SSL_certificate_file) == (str(key), str(cert))
+    assert stream._SSL_ca_cert_file == str(ca.cert)
+
+
+def test_files_that_do_not_load_are_named_at_start(tmp_path, python_ovs_ssl):
+    ca = CA(tmp_path)
+    key, cert = ca.issue("driver")
+    other_key, _ = ca.issue("other")
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(
+        usage.UsageError, match=f"certificate {cert} with the private key {other_key}"
+    ):
+        parse_ssl(other_key, cert, ca.cert)
+    with pytest.raises(usage.UsageError, match=f"CA certificate {missing}: .*No such file"):
+        parse_ssl(key, cert, missing)
+    assert python_ovs_ssl._SSL_private_key_file != str(key)  # nothing half-set

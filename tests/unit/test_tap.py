@@ -11,7 +11,6 @@ from ovsdriver.tap import (
     listen_endpoint,
     private_listen,
 )
-from tests.tls import CA
 
 
 def parse(*argv):
@@ -100,63 +99,3 @@ def test_a_socket_named_where_twisted_cannot_is_refused_with_the_fix(monkeypatch
     monkeypatch.delenv("LISTEN_FDNAMES", raising=False)
     with pytest.raises(usage.UsageError, match="--fdname|index=0"):
         listen_endpoint(MemoryReactor(), "systemd:domain=UNIX:name=ovsdriver.socket:mode=660")
-
-
-@pytest.fixture
-def python_ovs_ssl():
-    """python-ovs's process-wide SSL settings, put back after the test."""
-    import ovs.stream
-
-    stream = ovs.stream.Stream
-    saved = (stream._SSL_private_key_file, stream._SSL_certificate_file, stream._SSL_ca_cert_file)
-    yield stream
-    stream.ssl_set_private_key_file(saved[0])
-    stream.ssl_set_certificate_file(saved[1])
-    stream.ssl_set_ca_cert_file(saved[2])
-
-
-def test_ssl_remotes_get_the_files_loaded_into_python_ovs(tmp_path, python_ovs_ssl):
-    ca = CA(tmp_path)
-    key, cert = ca.issue("driver")
-    options = parse(
-        "--ovn-nb", "ssl:10.0.0.1:6641", "--private-key", str(key), "--certificate", str(cert),
-        "--ca-cert", str(ca.cert),
-    )  # fmt: skip
-    assert options["ssl"] == {
-        "private-key": str(key),
-        "certificate": str(cert),
-        "ca-cert": str(ca.cert),
-    }
-    assert python_ovs_ssl._SSL_private_key_file == str(key)
-    assert python_ovs_ssl._SSL_certificate_file == str(cert)
-    assert python_ovs_ssl._SSL_ca_cert_file == str(ca.cert)
-
-
-def test_ssl_files_that_do_not_load_are_named(tmp_path, python_ovs_ssl):
-    ca = CA(tmp_path)
-    key, cert = ca.issue("driver")
-    other_key, _ = ca.issue("other")
-    remote = ("--ovn-nb", "ssl:10.0.0.1:6641")
-    with pytest.raises(
-        usage.UsageError, match=f"certificate {cert} with the private key {other_key}"
-    ):
-        parse(
-            *remote,
-            "--private-key",
-            str(other_key),
-            "--certificate",
-            str(cert),
-            "--ca-cert",
-            str(ca.cert),
-        )
-    with pytest.raises(usage.UsageError, match=f"CA certificate {tmp_path / 'nope.pem'}"):
-        parse(
-            *remote,
-            "--private-key",
-            str(key),
-            "--certificate",
-            str(cert),
-            "--ca-cert",
-            str(tmp_path / "nope.pem"),
-        )
-    assert python_ovs_ssl._SSL_private_key_file != str(key)  # nothing half-set
