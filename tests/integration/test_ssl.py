@@ -1,10 +1,10 @@
-"""``ssl:`` remotes, and against a real ovsdb-server over TLS: the driver serves
-OVN's IPAM through a Northbound database it reaches with its certificate,
-and says why when the server's certificate is not one its CA vouches for.
+"""``ssl:`` remotes: the certificate options, checked at start; the driver
+(serving OVN's IPAM from a Northbound database, managing Open vSwitch) and
+``ovsdriver status`` against real ovsdb-servers over TLS, and what they say
+when a server's certificate is not one their CA vouches for.
 
-The Northbound ovsdb-server runs in the world's namespace, listening on
-``pssl`` on the namespace's own loopback and on a UNIX socket the test reads
-through with ovn-nbctl."""
+The ovsdb-servers run in the world's namespace, listening on ``pssl`` on the
+namespace's own loopback, and on a UNIX socket the tests read through."""
 
 import sys
 
