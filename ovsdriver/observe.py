@@ -28,7 +28,7 @@ from ovsdriver.health import (
     NetworkFacts,
     SandboxFacts,
 )
-from ovsdriver.ovsdb import TABLES, TLS_FAILED, OVSDBUnavailable, fetch_schema
+from ovsdriver.ovsdb import TABLES, OVSDBUnavailable, fetch_schema, remedy
 from ovsdriver.sandboxes import INVISIBLE, MOUNTED
 from ovsdriver.sandboxes import observe as observe_sandboxes
 from ovsdriver.values import Network
@@ -76,9 +76,7 @@ def _fetch_schema(remote, deadline):
     try:
         return fetch_schema(remote, timeout=max(deadline - time.monotonic(), 0.001))
     except OVSDBUnavailable as e:
-        hint = "is ovsdb-server running? (use --ovsdb to name another remote)"
-        if str(e).startswith(TLS_FAILED):
-            hint = "check --private-key, --certificate and --ca-cert against the server's"
+        hint = remedy(str(e), "is ovsdb-server running? (use --ovsdb to name another remote)")
         raise Unreachable(f"cannot reach OVSDB at {remote} ({e}); {hint}") from None
 
 

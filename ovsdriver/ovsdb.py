@@ -128,6 +128,13 @@ class _TLSStream(ovs.stream.SSLStream):
         return 0
 
 
+def remedy(error, otherwise):
+    """What to check after a connection failed with `error` (a message)."""
+    if error.startswith(TLS_FAILED):
+        return "check --private-key, --certificate and --ca-cert against the server's"
+    return otherwise
+
+
 def fetch_schema(remote, database="Open_vSwitch", timeout=5.0):
     """The schema of `database` at `remote`, as JSON; blocks (in a thread for
     the driver) for at most `timeout` seconds, with python-ovs's own streams,
@@ -141,7 +148,7 @@ def fetch_schema(remote, database="Open_vSwitch", timeout=5.0):
         poller.timer_wait(int(left * 1000) + 1)
         poller.block()
 
-    left_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+    left_ms = max(int(timeout * 1000), 1)
     error, stream = ovs.stream.Stream.open_block(ovs.stream.Stream.open(remote), left_ms)
     if error:
         raise OVSDBUnavailable(_TLSStream.failures.get(remote) or os.strerror(error))
@@ -446,9 +453,7 @@ class OVSDB(service.Service):
 
     def unavailable(self):
         error = _TLSStream.failures.get(self.remote, self._last_error)
-        hint = "is ovsdb-server running?"
-        if error.startswith(TLS_FAILED):
-            hint = "check --private-key, --certificate and --ca-cert against the server's"
+        hint = remedy(error, "is ovsdb-server running?")
         return OVSDBUnavailable(f"cannot reach {self.name} at {self.remote} ({error}); {hint}")
 
     # -- the public operations ---------------------------------------------
