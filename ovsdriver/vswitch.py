@@ -350,8 +350,11 @@ class VSwitch:
                 iface_ids[PEER] = endpoint.ifname
             iface = _add_port(ctx, bridge, endpoint.port, kind, endpoint.vlan, port_ids, iface_ids)
             iface.mtu_request = [endpoint.mtu]
-            if kind == "internal":
-                iface.mac = [endpoint.mac]
+            # No Interface mac: the engine sets the MAC (the one CreateEndpoint
+            # answers or the user gave) as it moves the port in. Given to OVS,
+            # ovs-vswitchd would set it again at every reconfiguration, failing
+            # with an error line per moved port each time (the port has left
+            # its namespace).
             return lambda idl: endpoint
 
         def added(result):

@@ -75,7 +75,9 @@ def test_the_api_against_real_open_vswitch(ovs_world, driver):
     assert vsctl_get(ovs_world, "Interface", port, "external_ids:attached-mac") == mac
     assert vsctl_get(ovs_world, "Interface", port, "external_ids:iface-id") == EP
     link = ovs_world.netns.run(["ip", "-o", "link", "show", port]).stdout
-    assert "mtu 1400" in link and mac in link  # set before the engine takes it
+    assert "mtu 1400" in link  # set before the engine takes it (it never touches the MTU)
+    # The engine sets the MAC as it moves the port in: OVS must not keep at it.
+    assert vsctl_get(ovs_world, "Interface", port, "mac") == "[]"
 
     join = ok(driver, "NetworkDriver.Join", dict(IDS, SandboxKey="/var/run/docker/netns/1"))
     assert join["InterfaceName"] == {"SrcName": port, "DstPrefix": "eth"}
