@@ -323,15 +323,14 @@ class Driver:
     async def join(self, network_id, endpoint_id, sandbox_key):
         # The engine moves the port into the sandbox as soon as Join answers.
         # The sandbox is recorded in the port's own transaction if that is not
-        # sent yet (a veth pair takes a few ms), else right after it, while
-        # the port is made and the request is read.
+        # sent yet (a veth pair takes a few ms), else right after it. Join does
+        # not wait for that commit: a record lost to a crash or an outage is
+        # found again by the reconciler, from the port inside the sandbox.
         await self._port_queued(check_id("EndpointID", endpoint_id))
         recorded = self.vswitch.set_sandbox(endpoint_id, sandbox_key)
-        try:
-            await self._plugged(endpoint_id)
-            network, endpoint = await self._network_and_endpoint(network_id, endpoint_id)
-        finally:
-            await recorded
+        recorded.addErrback(self._record_failed, endpoint_id, sandbox_key)
+        await self._plugged(endpoint_id)
+        network, endpoint = await self._network_and_endpoint(network_id, endpoint_id)
         if endpoint is None:
             raise _unknown_endpoint(endpoint_id)
         self.on_join(attr.evolve(endpoint, sandbox=sandbox_key))
@@ -355,6 +354,15 @@ class Driver:
             if gateway6:
                 response["GatewayIPv6"] = gateway6
         return response
+
+    def _record_failed(self, failure, endpoint_id, sandbox_key):
+        log.warn(
+            "cannot record sandbox {sandbox} of endpoint {endpoint} (the reconciler "
+            "finds it again once the container runs): {error}",
+            sandbox=sandbox_key,
+            endpoint=endpoint_id[:12],
+            error=failure.getErrorMessage(),
+        )
 
     async def leave(self, network_id, endpoint_id):
         await self._plug_done(check_id("EndpointID", endpoint_id))

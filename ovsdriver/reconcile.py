@@ -49,10 +49,21 @@ which old sandboxes stay mounted and new ones are plain files. So:
 An endpoint that was never joined (or was left and not deleted) is an orphan
 once it has been unjoined for `Reconciler.unjoined_grace` seconds, measured on
 a monotonic clock from when this process first saw it so (a restart never
-shortens it): the engine calls Join right after CreateEndpoint, and
-DeleteEndpoint right after Leave, so a long-unjoined endpoint is one whose
+shortens it), and its interface is still in the driver's namespace (or, for a
+veth, its pair is gone): the engine calls Join right after CreateEndpoint,
+and DeleteEndpoint right after Leave, so a long-unjoined endpoint is one whose
 DeleteEndpoint was lost. An endpoint is collected only when two passes in a
-row find it orphaned. A veth host end (``ove-...``) that no endpoint owns for
+row find it orphaned.
+
+Join answers before its record of the sandbox is committed, so a driver
+killed at that moment (or an OVSDB outage then) loses the record of a live
+container. An unjoined endpoint whose interface has left the driver's
+namespace is therefore no orphan: a container took it. The reconciler looks
+for it, by its MAC, in the sandboxes mounted in the driver's view (in the
+engine's sandbox directories: those of the other endpoints' sandboxes and
+``/var/run/docker/netns``) and records the one holding it; from then on the
+rules above apply. Until it is found, the port stays, and the reconciler says
+so once. A veth host end (``ove-...``) that no endpoint owns for
 the grace period is deleted too (a CreateEndpoint cut short by a crash).
 
 Repair. With the userspace (``netdev``) datapath an internal port is a tap that
@@ -99,6 +110,8 @@ log = Logger()
 
 #: The prefix of the veth host ends the driver makes.
 VETH_PREFIX = veth_host_name("")
+#: Where the engine keeps its sandboxes unless its exec root is elsewhere.
+SANDBOX_DIRECTORY = "/var/run/docker/netns"
 #: What `Reconciler._safely` returns when the action failed.
 FAILED = object()
 
@@ -286,6 +299,7 @@ class Reconciler(service.Service):
         self._timer = None
         self._pass = None
         self._unjoined = {}  # endpoint id -> when this process first saw it unjoined
+        self._searched = {}  # endpoint id -> when its sandbox was last looked for
         self._joined = {}  # (endpoint id, sandbox) -> when this process first saw the Join
         self._seen = {}  # (endpoint id, sandbox) -> Seen
         self._suspects = {}  # endpoint id -> why the previous pass found it orphaned
@@ -345,7 +359,10 @@ class Reconciler(service.Service):
             observation = await self._look({ep.sandbox for ep in joined})
         now = self.clock()
         self._complain("pass", None)
-        orphans, broken, seen = self._classify(endpoints, links, observation, now)
+        orphans, broken, seen, taken = self._classify(endpoints, links, observation, now)
+        for endpoint in taken:
+            if self.running:
+                await self._find_sandbox(endpoint, endpoints, now)
         for endpoint, record in seen:
             await self._safely(
                 (endpoint.endpoint_id, "record"),
@@ -387,8 +404,9 @@ class Reconciler(service.Service):
     def _forget_all_but(self, endpoints):
         ids = {ep.endpoint_id for ep in endpoints}
         joins = {(ep.endpoint_id, ep.sandbox) for ep in endpoints if ep.sandbox}
-        for gone in set(self._unjoined) - ids:
-            del self._unjoined[gone]
+        for table in (self._unjoined, self._searched):
+            for gone in set(table) - ids:
+                del table[gone]
         for table in (self._joined, self._seen, self._watched):
             for gone in set(table) - joins:
                 del table[gone]
@@ -408,14 +426,21 @@ class Reconciler(service.Service):
 
     def _classify(self, endpoints, links, observation, now):
         """(orphans confirmed by two passes, with why; (endpoint, sandbox path)
-        to repair; (endpoint, `Seen`) to record)."""
-        suspects, orphans, broken, seen = {}, [], [], []
+        to repair; (endpoint, `Seen`) to record; unjoined endpoints whose
+        interface a container took)."""
+        suspects, orphans, broken, seen, taken = {}, [], [], [], []
         for ep in endpoints:
             reason = None
             if ep.sandbox is None:
                 since = self._unjoined.setdefault(ep.endpoint_id, now)
-                if now - since >= self.unjoined_grace:
+                if now - since < self.unjoined_grace:
+                    pass
+                elif ep.port_type == "veth" and ep.port not in links:
+                    reason = "its veth pair is gone (with its container's namespace)"
+                elif ep.ifname in links:
                     reason = f"not joined to any container for {now - since:.0f} s"
+                else:
+                    taken.append(ep)
             else:
                 self._unjoined.pop(ep.endpoint_id, None)
                 reason = self._judge_joined(ep, links, observation, now, broken, seen)
@@ -425,7 +450,7 @@ class Reconciler(service.Service):
             if ep.endpoint_id in self._suspects:
                 orphans.append((ep, reason))
         self._suspects = suspects
-        return orphans, broken, seen
+        return orphans, broken, seen, taken
 
     def _judge_joined(self, ep, links, observation, now, broken, seen):
         """Why the joined *ep* is an orphan, or None; fills *broken* and *seen*."""
@@ -508,6 +533,57 @@ class Reconciler(service.Service):
         self._watch = None
         if self._watched and self.running:
             self._watch = self.reactor.callLater(self.watch_interval, self._glance)
+
+    async def _find_sandbox(self, endpoint, endpoints, now):
+        """Record the sandbox that holds the interface of *endpoint*, which
+        has no sandbox recorded (its Join's record was lost); looked for once
+        per grace period."""
+        key = endpoint.endpoint_id
+        if now - self._searched.get(key, -self.unjoined_grace) < self.unjoined_grace:
+            return
+        self._searched[key] = now
+        directories = {os.path.dirname(ep.sandbox) for ep in endpoints if ep.sandbox}
+        directories.add(SANDBOX_DIRECTORY)
+        found = await self._safely(
+            (key, "find"),
+            f"cannot look for the sandbox of endpoint {key[:12]}",
+            lambda: self._holder(endpoint, directories),
+        )
+        if found is FAILED:
+            return
+        if found is None:
+            self._complain(
+                (key, "evidence"),
+                f"keeping the port of endpoint {key[:12]}: no sandbox is recorded, yet its "
+                f"interface {endpoint.ifname} has left the driver's namespace, so a container "
+                "may hold it (none mounted where the driver looks does)",
+            )
+            return
+        recorded = await self._safely(
+            (key, "record"),
+            f"cannot record the sandbox of endpoint {key[:12]}",
+            lambda: self.vswitch.set_sandbox(key, found),
+        )
+        if recorded is not FAILED:
+            self._complain((key, "evidence"), None)
+            log.info(
+                "endpoint {endpoint} had no sandbox recorded; its interface is in {sandbox}, "
+                "now recorded",
+                endpoint=key[:12],
+                sandbox=found,
+            )
+
+    async def _holder(self, endpoint, directories):
+        """The mounted sandbox in *directories* with a link of the endpoint's MAC, or None."""
+        mac = (endpoint.mac or "").lower()
+        for path in await self.views.mounted_in(sorted(directories)):
+            try:
+                links = await self.netlink.sandbox_links(path)
+            except LinkError:
+                continue  # torn down meanwhile
+            if any(link.mac == mac for link in links):
+                return path
+        return None
 
     async def _finish_removals(self):
         """Delete the ports DeleteEndpoint marked and that are still there."""

@@ -192,6 +192,21 @@ def observe(paths, own_only=False):
     return Observation(own, sightings, ages, held, now, _boot_id())
 
 
+def mounted_in(directories):
+    """The files in *directories* on which a network namespace is mounted in
+    the driver's own view, sorted. Blocking (reads the directories)."""
+    nsfs = _nsfs_device()
+    found = []
+    for directory in sorted(set(directories)):
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        paths = (os.path.join(directory, name) for name in names)
+        found += sorted(path for path in paths if probe(path, nsfs).kind == MOUNTED)
+    return found
+
+
 class MountViews:
     """The real observer: `observe` on the reactor's thread pool, one look at
     a time (a look that hangs, say on a dead network file system in some
@@ -220,3 +235,8 @@ class MountViews:
                 self._reactor.callFromThread(self._looking.discard, own_only)
 
         return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), look)
+
+    def mounted_in(self, directories):
+        """Deferred: `mounted_in` on the reactor's thread pool."""
+        pool = self._reactor.getThreadPool()
+        return threads.deferToThreadPool(self._reactor, pool, mounted_in, directories)

@@ -239,6 +239,10 @@ class FakeNetlink:
         link = self._links.pop(name)
         self._sandboxes[str(sandbox)].links[new_name or name] = link
 
+    def move_from_sandbox(self, sandbox, name, new_name):
+        """Move a link out of a sandbox (renamed back), as the engine does at Leave."""
+        self._links[new_name] = self._sandboxes[str(sandbox)].links.pop(name)
+
     def sandbox_state(self, sandbox, name):
         """A `FakeLinkState` of link *name* in a sandbox, or None."""
         return _snapshot(name, self._sandboxes[str(sandbox)].links.get(name))
@@ -564,6 +568,17 @@ class FakeMountViews:
             )
 
         return self._answers.answer(look)
+
+    def mounted_in(self, directories):
+        files, _ = self._views[self.OWN]
+        wanted = set(map(str, directories))
+        return self._answers.answer(
+            lambda: sorted(
+                path
+                for path, found in files.items()
+                if found.kind == MOUNTED and os.path.dirname(path) in wanted
+            )
+        )
 
 
 # ---------------------------------------------------------------------------

@@ -108,3 +108,16 @@ class MountViewsContract:
     def test_the_own_view_is_among_the_views(self):
         observation = self.look()
         assert observation.own_view in observation.views
+
+    def test_the_mounted_files_of_a_directory_are_listed(self):
+        directory = self.directory()
+        mounted, plain = directory + "/b-mounted", directory + "/a-plain"
+        for path in (mounted, plain):
+            self.make_file(path)
+        self.mount_here(mounted)
+        view = self.other_view()
+        elsewhere = directory + "/c-elsewhere"
+        self.make_file(elsewhere)
+        self.mount_elsewhere(view, elsewhere)  # not in the driver's own view
+        found = self.call(self.views.mounted_in, [directory, self.directory() + "/none"])
+        assert found == [mounted]

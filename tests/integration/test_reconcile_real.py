@@ -8,10 +8,13 @@ driven through the plugin API as the engine drives it.
   It must never take those for torn down, and still collect real orphans.
 - A container that starts slowly: its sandbox file appears long after Join.
   Its port stays, and the driver says once that it waits.
+- A container whose record of its sandbox was lost (the driver was killed
+  between Join's answer and the record's commit): found again, never collected.
 """
 
 import os
 import secrets
+import signal
 import subprocess
 import time
 
@@ -104,10 +107,13 @@ def create_network(driver):
 
 
 def join(driver, n, sandbox):
-    """CreateEndpoint and Join, as the engine does when a container starts."""
+    """CreateEndpoint and Join, as the engine does when a container starts;
+    the endpoint's MAC."""
     ids = {"NetworkID": NET, "EndpointID": endpoint_id(n)}
-    ok(driver, "NetworkDriver.CreateEndpoint", dict(ids, Interface={"Address": f"10.41.0.{n}/24"}))
+    interface = {"Address": f"10.41.0.{n}/24"}
+    reply = ok(driver, "NetworkDriver.CreateEndpoint", dict(ids, Interface=interface))
     ok(driver, "NetworkDriver.Join", dict(ids, SandboxKey=sandbox))
+    return reply["Interface"]["MacAddress"]
 
 
 def ports(ovs_world):
@@ -177,6 +183,35 @@ def test_a_sandbox_that_appears_long_after_join_keeps_its_port(ovs_world, sandbo
     assert driver.log().count(f"keeping the port of endpoint {endpoint_id(5)[:12]}") == 1
     sandboxes.unmount("slow")
     wait_gone(ovs_world, driver, port(5))
+
+
+def test_a_container_whose_record_of_its_sandbox_was_lost_keeps_its_port(ovs_world, sandboxes):
+    """Join answers before its record of the sandbox is committed, so a driver
+    killed right then loses it. The restarted driver finds the port inside
+    the container's sandbox by its MAC and records it again."""
+    driver = ovs_world.start_driver()
+    create_network(driver)
+    join(driver, 6, sandboxes.mount("other"))  # another container, same directory
+    lost = sandboxes.mount("lost")
+    mac = join(driver, 7, lost)
+    # The engine moves the port in and gives it its name and MAC there.
+    ovs_world.netns.run(["ip", "link", "set", "dev", port(7), "netns", lost])
+    world.run(
+        ["nsenter", f"--net={lost}", "ip", "link", "set", "dev", port(7), "name", "eth0",
+         "address", mac, "up"],
+        timeout=10,
+    )  # fmt: skip
+    driver.kill(signal.SIGKILL)
+    for key in ("ovsdriver-sandbox", "ovsdriver-sandbox-seen"):
+        ovs_world.ovs.vsctl("remove", "Interface", port(7), "external_ids", key)
+    driver.start()
+    collected = lambda: f"the port was collected:\n{world.tail(driver.logfile)}"  # noqa: E731
+    stays(lambda: port(7) in ports(ovs_world), GRACE + 3 * INTERVAL, collected)
+    recorded = "external_ids:ovsdriver-sandbox"
+    assert ovs_world.ovs.vsctl("get", "Interface", port(7), recorded).strip('"') == lost
+    sandboxes.unmount("lost")  # the container ends: its port goes as any other's
+    wait_gone(ovs_world, driver, port(7))
+    assert port(6) in ports(ovs_world)
 
 
 def test_the_private_view_scenario_is_real(ovs_world, sandboxes):

@@ -1,8 +1,10 @@
 """CreateEndpoint answers at once and the port is made while the engine
-prepares Join, which waits for it (the driver over verified fakes)."""
+prepares Join, which waits for it but not for its record of the sandbox (the
+driver over verified fakes)."""
 
 import pytest
 from twisted.internet import defer
+from twisted.logger import Logger, LogLevel, formatEvent
 
 from ovsdriver.driver import Driver
 from ovsdriver.testing import FakeFirewall, FakeNetlink, FakeVSwitch
@@ -183,4 +185,46 @@ def test_a_join_during_a_veth_pairs_making_shares_the_ports_transaction(clock, i
     idl.catch_up()
     clock.advance(0.1)
     assert joined[0]["InterfaceName"]["SrcName"] == "oep-" + EP[:11]
+    engine.running = False
+
+
+def made_port(clock, idl, driver, vswitch):
+    """An internal network and an endpoint whose port ovs-vswitchd has made."""
+    network = Network(network_id=NET, bridge="obr-" + NET[:11])
+    for step in (lambda: vswitch.add_network(network), lambda: create(driver)):
+        step()
+        clock.advance(0)
+        idl.answer(Txn.SUCCESS)
+        clock.advance(0.1)
+        idl.catch_up()
+        clock.advance(0.1)
+
+
+def test_join_answers_before_its_record_of_the_sandbox_is_committed(clock, idl):
+    engine = scripted_engine(clock, idl)
+    vswitch = VSwitch(engine)
+    driver = Driver(vswitch, FakeNetlink(), FakeFirewall())
+    made_port(clock, idl, driver, vswitch)
+    joined = join(driver)
+    (txn,) = idl.outstanding  # the record, sent
+    assert joined[0]["InterfaceName"]["SrcName"] == "oep-" + EP[:11]
+    (change,) = txn.writes["changed"].values()
+    assert change["external_ids"]["ovsdriver-sandbox"] == "/var/run/docker/netns/x"
+    engine.running = False
+
+
+def test_a_record_of_the_sandbox_that_fails_is_logged(clock, idl, monkeypatch):
+    events = []
+    monkeypatch.setattr("ovsdriver.driver.log", Logger(observer=events.append))
+    engine = scripted_engine(clock, idl)
+    vswitch = VSwitch(engine)
+    driver = Driver(vswitch, FakeNetlink(), FakeFirewall())
+    made_port(clock, idl, driver, vswitch)
+    (joined,) = join(driver)
+    assert joined["InterfaceName"]["SrcName"] == "oep-" + EP[:11]
+    idl.answer(Txn.ERROR, error="the server said no")
+    clock.advance(0.1)
+    (warning,) = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+    assert warning.startswith("cannot record sandbox /var/run/docker/netns/x of endpoint e9e9")
+    assert "the reconciler finds it again once the container runs" in warning
     engine.running = False

@@ -100,10 +100,10 @@ class Scene:
             self.settle()
         return ep
 
-    def sandbox(self, name="sb1", views=None):
+    def sandbox(self, name="sb1", views=None, directory=NETNS_DIR):
         """A sandbox the engine made and mounted (seen in the driver's view
         too when the views are shared); returns its path."""
-        path = f"{NETNS_DIR}/{name}"
+        path = f"{directory}/{name}"
         netns = next(self._netns)
         self.views.mount(path, netns, views if views is not None else self._views())
         self.views.create(path)  # the file is in the shared directory anyway
@@ -569,11 +569,68 @@ def test_an_endpoint_left_and_never_deleted_is_collected_after_the_grace(scene):
     sandbox = scene.sandbox()
     scene.join(ep, sandbox)
     scene.start()
-    scene.vswitch.set_sandbox(EP_1, None)  # Leave; DeleteEndpoint never comes
+    # Leave (the engine moves the link back first); DeleteEndpoint never comes.
+    scene.kernel.move_from_sandbox(sandbox, "eth0", ep.ifname)
+    scene.vswitch.set_sandbox(EP_1, None)
     scene.run_for(GRACE)
     assert ep.port in scene.ports()
     scene.run_for(2 * INTERVAL)
     assert ep.port not in scene.ports()
+
+
+# -- a lost record of the sandbox ------------------------------------------------------
+
+
+def test_a_container_whose_record_was_lost_keeps_its_port_and_gets_the_record_back(scene):
+    """Join answered, then the driver died before its record was committed."""
+    ep = scene.endpoint()
+    other = scene.endpoint(EP_2, mac=MAC_2)
+    scene.join(other, scene.sandbox("sb2"))  # tells where the engine's sandboxes are
+    sandbox = scene.sandbox()
+    scene.kernel.move_to_sandbox(ep.ifname, sandbox, "eth0")  # no record
+    scene.start()
+    scene.run_for(GRACE + 3 * INTERVAL)
+    assert ep.port in scene.ports()
+    assert scene.vswitch.endpoint(EP_1).result.sandbox == sandbox
+    scene.delete(sandbox)  # from now on, as any joined endpoint
+    scene.run_for(2 * INTERVAL)
+    assert ep.port not in scene.ports() and other.port in scene.ports()
+
+
+def test_a_lost_record_is_found_in_the_engines_default_directory(scene):
+    ep = scene.endpoint()
+    sandbox = scene.sandbox(directory=reconcile.SANDBOX_DIRECTORY)
+    scene.kernel.move_to_sandbox(ep.ifname, sandbox, "eth0")
+    scene.start()
+    scene.run_for(GRACE + 3 * INTERVAL)
+    assert scene.vswitch.endpoint(EP_1).result.sandbox == sandbox
+
+
+def test_an_interface_a_container_took_keeps_its_port_while_no_sandbox_is_found(scene):
+    ep = scene.endpoint()
+    sandbox = scene.sandbox(directory="/elsewhere")  # an exec root the driver cannot guess
+    scene.kernel.move_to_sandbox(ep.ifname, sandbox, "eth0")
+    scene.start()
+    scene.run_for(3 * GRACE)
+    assert ep.port in scene.ports()
+    assert scene.vswitch.endpoint(EP_1).result.sandbox is None
+    (warning,) = [w for w in scene.warnings() if "no sandbox is recorded" in w]
+    assert f"interface {ep.ifname} has left the driver's namespace" in warning
+
+
+def test_a_veth_endpoint_whose_pair_is_gone_is_collected_without_a_record():
+    scene = Scene(port_type="veth")
+    ep = scene.endpoint()
+    sandbox = scene.sandbox(directory=reconcile.SANDBOX_DIRECTORY)
+    scene.kernel.move_to_sandbox(ep.ifname, sandbox, "eth0")  # no record
+    scene.start()
+    scene.run_for(GRACE + 3 * INTERVAL)
+    assert scene.vswitch.endpoint(EP_1).result.sandbox == sandbox  # found, alive
+    scene.vswitch.set_sandbox(EP_1, None)  # lost again; then the container ends
+    scene.tear_down(sandbox)  # its namespace takes the pair along
+    scene.run_for(GRACE + 2 * INTERVAL)
+    assert ep.port not in scene.ports()
+    scene.reconciler.stopService()
 
 
 def test_a_veth_orphan_takes_its_veth_along():
