@@ -458,7 +458,7 @@ class OVSDB(service.Service):
 
     # -- the public operations ---------------------------------------------
 
-    def transact(self, build, background=False, applied=True, at_once=False):
+    def transact(self, build, background=False, applied=True):
         """Queue `build(context)`; it may write through ``context`` and returns
         None or a callable that computes the result once ovs-vswitchd has
         applied the transaction (it may raise to fail the operation). With
@@ -469,9 +469,8 @@ class OVSDB(service.Service):
         A `background` operation (a deletion nothing waits for) is committed
         when no other operation has been around for a while, in a transaction
         of background operations only, or under constant load with the next
-        batch (see the module's docstring). An `at_once` operation (a request
-        waits for it) is sent in this reactor turn if no transaction is in
-        flight, rather than in the next one with what else is queued by then.
+        batch (see the module's docstring). Operations are sent from the next
+        reactor turn on, so a request's answer goes out before what it queued.
         """
         op = _Operation(build, defer.Deferred(), self.reactor.seconds())
         op.timer = self.reactor.callLater(self.apply_timeout, self._expire, op)
@@ -483,8 +482,6 @@ class OVSDB(service.Service):
             self._queue.append(op)
             self._busy_until = max(self._busy_until, op.queued_at)
             op.deferred.addBoth(self._foreground_ended)
-        if at_once and self._txn is None and not self._ticking and self.connected:
-            self._start_transaction()
         self._schedule(0)
         return op.deferred
 

@@ -430,9 +430,8 @@ class VSwitch:
         return self.ovsdb.transact(build, background=True)
 
     def set_sandbox(self, endpoint_id, sandbox):
-        """Remember (or forget, with None) the sandbox an endpoint joined (for
-        Join or Leave, which wait for it)."""
-        return self._set_endpoint_key(endpoint_id, SANDBOX, sandbox, at_once=True)
+        """Remember (or forget, with None) the sandbox an endpoint joined."""
+        return self._set_endpoint_key(endpoint_id, SANDBOX, sandbox)
 
     def set_sandbox_seen(self, endpoint_id, sandbox, seen):
         """Record *seen* (text, see `ovsdriver.reconcile`) for the endpoint while
@@ -454,7 +453,7 @@ class VSwitch:
         value = PublishedPort.list_to_json(published) if published else None
         return self._set_endpoint_key(endpoint_id, PORTMAP, value)
 
-    def _set_endpoint_key(self, endpoint_id, key, value, at_once=False):
+    def _set_endpoint_key(self, endpoint_id, key, value):
         def build(ctx):
             port = _endpoint_port(ctx.find, endpoint_id)
             if port is None:
@@ -466,7 +465,7 @@ class VSwitch:
             elif _ids(iface).get(key) != value:
                 iface.setkey("external_ids", key, value)
 
-        return self.ovsdb.transact(build, at_once=at_once)
+        return self.ovsdb.transact(build)
 
 
 # -- builders' helpers (run inside a transaction) ------------------------------

@@ -174,6 +174,7 @@ def test_a_join_during_a_veth_pairs_making_shares_the_ports_transaction(clock, i
     joined = join(driver)
     assert joined == [] and idl.outstanding == []
     driver.netlink.gate.callback(None)  # the pair is made: the port is queued
+    clock.advance(0)
     (txn,) = idl.outstanding  # in one transaction with the sandbox
     (iface,) = [
         data for table, data in txn.writes["inserted"].values() if table.name == "Interface"
@@ -206,8 +207,9 @@ def test_join_answers_before_its_record_of_the_sandbox_is_committed(clock, idl):
     driver = Driver(vswitch, FakeNetlink(), FakeFirewall())
     made_port(clock, idl, driver, vswitch)
     joined = join(driver)
-    (txn,) = idl.outstanding  # the record, sent
     assert joined[0]["InterfaceName"]["SrcName"] == "oep-" + EP[:11]
+    clock.advance(0)
+    (txn,) = idl.outstanding  # the record, sent after the answer
     (change,) = txn.writes["changed"].values()
     assert change["external_ids"]["ovsdriver-sandbox"] == "/var/run/docker/netns/x"
     engine.running = False
@@ -222,6 +224,7 @@ def test_a_record_of_the_sandbox_that_fails_is_logged(clock, idl, monkeypatch):
     made_port(clock, idl, driver, vswitch)
     (joined,) = join(driver)
     assert joined["InterfaceName"]["SrcName"] == "oep-" + EP[:11]
+    clock.advance(0)
     idl.answer(Txn.ERROR, error="the server said no")
     clock.advance(0.1)
     (warning,) = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
