@@ -82,6 +82,10 @@ ports are datapath vports that survive an ovs-vswitchd restart inside the
 container, so there is nothing to repair; veth ports survive with either
 datapath.
 
+Upgrades. Drivers before 2026-12 set each internal endpoint port's Interface
+``mac``, which ovs-vswitchd keeps setting again, failing (with an error line)
+for every port inside a container; the first pass clears it.
+
 Unfinished removals. DeleteEndpoint only marks an endpoint's port for deletion
 and deletes it in the background; each pass (the first one right at start)
 deletes marked ports still there, e.g. after the driver was killed in between.
@@ -300,6 +304,7 @@ class Reconciler(service.Service):
         self._pass = None
         self._unjoined = {}  # endpoint id -> when this process first saw it unjoined
         self._searched = {}  # endpoint id -> when its sandbox was last looked for
+        self._upgraded = False  # whether older drivers' Interface macs are cleared
         self._joined = {}  # (endpoint id, sandbox) -> when this process first saw the Join
         self._seen = {}  # (endpoint id, sandbox) -> Seen
         self._suspects = {}  # endpoint id -> why the previous pass found it orphaned
@@ -347,6 +352,13 @@ class Reconciler(service.Service):
     async def reconcile(self):
         """One pass: finish removals, collect orphans, repair broken endpoints,
         delete stray veths."""
+        if not self._upgraded:
+            self._upgraded = (
+                await self._safely(
+                    "macs", "cannot clear the MACs older drivers set", self.vswitch.forget_port_macs
+                )
+                is not FAILED
+            )
         await self._finish_removals()
         if not self.running:
             return  # stopping: OVSDB may be gone, don't wait for it

@@ -788,6 +788,9 @@ class FakeVSwitch:
                     removed.append((name, ep is not None and ep.port_type == "veth"))
         return defer.succeed(removed)
 
+    def forget_port_macs(self):
+        return defer.succeed(0)  # the fake keeps no Interface mac
+
     def set_sandbox(self, endpoint_id, sandbox):
         return self._evolve(endpoint_id, sandbox=sandbox)
 

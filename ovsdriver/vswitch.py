@@ -429,6 +429,23 @@ class VSwitch:
 
         return self.ovsdb.transact(build, background=True)
 
+    def forget_port_macs(self):
+        """Clear the Interface mac that drivers before 2026-12 gave endpoint
+        ports: ovs-vswitchd sets it again at every reconfiguration and logs an
+        error for each port inside a container. Fires with how many were."""
+
+        def build(ctx):
+            ifaces = [
+                iface
+                for iface in ctx.rows("Interface")
+                if ENDPOINT_ID in _ids(iface) and OWNER in _ids(iface) and column(iface, "mac")
+            ]
+            for iface in ifaces:
+                iface.mac = []
+            return lambda idl: len(ifaces)
+
+        return self.ovsdb.transact(build)
+
     def set_sandbox(self, endpoint_id, sandbox):
         """Remember (or forget, with None) the sandbox an endpoint joined."""
         return self._set_endpoint_key(endpoint_id, SANDBOX, sandbox)

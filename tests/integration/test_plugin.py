@@ -3,6 +3,7 @@ Open vSwitch: the command line, the socket, the API and what OVSDB shows."""
 
 import contextlib
 import http.client
+import json
 import os
 import signal
 import stat
@@ -85,9 +86,12 @@ def test_the_api_against_real_open_vswitch(ovs_world, driver):
     info = ok(driver, "NetworkDriver.EndpointOperInfo", IDS)["Value"]
     assert info["bridge"] == bridge and info["mac"] == mac
 
-    # Killed and restarted, the driver finds everything again in OVSDB.
+    # Killed and restarted, the driver finds everything again in OVSDB; and
+    # clears the Interface mac older drivers set.
     driver.kill(signal.SIGKILL)
+    ovs_world.ovs.vsctl("set", "Interface", port, f"mac={json.dumps(mac)}")
     driver.start()
+    wait_until(lambda: vsctl_get(ovs_world, "Interface", port, "mac") == "[]", timeout=10)
     ok(driver, "NetworkDriver.Leave", IDS)
     ok(driver, "NetworkDriver.DeleteEndpoint", IDS)
     # The port goes in the background, right after the call.

@@ -51,8 +51,13 @@ def join(world, driver, sandbox, endpoint_id=EP):
     ok(driver, "NetworkDriver.Join", dict(ids(endpoint_id), SandboxKey=sandbox.path))
     port = "oep-" + endpoint_id[:11]
     world.netns.run(["ip", "link", "set", port, "netns", sandbox.path])
-    sandbox.run(["ip", "link", "set", port, "name", "eth0"])
+    sandbox.run(["ip", "link", "set", port, "name", "eth0", "address", attached_mac(world, port)])
     sandbox.run(["ip", "link", "set", "eth0", "up"])
+
+
+def attached_mac(world, port):
+    """The endpoint's MAC, which the engine gives the link as it moves it in."""
+    return world.ovs.vsctl("get", "Interface", port, "external_ids:attached-mac").strip('"')
 
 
 def status(world, *argv, remote=None):
@@ -126,7 +131,9 @@ def test_a_sandbox_mounted_only_in_another_mount_view_is_judged_there(ovs_world,
         ok(driver, "NetworkDriver.Join", dict(ids(), SandboxKey=str(path)))
         ovs_world.netns.run(["ip", "link", "set", PORT, "netns", in_view])
         inside = ["nsenter", f"--net={in_view}", "ip", "link", "set"]
-        ovs_world.netns.run([*inside, PORT, "name", "eth0"])
+        ovs_world.netns.run(
+            [*inside, PORT, "name", "eth0", "address", attached_mac(ovs_world, PORT)]
+        )
         ovs_world.netns.run([*inside, "eth0", "up"])
         code, document = report(ovs_world)
         endpoint = endpoints_of(document)[EP]
