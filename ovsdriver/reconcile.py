@@ -59,7 +59,7 @@ Join answers before its record of the sandbox is committed, so a driver
 killed at that moment (or an OVSDB outage then) loses the record of a live
 container. An unjoined endpoint whose interface has left the driver's
 namespace is therefore no orphan: a container took it. The reconciler looks
-for it, by its MAC, in the sandboxes mounted in the driver's view (in the
+for it (its MAC and address) in the sandboxes mounted in the driver's view (in the
 engine's sandbox directories: those of the other endpoints' sandboxes and
 ``/var/run/docker/netns``) and records the one holding it; from then on the
 rules above apply. Until it is found, the port stays, and the reconciler says
@@ -586,14 +586,21 @@ class Reconciler(service.Service):
             )
 
     async def _holder(self, endpoint, directories):
-        """The mounted sandbox in *directories* with a link of the endpoint's MAC, or None."""
+        """The mounted sandbox in *directories* with the endpoint's link (its
+        MAC and, when it has any, one of its addresses), or None."""
         mac = (endpoint.mac or "").lower()
+        addresses = {ipaddress.ip_interface(a) for a in (endpoint.ipv4, endpoint.ipv6) if a}
+
+        def is_its(link):
+            found = {ipaddress.ip_interface(a) for a in link.addresses}
+            return link.mac == mac and (not addresses or addresses & found)
+
         for path in await self.views.mounted_in(sorted(directories)):
             try:
                 links = await self.netlink.sandbox_links(path)
             except LinkError:
                 continue  # torn down meanwhile
-            if any(link.mac == mac for link in links):
+            if any(is_its(link) for link in links):
                 return path
         return None
 

@@ -194,13 +194,11 @@ def test_a_container_whose_record_of_its_sandbox_was_lost_keeps_its_port(ovs_wor
     join(driver, 6, sandboxes.mount("other"))  # another container, same directory
     lost = sandboxes.mount("lost")
     mac = join(driver, 7, lost)
-    # The engine moves the port in and gives it its name and MAC there.
+    # The engine moves the port in and gives it its name, MAC and address there.
     ovs_world.netns.run(["ip", "link", "set", "dev", port(7), "netns", lost])
-    world.run(
-        ["nsenter", f"--net={lost}", "ip", "link", "set", "dev", port(7), "name", "eth0",
-         "address", mac, "up"],
-        timeout=10,
-    )  # fmt: skip
+    inside = ["nsenter", f"--net={lost}", "ip"]
+    world.run([*inside, "link", "set", "dev", port(7), "name", "eth0", "address", mac, "up"])
+    world.run([*inside, "address", "add", "10.41.0.7/24", "dev", "eth0"])
     driver.kill(signal.SIGKILL)
     for key in ("ovsdriver-sandbox", "ovsdriver-sandbox-seen"):
         ovs_world.ovs.vsctl("remove", "Interface", port(7), "external_ids", key)

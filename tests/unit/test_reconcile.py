@@ -119,6 +119,13 @@ class Scene:
         if move:
             self.kernel.move_to_sandbox(ep.ifname, sandbox, "eth0")
 
+    def move_in(self, ep, sandbox):
+        """The engine moves the link in as eth0 and gives it its address (no record)."""
+        self.kernel.move_to_sandbox(ep.ifname, sandbox, "eth0")
+        index = self.kernel.sandbox_state(sandbox, "eth0").index
+        self.kernel.add_address_in(sandbox, index, ep.ipv4)
+        self.settle()
+
     def stop_container(self, sandbox):
         """The container's processes end."""
         self.views.release(self.netns_of[sandbox])
@@ -587,7 +594,7 @@ def test_a_container_whose_record_was_lost_keeps_its_port_and_gets_the_record_ba
     other = scene.endpoint(EP_2, mac=MAC_2)
     scene.join(other, scene.sandbox("sb2"))  # tells where the engine's sandboxes are
     sandbox = scene.sandbox()
-    scene.kernel.move_to_sandbox(ep.ifname, sandbox, "eth0")  # no record
+    scene.move_in(ep, sandbox)
     scene.start()
     scene.run_for(GRACE + 3 * INTERVAL)
     assert ep.port in scene.ports()
@@ -600,7 +607,21 @@ def test_a_container_whose_record_was_lost_keeps_its_port_and_gets_the_record_ba
 def test_a_lost_record_is_found_in_the_engines_default_directory(scene):
     ep = scene.endpoint()
     sandbox = scene.sandbox(directory=reconcile.SANDBOX_DIRECTORY)
-    scene.kernel.move_to_sandbox(ep.ifname, sandbox, "eth0")
+    scene.move_in(ep, sandbox)
+    scene.start()
+    scene.run_for(GRACE + 3 * INTERVAL)
+    assert scene.vswitch.endpoint(EP_1).result.sandbox == sandbox
+
+
+def test_a_link_with_the_mac_but_another_address_is_not_the_endpoints(scene):
+    """A MAC given twice (--mac-address) on two networks: the address tells."""
+    ep = scene.endpoint()
+    other = scene.endpoint(EP_2, mac=MAC)
+    stranger = scene.sandbox("a-stranger", directory=reconcile.SANDBOX_DIRECTORY)
+    scene.join(other, stranger, move=False)
+    scene.kernel.add_sandbox_link(stranger, "eth0", MAC, addresses=["10.9.0.3/24"])
+    sandbox = scene.sandbox(directory=reconcile.SANDBOX_DIRECTORY)
+    scene.move_in(ep, sandbox)
     scene.start()
     scene.run_for(GRACE + 3 * INTERVAL)
     assert scene.vswitch.endpoint(EP_1).result.sandbox == sandbox
@@ -609,7 +630,7 @@ def test_a_lost_record_is_found_in_the_engines_default_directory(scene):
 def test_an_interface_a_container_took_keeps_its_port_while_no_sandbox_is_found(scene):
     ep = scene.endpoint()
     sandbox = scene.sandbox(directory="/elsewhere")  # an exec root the driver cannot guess
-    scene.kernel.move_to_sandbox(ep.ifname, sandbox, "eth0")
+    scene.move_in(ep, sandbox)
     scene.start()
     scene.run_for(3 * GRACE)
     assert ep.port in scene.ports()
@@ -622,7 +643,7 @@ def test_a_veth_endpoint_whose_pair_is_gone_is_collected_without_a_record():
     scene = Scene(port_type="veth")
     ep = scene.endpoint()
     sandbox = scene.sandbox(directory=reconcile.SANDBOX_DIRECTORY)
-    scene.kernel.move_to_sandbox(ep.ifname, sandbox, "eth0")  # no record
+    scene.move_in(ep, sandbox)
     scene.start()
     scene.run_for(GRACE + 3 * INTERVAL)
     assert scene.vswitch.endpoint(EP_1).result.sandbox == sandbox  # found, alive
