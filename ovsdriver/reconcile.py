@@ -352,14 +352,9 @@ class Reconciler(service.Service):
     async def reconcile(self):
         """One pass: finish removals, collect orphans, repair broken endpoints,
         delete stray veths."""
-        if not self._upgraded:
-            self._upgraded = (
-                await self._safely(
-                    "macs", "cannot clear the MACs older drivers set", self.vswitch.forget_port_macs
-                )
-                is not FAILED
-            )
         await self._finish_removals()
+        if self.running and not self._upgraded:
+            await self._upgrade()
         if not self.running:
             return  # stopping: OVSDB may be gone, don't wait for it
         endpoints = await self.vswitch.endpoints()
@@ -603,6 +598,12 @@ class Reconciler(service.Service):
             if any(is_its(link) for link in links):
                 return path
         return None
+
+    async def _upgrade(self):
+        """Clear the Interface mac older drivers set (until that worked once)."""
+        doing = "cannot clear the Interface mac older drivers set on endpoint ports"
+        cleared = await self._safely("macs", doing, self.vswitch.forget_port_macs)
+        self._upgraded = cleared is not FAILED
 
     async def _finish_removals(self):
         """Delete the ports DeleteEndpoint marked and that are still there."""

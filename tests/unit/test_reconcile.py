@@ -792,7 +792,7 @@ def test_a_failing_pass_is_logged_and_the_next_pass_runs(scene):
     sandbox = scene.sandbox()
     scene.join(ep, sandbox)
     scene.start()
-    assert vswitch.calls == ["forget_port_macs", "finish_removals", "endpoints"]
+    assert vswitch.calls == ["finish_removals", "forget_port_macs", "endpoints"]
     assert any("OVSDB is down" in w for w in scene.warnings())
     scene.run_for(INTERVAL)
     scene.tear_down(sandbox)
