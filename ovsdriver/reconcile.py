@@ -59,12 +59,14 @@ Join answers before its record of the sandbox is committed, so a driver
 killed at that moment (or an OVSDB outage then) loses the record of a live
 container. An unjoined endpoint whose interface has left the driver's
 namespace is therefore no orphan: a container took it. The reconciler looks
-for it (its MAC and address) in the sandboxes mounted in the driver's view (in the
-engine's sandbox directories: those of the other endpoints' sandboxes and
-``/var/run/docker/netns``) and records the one holding it; from then on the
-rules above apply. Until it is found, the port stays, and the reconciler says
-so once. A veth host end (``ove-...``) that no endpoint owns for
-the grace period is deleted too (a CreateEndpoint cut short by a crash).
+for that interface (its MAC and address) in the sandboxes mounted in the
+driver's view, in the engine's sandbox directories (those of the other
+endpoints' sandboxes and ``/var/run/docker/netns``), and records the one
+holding it; from then on the rules above apply. Until it is found, the port
+stays, and the reconciler says so once.
+
+A veth host end (``ove-...``) that no endpoint owns for the grace period is
+deleted too (a CreateEndpoint cut short by a crash).
 
 Repair. With the userspace (``netdev``) datapath an internal port is a tap that
 ovs-vswitchd owns. When ovs-vswitchd restarts it makes every tap anew, in its
