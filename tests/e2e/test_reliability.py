@@ -291,3 +291,28 @@ def test_a_driver_with_a_private_copy_of_the_engines_mounts_keeps_live_container
     print(f"\norphan of a private-view driver collected {took:.1f} s after its restart")
     assert not rel.orphans()
     assert rel.ping("p0", "10.76.0.1")
+
+
+def test_a_running_container_whose_record_of_its_sandbox_is_lost_keeps_its_port(rel):
+    """Join answers before its record of the sandbox is committed, so a driver
+    killed right then loses it (here it is removed while the driver is down).
+    The container's port stays, and the record comes back from the
+    container's interface, found by its MAC and address."""
+    rel.network("lost", "10.95.0.0/24")
+    rel.run("l1", "lost")
+    rel.run("l2", "lost")  # a recorded sandbox: where the engine keeps them
+    l1 = rel.inspect("l1")[0]["NetworkSettings"]
+    port = "oep-" + l1["Networks"]["lost"]["EndpointID"][:11]
+    rel.driver.kill(signal.SIGKILL)
+    for key in ("ovsdriver-sandbox", "ovsdriver-sandbox-seen"):
+        rel.world.ovs.vsctl("remove", "Interface", port, "external_ids", key)
+    rel.driver.start()
+
+    def recorded():
+        key = "external_ids:ovsdriver-sandbox"
+        return rel.world.ovs.vsctl("--if-exists", "get", "Interface", port, key).strip('"')
+
+    took = rel.wait_for(lambda: recorded() == l1["SandboxKey"], BOUND, "no sandbox recorded")
+    print(f"\nthe sandbox recorded again {took:.1f} s after the driver restarted")
+    assert port in rel.endpoint_ports()
+    assert rel.ping("l1", rel.address("l2", "lost"))
