@@ -61,6 +61,7 @@ from tests.world import (  # noqa: E402
     PLUGIN_DIR,
     DockerWorld,
     Driver,
+    UnixHTTPConnection,
     stop_process,
     wait_until,
 )
@@ -177,6 +178,81 @@ def bench(world, networks, count, rounds):
             samples[name]["batch rm"].append(remove_many(world, ids, CLIENTS) / CLIENTS)
     print(f"  {rounds} concurrent batches per network done", flush=True)
     return samples
+
+
+class Engine:
+    """The engine's API over its socket, one connection: a container's create,
+    start and removal timed without the docker CLI's own ~0.1 s per command."""
+
+    def __init__(self, dockerd):
+        self._conn = UnixHTTPConnection(str(dockerd.socket), timeout=120)
+
+    def call(self, method, url, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        self._conn.request(method, url, body=data, headers={"Content-Type": "application/json"})
+        response = self._conn.getresponse()
+        reply = response.read()
+        if response.status >= 300:
+            raise RuntimeError(f"{method} {url}: {response.status} {reply[:300]!r}")
+        return json.loads(reply) if reply else None
+
+    def create(self, network):
+        spec = {"Image": BUSYBOX_IMAGE, "Cmd": ["sleep", "600"]}
+        spec["HostConfig"] = {"NetworkMode": network}
+        return self.call("POST", "/containers/create", spec)["Id"]
+
+    def close(self):
+        self._conn.close()
+
+
+def bench_api(world, networks, rounds):
+    """Per network, seconds of the engine's start call ("start") and its
+    removal ("remove"), the networks interleaved as in `bench`."""
+    names = list(networks)
+    samples = {name: {"start": [], "remove": []} for name in names}
+    engine = Engine(world.dockerd)
+    try:
+        for i in range(rounds):
+            made = {}
+            for name in rotated(names, i):
+                made[name] = engine.create(networks[name])
+                samples[name]["start"].append(
+                    timed(engine.call, "POST", f"/containers/{made[name]}/start")
+                )
+            for name in rotated(names, i):
+                url = f"/containers/{made[name]}?force=1"
+                samples[name]["remove"].append(timed(engine.call, "DELETE", url))
+    finally:
+        engine.close()
+    print(f"  {rounds} rounds through the engine's API done", flush=True)
+    return samples
+
+
+def print_api_table(samples, rounds):
+    print(
+        f"\nthrough the engine's API, {rounds} rounds, medians; paired by round with the "
+        "bridge (bootstrap 90% interval)"
+    )
+    print(
+        "| network | start call | network cost of a start | minus the bridge, paired | "
+        "as a ratio of the bridge's network cost | remove call |"
+    )
+    print("|---" * 6 + "|")
+    med = {n: {k: statistics.median(v) for k, v in m.items()} for n, m in samples.items()}
+    bridge_cost = med["docker bridge"]["start"] - med["none"]["start"]
+    for name, m in med.items():
+        cost = paired = ratio = "-"
+        if name != "none":
+            cost = f"{(m['start'] - med['none']['start']) * 1000:.0f} ms"
+        if name not in ("none", "docker bridge"):
+            d, low, high = paired_difference(samples, name, "start")
+            paired = f"{d * 1000:+.1f} ms ({low * 1000:+.1f} to {high * 1000:+.1f})"
+            ratio = f"{1 + d / bridge_cost:.2f}x ({1 + low / bridge_cost:.2f}-"
+            ratio += f"{1 + high / bridge_cost:.2f}x)"
+        print(
+            f"| {name} | {m['start'] * 1000:.0f} ms | {cost} | {paired} | {ratio} | "
+            f"{m['remove'] * 1000:.0f} ms |"
+        )
 
 
 def cost_ratio_interval(samples, name, key, draws=2000):
@@ -438,6 +514,9 @@ def main():
     parser.add_argument("--containers", type=int, default=40, help="sequential runs per network")
     parser.add_argument("--rounds", type=int, default=20, help="concurrent batches per network")
     parser.add_argument("--trace", action="store_true", help="trace one run per network instead")
+    parser.add_argument(
+        "--api", type=int, default=0, metavar="ROUNDS", help="then start and remove through the API"
+    )
     args = parser.parse_args()
     debug = ["--debug"] if args.trace else []  # the phases come from its debug log
     with contextlib.ExitStack() as stack:
@@ -467,7 +546,10 @@ def main():
                 phases(world, trace_file, networks, args.containers)
             else:
                 samples = bench(world, networks, args.containers, args.rounds)
+                api = bench_api(world, networks, args.api) if args.api else None
                 print_table(samples, args.containers, args.rounds)
+                if api:
+                    print_api_table(api, args.api)
         finally:
             world.dockerd.reset()
             if args.trace:

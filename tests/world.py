@@ -1209,7 +1209,7 @@ class Driver(_Closing):
         return f"<Driver {self.name} in {self.netns.name}>"
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
+class UnixHTTPConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self._unix_path = path
@@ -1239,7 +1239,7 @@ def plugin_post(
     ``(status, parsed JSON)``, or ``(status, text)`` if the reply is not JSON.
     """
     data = b"" if body is None else (json.dumps(body) + "\n").encode()
-    conn = _UnixHTTPConnection(os.fspath(socket_path), timeout)
+    conn = UnixHTTPConnection(os.fspath(socket_path), timeout)
     try:
         conn.putrequest("POST", f"/{method}", skip_accept_encoding=True)
         conn.putheader("Accept", "application/vnd.docker.plugins.v1.2+json")
