@@ -27,6 +27,11 @@ Run it with the Python libraries the driver is deployed with (the .deb and
     sudo .venv-debian/bin/python benchmarks/docker_run.py [--containers 40] [--rounds 20]
     sudo .venv-debian/bin/python benchmarks/docker_run.py --trace   # one traced run per network
 
+``--api ROUNDS`` adds, after those, ROUNDS rounds of a container's create,
+start and removal through the engine's API on one connection (the networks
+interleaved the same way): the start and remove calls timed without the
+docker CLI, whose own time and spread per command widen the intervals.
+
 ``--trace`` starts the driver through ``benchmarks/trace.py`` and dockerd with
 ``--debug`` and prints, for one ``docker run`` on each network, the driver's
 timeline (engine calls, OVSDB transactions, ``cur_cfg``, netlink calls, child
