@@ -250,10 +250,7 @@ def print_api_table(samples, rounds):
         if name != "none":
             cost = f"{(m['start'] - med['none']['start']) * 1000:.0f} ms"
         if name not in ("none", "docker bridge"):
-            d, low, high = paired_difference(samples, name, "start")
-            paired = f"{d * 1000:+.1f} ms ({low * 1000:+.1f} to {high * 1000:+.1f})"
-            ratio = f"{1 + d / bridge_cost:.2f}x ({1 + low / bridge_cost:.2f}-"
-            ratio += f"{1 + high / bridge_cost:.2f}x)"
+            paired, ratio = paired_cells(samples, name, "start", bridge_cost)
         print(
             f"| {name} | {m['start'] * 1000:.0f} ms | {cost} | {paired} | {ratio} | "
             f"{m['remove'] * 1000:.0f} ms |"
@@ -273,6 +270,15 @@ def cost_ratio_interval(samples, name, key, draws=2000):
             ratios.append((med[name] - med["none"]) / bridge)
     ratios.sort()
     return ratios[int(len(ratios) * 0.05)], ratios[int(len(ratios) * 0.95) - 1]
+
+
+def paired_cells(samples, name, key, bridge_cost):
+    """`paired_difference` as table cells: in ms, and as a ratio of the
+    bridge's network cost (*bridge_cost* seconds)."""
+    d, low, high = paired_difference(samples, name, key)
+    cell = f"{d * 1000:+.1f} ms ({low * 1000:+.1f} to {high * 1000:+.1f})"
+    b = bridge_cost
+    return cell, f"{1 + d / b:.2f}x ({1 + low / b:.2f}-{1 + high / b:.2f}x)"
 
 
 def paired_difference(samples, name, key, draws=2000):
@@ -326,10 +332,9 @@ def print_table(samples, count, rounds):
             continue
         cells, ratios = [], []
         for key in ("run", "batch"):
-            d, low, high = paired_difference(samples, name, key)
-            cells.append(f"{d * 1000:+.1f} ms ({low * 1000:+.1f} to {high * 1000:+.1f})")
-            b = bridge[key] - none[key]
-            ratios.append(f"{1 + d / b:.2f}x ({1 + low / b:.2f}-{1 + high / b:.2f}x)")
+            cell, ratio = paired_cells(samples, name, key, bridge[key] - none[key])
+            cells.append(cell)
+            ratios.append(ratio)
         print(f"| {name} | {cells[0]} | {cells[1]} | {' / '.join(ratios)} |")
 
 
