@@ -31,6 +31,11 @@ Run it with the Python libraries the driver is deployed with (the .deb and
 start and removal through the engine's API on one connection (the networks
 interleaved the same way): the start and remove calls timed without the
 docker CLI, whose own time and spread per command widen the intervals.
+``--cpu ROUNDS`` adds ROUNDS more such rounds, each call followed by 0.3 s
+without calls, and prints the CPU each daemon (ovsdriver, ovsdb-server,
+ovs-vswitchd, dockerd) spent per start and per removal on each network,
+those 0.3 s included: what a container costs the machine, not only the
+caller.
 
 ``--trace`` starts the driver through ``benchmarks/trace.py`` and dockerd with
 ``--debug`` and prints, for one ``docker run`` on each network, the driver's
@@ -67,6 +72,7 @@ from tests.world import (  # noqa: E402
     DockerWorld,
     Driver,
     UnixHTTPConnection,
+    read_pidfile,
     stop_process,
     wait_until,
 )
@@ -231,6 +237,75 @@ def bench_api(world, networks, rounds):
         engine.close()
     print(f"  {rounds} rounds through the engine's API done", flush=True)
     return samples
+
+
+#: Seconds after a call during which what it set off in the daemons (the
+#: reconciler's look at a new sandbox, a deferred port deletion) is counted.
+CPU_SETTLE = 0.3
+
+
+def cpu_seconds(pid):
+    """User and system CPU seconds a process has spent (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()  # after the command name
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_cpu(world, driver, networks, rounds):
+    """Per network, call ("start", "remove") and daemon, the CPU seconds of
+    each call and the `CPU_SETTLE` seconds after it, the networks interleaved
+    as in `bench`."""
+    daemons = {
+        "ovsdriver": read_pidfile(driver.pidfile),
+        "ovsdb-server": read_pidfile(world.ovs.ovsdb_pidfile),
+        "ovs-vswitchd": read_pidfile(world.ovs.vswitchd_pidfile),
+        "dockerd": world.dockerd.pid,
+    }
+    cpu = {
+        name: {"start": {d: [] for d in daemons}, "remove": {d: [] for d in daemons}}
+        for name in networks
+    }
+    engine = Engine(world.dockerd)
+
+    def measure(name, call, method, url):
+        before = {d: cpu_seconds(pid) for d, pid in daemons.items()}
+        engine.call(method, url)
+        time.sleep(CPU_SETTLE)
+        for d, pid in daemons.items():
+            cpu[name][call][d].append(cpu_seconds(pid) - before[d])
+
+    try:
+        for i in range(rounds):
+            for name in rotated(list(networks), i):
+                container = engine.create(networks[name])
+                time.sleep(CPU_SETTLE)  # the create's own work is not the start's
+                measure(name, "start", "POST", f"/containers/{container}/start")
+                measure(name, "remove", "DELETE", f"/containers/{container}?force=1")
+    finally:
+        engine.close()
+    print(f"  {rounds} rounds of CPU accounting done", flush=True)
+    return cpu
+
+
+def print_cpu_table(cpu, rounds):
+    daemons = list(next(iter(cpu.values()))["start"])
+    print(
+        f"\nCPU per call and the {CPU_SETTLE:g} s after it, through the engine's API, "
+        f"{rounds} rounds, means: start / remove"
+    )
+    print("| network | " + " | ".join(daemons) + " |")
+    print("|---|" + "---|" * len(daemons))
+    for name, calls in cpu.items():
+        cells = [
+            f"{statistics.mean(calls['start'][d]) * 1000:.1f} / "
+            f"{statistics.mean(calls['remove'][d]) * 1000:.1f} ms"
+            for d in daemons
+        ]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def print_api_table(samples, rounds):
@@ -527,6 +602,9 @@ def main():
     parser.add_argument(
         "--api", type=int, default=0, metavar="ROUNDS", help="then start and remove through the API"
     )
+    parser.add_argument(
+        "--cpu", type=int, default=0, metavar="ROUNDS", help="then CPU per start and removal"
+    )
     args = parser.parse_args()
     debug = ["--debug"] if args.trace else []  # the phases come from its debug log
     with contextlib.ExitStack() as stack:
@@ -557,9 +635,12 @@ def main():
             else:
                 samples = bench(world, networks, args.containers, args.rounds)
                 api = bench_api(world, networks, args.api) if args.api else None
+                cpu = bench_cpu(world, driver, networks, args.cpu) if args.cpu else None
                 print_table(samples, args.containers, args.rounds)
                 if api:
                     print_api_table(api, args.api)
+                if cpu:
+                    print_cpu_table(cpu, args.cpu)
         finally:
             world.dockerd.reset()
             if args.trace:
