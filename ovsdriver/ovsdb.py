@@ -345,6 +345,7 @@ class OVSDB(service.Service):
     """The driver's one connection to OVSDB, shared by every request."""
 
     fallback_tick = 0.1  # python-ovs does not always ask to be woken up
+    idle_tick = 1.0  # the same while no operation waits: an idle driver sleeps
     transaction_class = ovs.db.idl.Transaction  # unit tests script their own
     metrics = NO_METRICS
     background_quiet = 0.05  # seconds without other operations before a background batch
@@ -512,6 +513,7 @@ class OVSDB(service.Service):
         op.timer = self.reactor.callLater(self.apply_timeout, self._expire, op)
         self._waiting_cfg.append((cfg, op))
         self._check_applied()
+        self._schedule(self.fallback_tick)  # not the idle tick: something waits
         return op.deferred
 
     def query(self, read):
@@ -596,10 +598,14 @@ class OVSDB(service.Service):
             if self._txn is not None:
                 self._txn.wait(wishes)
         self._set_watches(wishes.fds)
-        delay = self.fallback_tick
+        delay = self.fallback_tick if self._waiting() else self.idle_tick
         if wishes.timeout is not None:
             delay = min(delay, wishes.timeout / 1000.0)
         self._schedule(delay)
+
+    def _waiting(self):
+        """Whether an operation waits for OVSDB or ovs-vswitchd."""
+        return bool(self._queue or self._background or self._in_flight or self._waiting_cfg)
 
     def _take_batch(self):
         """The queued operations that go into the next transaction: foreground

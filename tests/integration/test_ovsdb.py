@@ -109,6 +109,32 @@ def test_one_bad_operation_does_not_fail_its_batch(ovs_world, services):
     assert "OVSDB refused" in str(failure.value)
 
 
+def test_an_idle_connection_sleeps_and_wakes_for_the_next_operation(ovs_world, services):
+    """With nothing waiting the engine runs the IDL about once a second (the
+    idle tick), not ten times (the fallback tick kept while something waits);
+    an operation still goes out at once and is applied without waiting for it."""
+    ovsdb = start(ovs_world.ovs.remote)
+    services.append(ovsdb)
+    vswitch = VSwitch(ovsdb)
+    run_in_reactor(vswitch.add_network, network())
+    runs = []
+    run_idl = ovsdb._run_idl
+
+    def counted():
+        runs.append(time.monotonic())
+        run_idl()
+
+    run_in_reactor(lambda: setattr(ovsdb, "_run_idl", counted))
+    time.sleep(3)
+    idle = len(runs)
+    began = time.monotonic()
+    run_in_reactor(vswitch.add_endpoint, endpoint(3))
+    took = time.monotonic() - began
+    assert idle <= 3 / ovsdb.idle_tick + 2, f"{idle} IDL runs in 3 idle seconds"
+    assert took < ovsdb.idle_tick, f"an addition took {took:.2f} s"
+    assert run_in_reactor(vswitch.endpoint, endpoint(3).endpoint_id) == endpoint(3)
+
+
 def test_an_unreachable_ovsdb_fails_fast_and_names_itself(tmp_path, services):
     remote = f"unix:{tmp_path}/nothing.sock"
     ovsdb = start(remote, unavailable_timeout=1.0)
