@@ -933,9 +933,8 @@ class Dockerd(_Closing):
         if not nets:
             return
         removal = self.docker("network", "rm", *nets, check=False, timeout=120)
-        stale_count = "has active endpoints" in removal.stderr
         left = self.custom_networks()
-        if removal.returncode and stale_count and left and not self._endpoints(left):
+        if "has active endpoints" in removal.stderr and left and not self._endpoints(left):
             # moby#42119: after concurrent container removals the engine's
             # count of a network's endpoints can stay above zero with no
             # endpoint left ("has active endpoints", nothing logged).  The
