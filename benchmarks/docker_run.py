@@ -72,6 +72,7 @@ from tests.world import (  # noqa: E402
     DockerWorld,
     Driver,
     UnixHTTPConnection,
+    proc_stat,
     read_pidfile,
     stop_process,
     wait_until,
@@ -246,12 +247,9 @@ CPU_SETTLE = 0.3
 
 def cpu_seconds(pid):
     """User and system CPU seconds a process has spent (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
+    fields = proc_stat(pid)
+    if fields is None:
         return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()  # after the command name
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

@@ -228,14 +228,20 @@ def read_pidfile(path: str | os.PathLike[str]) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (zombies count as dead)."""
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (which may hold
+    spaces and parentheses): the state first; None once the process is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    state = stat[stat.rindex(")") + 2 :][:1]
-    return state not in ("Z", "X", "")
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (zombies count as dead)."""
+    fields = proc_stat(pid)
+    return bool(fields) and fields[0] not in ("Z", "X")
 
 
 def net_ns_inode(pid: int | str) -> int | None:
