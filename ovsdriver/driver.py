@@ -9,6 +9,7 @@ later step of it fails.
 """
 
 import contextlib
+import ipaddress
 import os
 
 import attr
@@ -43,10 +44,17 @@ class DriverError(Exception):
     """An operation cannot be done; the message tells the user why."""
 
 
-def generate_mac(random_bytes=os.urandom):
-    """A random unicast, locally administered MAC (like OVN and Docker do)."""
-    octets = bytearray(random_bytes(6))
-    octets[0] = (octets[0] & 0xFC) | 0x02
+def endpoint_mac(ipv4, random_bytes=os.urandom):
+    """The MAC of an endpoint the engine gives none: 02:42 and its IPv4
+    address, as Docker's bridge driver does, so that a container restarted
+    with its address keeps its MAC and its peers' ARP caches stay right (with
+    a new MAC they send to the old one for about 30 s). Without an IPv4
+    address: random, unicast and locally administered."""
+    if ipv4:
+        octets = b"\x02\x42" + ipaddress.IPv4Interface(ipv4).ip.packed
+    else:
+        octets = bytearray(random_bytes(6))
+        octets[0] = (octets[0] & 0xFC) | 0x02
     return ":".join(f"{b:02x}" for b in octets)
 
 
@@ -176,8 +184,9 @@ class Driver:
     async def create_endpoint(self, network_id, endpoint_id, interface):
         await self._plugged(check_id("EndpointID", endpoint_id))  # a repeated call
         network, existing = await self._network_and_endpoint(network_id, endpoint_id)
+        ipv4 = check_address("Interface.Address", interface.get("Address"), 4)
         given_mac = interface.get("MacAddress") or ""
-        mac = check_mac("Interface.MacAddress", given_mac) if given_mac else generate_mac()
+        mac = check_mac("Interface.MacAddress", given_mac) if given_mac else endpoint_mac(ipv4)
         name = port_name(endpoint_id)
         endpoint = Endpoint(
             endpoint_id=endpoint_id,
@@ -189,7 +198,7 @@ class Driver:
             mtu=network.mtu,
             vlan=network.vlan,
             port_type=network.port_type,
-            ipv4=check_address("Interface.Address", interface.get("Address"), 4),
+            ipv4=ipv4,
             ipv6=check_address("Interface.AddressIPv6", interface.get("AddressIPv6"), 6),
         )
         if existing is not None:  # a repeated CreateEndpoint: same answer

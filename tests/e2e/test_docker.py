@@ -37,6 +37,22 @@ def test_containers_talk_to_each_other_and_the_gateway(e2e):
     assert "setting MAC failed" not in e2e.world.ovs.log()
 
 
+def test_a_restarted_container_is_reachable_at_once(e2e):
+    # Its new endpoint gets its address again and, like on Docker's bridge
+    # driver, the MAC that goes with it: its peers' ARP caches stay right
+    # (with a new MAC they kept sending to the old one for ~30 s).
+    e2e.network("blue", "10.51.0.0/24")
+    e2e.run("r1", "blue")
+    e2e.run("r2", "blue")
+    before = e2e.container_net("r2", "blue")
+    assert e2e.ping("r1", before["IPAddress"])
+    e2e.docker("restart", "-t", "1", "r2")
+    after = e2e.container_net("r2", "blue")
+    assert after["EndpointID"] != before["EndpointID"]
+    assert e2e.ping("r1", after["IPAddress"])
+    assert (after["IPAddress"], after["MacAddress"]) == (before["IPAddress"], before["MacAddress"])
+
+
 def test_mtu_option_reaches_the_container(e2e):
     e2e.network("jumbo", "10.52.0.0/24", "com.docker.network.driver.mtu=1400")
     e2e.run("m1", "jumbo")

@@ -141,7 +141,7 @@ def test_endpoint_lifecycle(world):
     world.create_network({"com.docker.network.driver.mtu": "1400"})
     reply = world.create_endpoint()
     mac = reply["Interface"]["MacAddress"]
-    assert int(mac.split(":")[0], 16) & 0b11 == 0b10  # local, unicast
+    assert mac == "02:42:0a:1e:00:02"  # from 10.30.0.2, as Docker's bridge driver does
     assert set(reply["Interface"]) == {"MacAddress"}  # only what the engine left empty
     port = "oep-" + EP[:11]
     assert world.kernel.state(port).mtu == 1400
@@ -169,6 +169,15 @@ def test_the_engines_mac_is_used_and_not_returned(world):
     assert world.post("NetworkDriver.EndpointOperInfo", world.ids())["Value"]["mac"] == (
         "02:42:0a:1e:00:05"
     )
+
+
+def test_an_endpoint_without_an_ipv4_address_gets_a_random_local_unicast_mac(world):
+    world.create_network()
+    first = world.create_endpoint(Address="", AddressIPv6="fd00::2/64")
+    second = world.create_endpoint("f" * 64, Address="", AddressIPv6="fd00::3/64")
+    macs = [reply["Interface"]["MacAddress"] for reply in (first, second)]
+    assert macs[0] != macs[1]
+    assert all(int(mac.split(":")[0], 16) & 0b11 == 0b10 for mac in macs)  # local, unicast
 
 
 def test_a_bad_mac_is_refused(world):
