@@ -585,11 +585,21 @@ class Firewall:
         for family in sorted(forwarding_families(networks) - self._forwarding):
             await self.enable_forwarding(family)
             self._forwarding.add(family)
-        interfaces = localnet_interfaces(networks)
         self._localnet &= {n.ifname for n in networks}  # a removed one may come back
-        for ifname in sorted(interfaces - self._localnet):
+        await self._sync_localnet(networks)
+
+    async def _sync_localnet(self, networks):
+        for ifname in sorted(localnet_interfaces(networks) - self._localnet):
             await self.enable_route_localnet(ifname)
             self._localnet.add(ifname)
+
+    def interface_made_anew(self, ifname):
+        """*ifname* was made anew, its sysctls back to their defaults: set
+        ``route_localnet`` on it again if it needs it."""
+        self._localnet.discard(ifname)
+        if self._wanted is None:
+            return defer.succeed(None)
+        return self._lock.run(lambda: defer.ensureDeferred(self._sync_localnet(self._wanted)))
 
     async def _apply_family(self, networks, family):
         state = self._families[family]

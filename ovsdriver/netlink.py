@@ -242,7 +242,7 @@ class _Worker:
             # libc decodes the dump: pyroute2 takes ~1 ms a link in Python, and
             # with 1000 endpoints that held the interpreter lock long enough to
             # stall the reactor thread for most of a second.
-            return frozenset(name for _, name in socket.if_nameindex())
+            return {name: index for index, name in socket.if_nameindex()}
 
         return self.call("cannot list the network interfaces", operation)
 
@@ -251,9 +251,11 @@ class _Worker:
             index = self._index(ipr, ifname)
             if index is None:
                 raise LinkError(f"cannot add addresses to {ifname}: no such interface")
+            added = []
             for address in addresses:
                 try:
-                    _add_address(ipr, index, address)
+                    if _add_address(ipr, index, address):
+                        added.append(str(address))
                 except NetlinkError as e:
                     raise LinkError(
                         f"cannot add address {address} to {ifname}: {_reason(e)}"
@@ -262,6 +264,7 @@ class _Worker:
                 ipr.link("set", index=index, state="up")
             except NetlinkError as e:
                 raise LinkError(f"cannot set {ifname} up: {_reason(e)}") from e
+            return added
 
         return self.call(f"cannot add addresses to {ifname}", operation)
 
@@ -494,7 +497,7 @@ class _Worker:
 
 
 def _add_address(ipr, index, address, **settings):
-    """Add the CIDR *address* to link *index*; one there already is fine."""
+    """Add the CIDR *address* to link *index*; whether it was not there yet."""
     try:
         ipr.addr(
             "add",
@@ -506,6 +509,8 @@ def _add_address(ipr, index, address, **settings):
     except NetlinkError as e:
         if e.code != errno.EEXIST:
             raise
+        return False
+    return True
 
 
 def _setns(fd, what):
@@ -679,7 +684,8 @@ class Netlink:
         return self._run(self._worker.link_exists, ifname)
 
     def links(self):
-        """Deferred[frozenset[str]]: the names of all links, ``lo`` included."""
+        """Deferred[dict[str, int]]: every link's name and index, ``lo``
+        included (a link made anew gets another index)."""
         return self._run(self._worker.links)
 
     def wait_for_link(self, ifname, timeout=5.0):
@@ -725,7 +731,8 @@ class Netlink:
         return result
 
     def add_addresses(self, ifname, addresses):
-        """Add each CIDR address (present already is fine), then set the link up."""
+        """Add each CIDR address (present already is fine), then set the link
+        up. Deferred[list[str]]: the addresses that were not there yet."""
         try:
             parsed = parse_addresses(ifname, addresses, "add")
         except LinkError:

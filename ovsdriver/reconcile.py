@@ -88,6 +88,13 @@ Upgrades. Drivers before 2026-12 set each internal endpoint port's Interface
 ``mac``, which ovs-vswitchd keeps setting again, failing (with an error line)
 for every port inside a container; the first pass clears it.
 
+Gateways. The kernel forgets a network's gateway addresses, and its
+``route_localnet``, when the interface holding them is made anew: the bridge
+after a reboot, or after an ovs-vswitchd restart that recreates it. A pass
+that finds a gateway interface it has not seen yet, or with another index
+than when it last did, puts the addresses back (adding one already there
+does nothing) and, when one was missing, says so and calls *after_restore*.
+
 Unfinished removals. DeleteEndpoint only marks an endpoint's port for deletion
 and deletes it in the background; each pass (the first one right at start)
 deletes marked ports still there, e.g. after the driver was killed in between.
@@ -110,7 +117,7 @@ from twisted.logger import Logger
 from ovsdriver.metrics import NO_METRICS
 from ovsdriver.netlink import LinkError
 from ovsdriver.sandboxes import INVISIBLE, MISSING, MOUNTED, MountViews
-from ovsdriver.vswitch import veth_host_name
+from ovsdriver.vswitch import gateway_ifname, veth_host_name
 
 log = Logger()
 
@@ -272,7 +279,8 @@ class Reconciler(service.Service):
     sandboxes (`ovsdriver.sandboxes.MountViews` unless given); *clock* gives
     monotonic seconds. *after_collect*, if given, is called (and may return a
     Deferred) after a pass collected endpoints that had published ports, e.g.
-    to drop their firewall rules.
+    to drop their firewall rules; *after_restore*, with the interface's name,
+    after gateway addresses were put back on an interface made anew.
     """
 
     metrics = NO_METRICS
@@ -287,6 +295,7 @@ class Reconciler(service.Service):
         unjoined_grace=20.0,
         clock=time.monotonic,
         after_collect=None,
+        after_restore=None,
         look_timeout=30.0,
         watch_interval=0.25,
     ):
@@ -302,6 +311,8 @@ class Reconciler(service.Service):
         self._watch = None  # the timer or look of the quick watch
         self.clock = clock
         self.after_collect = after_collect
+        self.after_restore = after_restore
+        self._gateways = {}  # gateway interface -> its index when its addresses were put on
         self._timer = None
         self._pass = None
         self._unjoined = {}  # endpoint id -> when this process first saw it unjoined
@@ -361,6 +372,7 @@ class Reconciler(service.Service):
             return  # stopping: OVSDB may be gone, don't wait for it
         endpoints = await self.vswitch.endpoints()
         links = await self.netlink.links()
+        await self._restore_gateways(links)
         self._forget_all_but(endpoints)
         joined = [ep for ep in endpoints if ep.sandbox]
         observation = None
@@ -606,6 +618,42 @@ class Reconciler(service.Service):
         doing = "cannot clear the Interface mac older drivers set on endpoint ports"
         cleared = await self._safely("macs", doing, self.vswitch.forget_port_macs)
         self._upgraded = cleared is not FAILED
+
+    async def _restore_gateways(self, links):
+        """Put the gateway addresses back on interfaces made anew."""
+        networks = await self._safely("networks", "cannot read the networks", self.vswitch.networks)
+        if networks is FAILED:
+            return
+        wanted = {gateway_ifname(n): n for n in networks.values() if n.gateways}
+        for gone in set(self._gateways) - set(wanted):
+            del self._gateways[gone]
+        for ifname, network in wanted.items():
+            index = links.get(ifname)
+            if index is None or self._gateways.get(ifname) == index or not self.running:
+                continue
+            added = await self._safely(
+                "gateway " + ifname,
+                f"cannot put the gateway addresses of network {network.network_id[:12]} "
+                f"back on {ifname}",
+                lambda n=network, i=ifname: self.netlink.add_addresses(i, list(n.gateways)),
+            )
+            if added is FAILED:
+                continue
+            self._gateways[ifname] = index
+            if added:
+                log.info(
+                    "put the gateway address(es) {added} of network {network} back on "
+                    "{ifname}, made anew (a reboot or an ovs-vswitchd restart)",
+                    added=", ".join(added),
+                    network=network.network_id[:12],
+                    ifname=ifname,
+                )
+                if self.after_restore is not None:
+                    await self._safely(
+                        "restored " + ifname,
+                        f"cannot finish restoring {ifname}",
+                        lambda i=ifname: defer.maybeDeferred(self.after_restore, i),
+                    )
 
     async def _finish_removals(self):
         """Delete the ports DeleteEndpoint marked and that are still there."""

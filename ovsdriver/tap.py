@@ -281,7 +281,13 @@ def makeService(options, reactor=None):
     FirewallRestorer(reactor, driver.sync_firewall).setServiceParent(top)
     FirewallHealer(reactor, firewall).setServiceParent(top)
     # Orphan collection and repair after ovs-vswitchd restarts (see ovsdriver.reconcile).
-    reconciler = Reconciler(reactor, driver.vswitch, netlink, after_collect=driver.sync_firewall)
+    reconciler = Reconciler(
+        reactor,
+        driver.vswitch,
+        netlink,
+        after_collect=driver.sync_firewall,
+        after_restore=firewall.interface_made_anew,
+    )
     reconciler.setServiceParent(top)
     driver.on_join = reconciler.watch_join
     plugin = PluginResource(Handlers(driver, Ipam(reactor, ovn)))

@@ -267,7 +267,9 @@ class FakeNetlink:
         return self._answers.answer(lambda: ifname in self._links)
 
     def links(self):
-        return self._answers.answer(lambda: frozenset(self._links))
+        return self._answers.answer(
+            lambda: {name: link.index for name, link in self._links.items()}
+        )
 
     def wait_for_link(self, ifname, timeout=5.0):
         def wait():
@@ -285,8 +287,10 @@ class FakeNetlink:
             link = self._links.get(ifname)
             if link is None:
                 raise LinkError(f"cannot add addresses to {ifname}: no such interface")
+            added = [str(address) for address in parsed if address not in link.addresses]
             link.addresses.update(parsed)
             link.up = True
+            return added
 
         return self._answers.answer(add)
 

@@ -111,9 +111,16 @@ class NetlinkContract:
         self.make_link("nlc-a")
         self.make_link("nlc-b")
         links = self.call(self.netlink.links)
-        assert isinstance(links, frozenset)
-        assert {"lo", "nlc-a", "nlc-b"} <= links
+        assert {"lo", "nlc-a", "nlc-b"} <= set(links)
         assert "nlc-none" not in links
+        assert len({links["lo"], links["nlc-a"], links["nlc-b"]}) == 3
+
+    def test_a_link_made_anew_has_another_index(self):
+        self.make_link("nlc-a")
+        before = self.call(self.netlink.links)["nlc-a"]
+        self.call(self.netlink.delete_link, "nlc-a")
+        self.make_link("nlc-a")
+        assert self.call(self.netlink.links)["nlc-a"] != before
 
     # -- add_addresses / remove_addresses ------------------------------------
 
@@ -124,11 +131,12 @@ class NetlinkContract:
         assert {cidr("10.9.0.1/24"), cidr("fd09::1/64")} <= view.addresses
         assert view.up is True
 
-    def test_add_addresses_twice_is_fine(self):
+    def test_add_addresses_twice_is_fine_and_says_what_it_added(self):
         self.make_link("nlc-a")
         addresses = ["10.9.0.1/24", "fd09::1/64"]
-        self.call(self.netlink.add_addresses, "nlc-a", addresses)
-        self.call(self.netlink.add_addresses, "nlc-a", addresses)
+        assert self.call(self.netlink.add_addresses, "nlc-a", addresses[:1]) == addresses[:1]
+        assert self.call(self.netlink.add_addresses, "nlc-a", addresses) == addresses[1:]
+        assert self.call(self.netlink.add_addresses, "nlc-a", addresses) == []
         view = self.observe("nlc-a")
         assert {cidr("10.9.0.1/24"), cidr("fd09::1/64")} <= view.addresses
         assert view.up is True
@@ -211,7 +219,7 @@ class NetlinkContract:
 
     def test_create_veth_makes_both_ends_with_the_mtu(self):
         self.call(self.netlink.create_veth, "nlc-h", "nlc-p", 1450)
-        assert {"nlc-h", "nlc-p"} <= self.call(self.netlink.links)
+        assert {"nlc-h", "nlc-p"} <= set(self.call(self.netlink.links))
         assert self.observe("nlc-h").mtu == 1450
         assert self.observe("nlc-p").mtu == 1450
 
@@ -245,7 +253,7 @@ class NetlinkContract:
     def test_create_veth_with_an_impossible_mtu_fails_and_leaves_no_link(self):
         error = self.fails(self.netlink.create_veth, "nlc-h", "nlc-p", 10)
         assert "MTU 10" in str(error)
-        assert not {"nlc-h", "nlc-p"} & self.call(self.netlink.links)
+        assert not {"nlc-h", "nlc-p"} & set(self.call(self.netlink.links))
 
     def test_create_veth_refuses_a_name_longer_than_the_kernel_allows(self):
         error = self.fails(self.netlink.create_veth, "nlc-h", "x" * 16, 1500)
@@ -255,7 +263,7 @@ class NetlinkContract:
         self.call(self.netlink.create_veth, "nlc-h", "nlc-p", 1500)
         self.call(self.netlink.delete_link, "nlc-h")
         links = self.call(self.netlink.links)
-        assert not {"nlc-h", "nlc-p"} & links
+        assert not {"nlc-h", "nlc-p"} & set(links)
         assert self.call(self.netlink.link_exists, "nlc-p") is False
 
     def test_delete_link_removes_a_link(self):

@@ -226,6 +226,35 @@ def test_containers_talk_again_soon_after_an_ovs_vswitchd_restart(rel):
     assert not rel.orphans()
 
 
+def test_networks_work_again_after_a_reboot(rel):
+    """At a reboot every daemon stops and the kernel forgets the bridges, with
+    their gateway addresses. Here the driver comes back before Open vSwitch,
+    which makes the bridges anew a moment later."""
+    rel.network("boot", "10.77.0.0/24")
+    args = ("--restart", "always", "--network", "boot", IMAGE, "sleep", "600")
+    for name in ("b1", "b2"):
+        rel.docker("run", "-d", "--name", name, *args)
+    w = rel.world
+    w.dockerd.stop()
+    rel.driver.stop()
+    w.ovs.stop_vswitchd()
+    w.ovs.stop_ovsdb()
+    for link in w.netns.links():
+        if link.startswith("obr-"):
+            w.netns.run(["ip", "link", "del", link])
+    rel.driver.start()
+    w.ovs.start_ovsdb()
+    w.ovs.start_vswitchd()
+    booted = time.monotonic()
+    w.dockerd.start(timeout=120)  # b1 and b2 start again
+    rel.wait_for(lambda: rel.ping("b1", "10.77.0.1"), BOUND, "b1 cannot reach its gateway")
+    print(f"\ncontainers reach their gateway {time.monotonic() - booted:.1f} s after the reboot")
+    b2 = rel.address("b2", "boot")
+    assert rel.ping("b1", b2)
+    w.netns.run(["ping", "-c", "1", "-W", "2", b2])  # and the host reaches them
+    assert not rel.orphans()
+
+
 def _containerd_pid(dockerd):
     return world.read_pidfile(dockerd.exec_root / "containerd" / "containerd.pid")
 

@@ -549,6 +549,19 @@ def test_route_localnet_is_set_once_per_interface_that_publishes_on_loopback():
     assert localnet == ["fwc-1", "fwc-1"]  # the interface may be a new one
 
 
+def test_an_interface_made_anew_gets_route_localnet_again_if_it_needs_it():
+    fw = Recording()
+    result_of(fw.interface_made_anew("fwc-1"))  # before any rules: nothing to do
+    on_loopback = network(1, published=[tcp(8080, "10.91.0.2", 80)])
+    result_of(fw.apply([on_loopback, network(2)]))
+    assert fw.localnet == ["fwc-1"]
+    fw.commands.clear()
+    result_of(fw.interface_made_anew("fwc-1"))
+    result_of(fw.interface_made_anew("fwc-2"))  # publishes nothing on loopback
+    assert fw.localnet == ["fwc-1", "fwc-1"]
+    assert fw.commands == []  # the rules are untouched
+
+
 def test_check_with_everything_in_place_only_reads():
     state = [network(1, published=[tcp(8080, "10.91.0.2", 80)])]
     fw = Recording(saved=(kernel_text(state), ""))
