@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from ovsdriver.firewall import FirewallError, check_published
 from ovsdriver.options import check_address, check_id, ovn_request, parse_network, parse_portmap
 from ovsdriver.ovn import ADDRESS_SPACE, disabled
-from ovsdriver.ports import publish
+from ovsdriver.ports import PortUnavailable, publish
 from ovsdriver.values import Endpoint, Network, NetworkRules, check_mac
 from ovsdriver.vswitch import (
     IPV4,
@@ -123,6 +123,10 @@ class Driver:
         #: Called with each endpoint Join answered (the reconciler watches
         #: for its sandbox from then on).
         self.on_join = lambda endpoint: None
+        #: Called (returning a Deferred) before refusing a host port that
+        #: another endpoint holds: that one may be an orphan the reconciler
+        #: has not collected yet.
+        self.recheck = lambda: defer.succeed(None)
         #: endpoint id -> `_Making`: the port CreateEndpoint is making, which
         #: any request about the endpoint waits for
         self._plugging = {}
@@ -405,17 +409,14 @@ class Driver:
             raise
 
     async def _record_published(self, endpoint, requests):
-        taken = [
-            (other.endpoint_id, port)
-            for other in await self.vswitch.endpoints()
-            if other.endpoint_id != endpoint.endpoint_id
-            for port in other.published
-        ]
-        address = {
-            v: ip.split("/")[0] if ip else None
-            for v, ip in ((4, endpoint.ipv4), (6, endpoint.ipv6))
-        }
-        published = publish(requests, address[4], address[6], taken)
+        try:
+            published = await self._host_ports(endpoint, requests)
+        except PortUnavailable:
+            # After a crash (a reboot...) the engine starts its containers
+            # again before the reconciler has collected their old endpoints,
+            # which still hold the same host ports.
+            await self.recheck()
+            published = await self._host_ports(endpoint, requests)
         for port in published:
             log.info(
                 "endpoint {endpoint} publishes {proto} port {port} on host port {host_port}",
@@ -426,6 +427,20 @@ class Driver:
             )
         if published != endpoint.published:
             await self.vswitch.set_published(endpoint.endpoint_id, published)
+
+    async def _host_ports(self, endpoint, requests):
+        """The `PublishedPort` values *endpoint* gets for *requests*."""
+        taken = [
+            (other.endpoint_id, port)
+            for other in await self.vswitch.endpoints()
+            if other.endpoint_id != endpoint.endpoint_id
+            for port in other.published
+        ]
+        address = {
+            v: ip.split("/")[0] if ip else None
+            for v, ip in ((4, endpoint.ipv4), (6, endpoint.ipv6))
+        }
+        return publish(requests, address[4], address[6], taken)
 
     async def revoke_external_connectivity(self, network_id, endpoint_id):
         await self._plug_done(check_id("EndpointID", endpoint_id))

@@ -128,6 +128,22 @@ SANDBOX_DIRECTORY = "/var/run/docker/netns"
 #: What `Reconciler._safely` returns when the action failed.
 FAILED = object()
 
+
+def _follow(d):
+    """A Deferred that fires when *d* does, without taking its result."""
+    followed = defer.Deferred()
+    d.addBoth(lambda result: followed.callback(None) or result)
+    return followed
+
+
+async def _call(hook, *args):
+    """Call *hook*, which may return None, a Deferred or a coroutine (with
+    Twisted before 23.8 `maybeDeferred` would leave a coroutine unrun)."""
+    result = hook(*args)
+    if result is not None:
+        await result
+
+
 # What `judge` concludes about a sandbox.
 ALIVE = "alive"
 GONE = "gone"
@@ -337,14 +353,25 @@ class Reconciler(service.Service):
             if isinstance(timer, base.DelayedCall) and timer.active():
                 timer.cancel()
         self._timer = None
-        if self._pass is None:
-            return None
-        done = defer.Deferred()
-        self._pass.addBoth(lambda result: done.callback(None) or result)
-        return done
+        return None if self._pass is None else _follow(self._pass)
 
     def _schedule(self, delay):
         self._timer = self.reactor.callLater(delay, self._start_pass)
+
+    async def recheck(self):
+        """Run two passes now, one right after the other (an orphan is
+        collected once two passes in a row find it), rather than in the next
+        few seconds."""
+        for _ in range(2):
+            while self._pass is not None:
+                await _follow(self._pass)
+            if not self.running:
+                return
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._start_pass()
+        while self._pass is not None:
+            await _follow(self._pass)
 
     def _start_pass(self):
         self._timer = None
@@ -407,7 +434,7 @@ class Reconciler(service.Service):
             await self._safely(
                 "firewall",
                 "cannot update the firewall",
-                lambda: defer.maybeDeferred(self.after_collect),
+                lambda: _call(self.after_collect),
             )
 
     async def _look(self, sandboxes):
@@ -652,7 +679,7 @@ class Reconciler(service.Service):
                     await self._safely(
                         "restored " + ifname,
                         f"cannot finish restoring {ifname}",
-                        lambda i=ifname: defer.maybeDeferred(self.after_restore, i),
+                        lambda i=ifname: _call(self.after_restore, i),
                     )
 
     async def _finish_removals(self):

@@ -290,6 +290,7 @@ def makeService(options, reactor=None):
     )
     reconciler.setServiceParent(top)
     driver.on_join = reconciler.watch_join
+    driver.recheck = reconciler.recheck
     plugin = PluginResource(Handlers(driver, Ipam(reactor, ovn)))
     if options["metrics"]:
         hooked = (plugin, reconciler, firewall)

@@ -295,6 +295,27 @@ def test_endpoints_of_an_engine_that_crashed_are_collected(rel):
     assert not rel.orphans()
 
 
+def test_a_container_restarted_by_a_crashed_engine_gets_its_host_port_again(rel):
+    """The restarted engine starts the container again at once, before the
+    reconciler has collected its old endpoint, which holds the host port."""
+    rel.network("again", "10.78.0.0/24")
+    args = ("--restart", "always", "--network", "again", "-p", "8090:80", IMAGE, "sleep", "600")
+    rel.docker("run", "-d", "--name", "h1", *args)
+    old = rel.running_endpoints()
+    dockerd = rel.world.dockerd
+    try:
+        _crash_dockerd(dockerd)
+    finally:
+        dockerd.start(timeout=120)
+    rel.wait_for(lambda: rel.running_endpoints() - old, BOUND, "h1 did not start again")
+    (new,) = rel.running_endpoints()
+    portmap = rel.world.ovs.vsctl(
+        "get", "Interface", "oep-" + new[:11], "external_ids:ovsdriver-portmap"
+    )
+    assert [p["host_port"] for p in json.loads(json.loads(portmap))] == [8090]
+    assert not rel.orphans()
+
+
 def test_a_driver_with_a_private_copy_of_the_engines_mounts_keeps_live_containers(rel):
     """As in a container with a plain ``-v`` of the netns directory: sandboxes
     mounted before the driver started look mounted to it, later ones look like

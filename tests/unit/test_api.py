@@ -5,6 +5,7 @@ import json
 
 import pytest
 from treq.testing import StubTreq
+from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from ovsdriver.api import MAX_BODY, Handlers, PluginResource
@@ -295,6 +296,29 @@ def test_a_host_port_is_published_once(world):
     err = program(world, EP2, {"Proto": 17, "Port": 53, "HostPort": 5353, "HostIP": "10.0.0.1"})
     assert "5353/udp is already published" in err["Err"]
     assert program(world, EP2, {"Proto": 6, "Port": 53, "HostPort": 5353}) == {}
+
+
+def test_a_host_port_an_orphan_holds_is_freed_by_a_recheck_before_being_refused(world):
+    world.create_network()
+    world.create_endpoint()
+    world.create_endpoint(EP2, Address="10.30.0.3/24")
+    program(world, EP, {"Proto": 6, "Port": 80, "HostPort": 8080})
+    rechecks = []
+
+    def recheck():  # as the reconciler's: it finds EP an orphan and removes it
+        rechecks.append(True)
+        return world.vswitch.remove_endpoint(EP)
+
+    world.driver.recheck = recheck
+    assert program(world, EP2, {"Proto": 6, "Port": 80, "HostPort": 8080}) == {}
+    assert rechecks == [True]
+    (published,) = world.firewall.networks[0].published
+    assert (published.host_port, published.container_ip) == (8080, "10.30.0.3")
+    world.driver.recheck = lambda: defer.succeed(rechecks.append(True))  # finds nothing
+    world.create_endpoint("c" * 64, Address="10.30.0.4/24")
+    err = program(world, "c" * 64, {"Proto": 6, "Port": 80, "HostPort": 8080})
+    assert "8080/tcp is already published" in err["Err"]
+    assert rechecks == [True, True]
 
 
 def test_a_repeated_create_endpoint_gives_the_same_answer(world):

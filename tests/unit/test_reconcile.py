@@ -690,6 +690,31 @@ def test_collecting_an_endpoint_with_published_ports_updates_the_firewall(scene)
     assert scene.collected_firewall == [True]
 
 
+def test_a_coroutine_hook_after_collecting_is_run(scene):
+    async def sync_firewall():  # as the driver's
+        scene.collected_firewall.append("synced")
+
+    scene.reconciler.after_collect = sync_firewall
+    scene.endpoint()
+    scene.vswitch.set_published(EP_1, [PublishedPort("tcp", 8080, "10.9.0.2", 80)])
+    scene.start()
+    scene.run_for(GRACE + 2 * INTERVAL)
+    assert scene.collected_firewall == ["synced"]
+
+
+def test_a_recheck_collects_an_orphan_at_once(scene):
+    ep = scene.endpoint()
+    sandbox = scene.sandbox()
+    scene.join(ep, sandbox)
+    scene.start()
+    scene.tear_down(sandbox)  # the container is gone; the next pass is 2 s away
+    rechecked = defer.ensureDeferred(scene.reconciler.recheck())
+    scene.settle()
+    assert rechecked.called
+    assert ep.port not in scene.ports()
+    assert scene.clock.seconds() == 1_000  # no time passed
+
+
 # -- repair after an ovs-vswitchd restart ------------------------------------------
 
 
