@@ -77,7 +77,11 @@ def _publishable(endpoint, port):
 
 
 def _unknown_network(network_id):
-    return DriverError(f"network {network_id[:12]} is not known to the ovs driver")
+    return DriverError(
+        f"network {network_id[:12]} is not known to the ovs driver: its record is on its "
+        "bridge in Open vSwitch, which may have been deleted (ovs-vsctl del-br, a new "
+        "conf.db); remove the network and create it again"
+    )
 
 
 def _unknown_endpoint(endpoint_id):

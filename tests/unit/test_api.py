@@ -187,7 +187,8 @@ def test_a_bad_mac_is_refused(world):
 
 
 def test_endpoint_on_unknown_network_fails_clearly(world):
-    assert "not known" in world.create_endpoint()["Err"]
+    err = world.create_endpoint()["Err"]
+    assert "not known" in err and "remove the network and create it again" in err
 
 
 def test_deletes_and_leave_of_unknown_ids_succeed(world):
