@@ -9,6 +9,7 @@ that carries Geneve. Everything goes through the docker CLI.
 from __future__ import annotations
 
 import concurrent.futures
+import ipaddress
 import json
 import secrets
 import subprocess
@@ -151,6 +152,14 @@ def test_containers_on_two_hosts_ping_and_move_a_megabyte(cluster):
     port = "oep-" + networks["Networks"]["blue"]["EndpointID"][:11]
     iface_id = c.hosts[0].ovs.vsctl("get", "Interface", port, "external_ids:iface-id")
     assert iface_id.strip('"') == f"blue/{client}"
+    # Restarted, web gets another address (OVN's allocator goes on after the
+    # last one) and the MAC that goes with it, and client reaches it at once.
+    c.docker(1, "restart", "-t", "1", "web")
+    web = c.ip(1, "web")
+    settings = json.loads(c.docker(1, "inspect", "web").stdout)[0]["NetworkSettings"]
+    octets = ipaddress.ip_address(web).packed
+    assert settings["Networks"]["blue"]["MacAddress"] == "02:42:" + octets.hex(":")
+    assert c.reaches(0, "client", web, timeout=5)
 
 
 def test_twenty_containers_at_once_get_distinct_reachable_addresses(cluster):
