@@ -90,10 +90,11 @@ for every port inside a container; the first pass clears it.
 
 Gateways. The kernel forgets a network's gateway addresses, and its
 ``route_localnet``, when the interface holding them is made anew: the bridge
-after a reboot, or after an ovs-vswitchd restart that recreates it. A pass
-that finds a gateway interface it has not seen yet, or with another index
-than when it last did, puts the addresses back (adding one already there
-does nothing) and, when one was missing, says so and calls *after_restore*.
+after a reboot, or after an ovs-vswitchd restart that recreates it. When two
+passes in a row find a gateway interface with an index the reconciler has not
+put the addresses on (new to this process, or made anew), the second puts
+them back (adding one already there does nothing) and, when one was missing,
+says so and calls *after_restore*.
 
 Unfinished removals. DeleteEndpoint only marks an endpoint's port for deletion
 and deletes it in the background; each pass (the first one right at start)
@@ -328,7 +329,7 @@ class Reconciler(service.Service):
         self.clock = clock
         self.after_collect = after_collect
         self.after_restore = after_restore
-        self._gateways = {}  # gateway interface -> its index when its addresses were put on
+        self._gateways = {}  # gateway interface -> (its index, whether its addresses are on)
         self._timer = None
         self._pass = None
         self._unjoined = {}  # endpoint id -> when this process first saw it unjoined
@@ -656,7 +657,12 @@ class Reconciler(service.Service):
             del self._gateways[gone]
         for ifname, network in wanted.items():
             index = links.get(ifname)
-            if index is None or self._gateways.get(ifname) == index or not self.running:
+            if index is None or self._gateways.get(ifname) == (index, True) or not self.running:
+                continue
+            if self._gateways.get(ifname) != (index, False):
+                # New to this pass: wait for the next one (CreateNetwork may
+                # be putting the addresses on right now).
+                self._gateways[ifname] = (index, False)
                 continue
             added = await self._safely(
                 "gateway " + ifname,
@@ -666,7 +672,7 @@ class Reconciler(service.Service):
             )
             if added is FAILED:
                 continue
-            self._gateways[ifname] = index
+            self._gateways[ifname] = (index, True)
             if added:
                 log.info(
                     "put the gateway address(es) {added} of network {network} back on "

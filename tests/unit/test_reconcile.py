@@ -891,11 +891,14 @@ def test_a_gateway_interface_made_anew_gets_its_addresses_back(scene):
     scene.kernel.add_addresses(bridge, ["10.9.0.1/24"])  # as CreateNetwork left it
     scene.settle()
     scene.start()
+    scene.run_for(INTERVAL)
     assert restored == [] and _infos(scene) == []  # it had them: nothing to say
     # A reboot, or ovs-vswitchd making the bridge's tap anew: no address, down.
     scene.kernel.delete_link(bridge)
     scene.settle()
     scene.kernel.add_link(bridge)
+    scene.run_for(INTERVAL)
+    assert restored == []  # a pass to make sure CreateNetwork is not on it
     scene.run_for(INTERVAL)
     state = scene.kernel.state(bridge)
     assert "10.9.0.1/24" in state.addresses and state.up
@@ -911,8 +914,17 @@ def test_a_gateway_that_cannot_be_put_back_is_warned_about_once_and_retried(scen
     netlink = scene.reconciler.netlink = Flaky(scene.kernel)
     netlink.failures["add_addresses"] = [LinkError("no luck")] * 3
     scene.start()
-    scene.run_for(3 * INTERVAL)
+    scene.run_for(4 * INTERVAL)
     assert netlink.calls.count("add_addresses") == 4
     assert len([w for w in scene.warnings() if "gateway addresses" in w]) == 1
     state = scene.kernel.state(scene.network.bridge)
     assert "10.9.0.1/24" in state.addresses
+
+
+def test_a_network_being_created_is_not_taken_for_one_made_anew(scene):
+    restored = []
+    scene.reconciler.after_restore = restored.append
+    scene.start()  # the bridge is there, CreateNetwork has not put its address on yet
+    scene.kernel.add_addresses(scene.network.bridge, ["10.9.0.1/24"])
+    scene.run_for(3 * INTERVAL)
+    assert restored == [] and _infos(scene) == []
