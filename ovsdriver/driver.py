@@ -25,8 +25,10 @@ from ovsdriver.values import Endpoint, Network, NetworkRules, check_mac
 from ovsdriver.vswitch import (
     IPV4,
     IPV6,
+    NETWORK_RECORD,
     UnreadableRecord,
     gateway_ifname,
+    gateway_port_name,
     port_name,
     veth_host_name,
 )
@@ -74,6 +76,22 @@ def _publishable(endpoint, port):
         )
         return False
     return True
+
+
+def _routed(network):
+    """The subnets the host routes to *network* (it is their gateway)."""
+    if not network.gateways:
+        return []
+    return [ipaddress.ip_network(s.pool) for s in network.ipv4 + network.ipv6 if s.gateway]
+
+
+def _leftover_remedy(network):
+    if not network.shared_bridge:
+        return f"ovs-vsctl del-br {network.bridge}"
+    return (
+        f"ovs-vsctl del-port {gateway_port_name(network.network_id)} -- remove Bridge "
+        f"{network.bridge} external_ids {NETWORK_RECORD}{network.network_id}"
+    )
 
 
 def _unknown_network(network_id):
@@ -158,6 +176,7 @@ class Driver:
             if self.ovn is None:
                 raise disabled()
             network = await self.ovn.prepare_network(network, switch, mtu_given)
+        await self._refuse_overlaps(network)
         try:
             await self.vswitch.add_network(network)
             if network.ovn_switch:
@@ -170,6 +189,22 @@ class Driver:
         except Exception:
             await self._undo(self.delete_network(network_id))
             raise
+
+    async def _refuse_overlaps(self, network):
+        """Two networks routing overlapping subnets through the host would
+        share its routes, and the newer one would not work. The older one may
+        be left over from a `docker network rm` while the driver was down."""
+        mine = _routed(network)
+        for other in (await self.vswitch.networks()).values():
+            theirs = _routed(other) if other.network_id != network.network_id else []
+            for a, b in ((a, b) for a in mine for b in theirs if a.version == b.version):
+                if a.overlaps(b):
+                    raise DriverError(
+                        f"subnet {a} overlaps subnet {b} of network {other.network_id[:12]} "
+                        f"(bridge {other.bridge}), and the host would be the gateway of both; "
+                        "if the engine no longer has that network ('ovsdriver status' says "
+                        f"so), remove what is left of it: {_leftover_remedy(other)}"
+                    )
 
     async def delete_network(self, network_id):
         try:

@@ -86,6 +86,26 @@ def test_status_with_the_driver_down_sees_a_container_that_is_gone(e2e):
     assert healthy and healthy[0]["healthy"] is True
 
 
+def test_a_network_removed_while_the_driver_was_down_is_named_when_its_subnet_comes_back(e2e):
+    e2e.network("old", "10.63.0.0/24")
+    left = "obr-" + e2e.network_id("old")[:11]
+    e2e.driver.kill(signal.SIGKILL)
+    try:
+        e2e.docker("network", "rm", "old")  # the engine forgets it anyway
+    finally:
+        e2e.driver.start()
+    code, document = report(e2e)
+    assert code == 1
+    assert "left over in Open vSwitch" in document["networks"][0]["problems"][0]
+    refused = e2e.network("new", "10.63.0.0/24", check=False)
+    assert refused.returncode != 0
+    assert f"remove what is left of it: ovs-vsctl del-br {left}" in refused.stderr
+    e2e.vsctl("del-br", left)
+    e2e.network("new", "10.63.0.0/24")
+    e2e.run("n1", "new")
+    assert e2e.ping("n1", "10.63.0.1")
+
+
 # -- metrics ------------------------------------------------------------------------
 
 

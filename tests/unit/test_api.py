@@ -186,6 +186,22 @@ def test_a_bad_mac_is_refused(world):
     assert "MacAddress" in world.create_endpoint(MacAddress="zz:zz")["Err"]
 
 
+def test_a_subnet_overlapping_another_networks_is_refused_with_what_to_do(world):
+    world.create_network()  # 10.30.0.0/24, gateway 10.30.0.1
+    body = {
+        "NetworkID": "b2" * 32,
+        "Options": {"com.docker.network.generic": {}},
+        "IPv4Data": [{"Pool": "10.30.0.128/25", "Gateway": "10.30.0.129/25"}],
+    }
+    err = world.post("NetworkDriver.CreateNetwork", body)["Err"]
+    assert "overlaps subnet 10.30.0.0/24 of network " + NET[:12] in err
+    assert "ovs-vsctl del-br obr-" + NET[:11] in err
+    assert list(world.vswitch.bridges) == ["obr-" + NET[:11]]
+    # Without a gateway on the host (internal) nothing is routed: it is fine.
+    body["Options"]["com.docker.network.internal"] = True
+    assert world.post("NetworkDriver.CreateNetwork", body) == {}
+
+
 def test_endpoint_on_unknown_network_fails_clearly(world):
     err = world.create_endpoint()["Err"]
     assert "not known" in err and "remove the network and create it again" in err
