@@ -239,14 +239,16 @@ def test_networks_work_again_after_a_reboot(rel):
     rel.driver.stop()
     w.ovs.stop_vswitchd()
     w.ovs.stop_ovsdb()
-    for link in w.netns.links():
-        if link.startswith("obr-"):
-            w.netns.run(["ip", "link", "del", link])
-    rel.driver.start()
-    w.ovs.start_ovsdb()
-    w.ovs.start_vswitchd()
-    booted = time.monotonic()
-    w.dockerd.start(timeout=120)  # b1 and b2 start again
+    try:
+        for link in w.netns.links():
+            if link.startswith("obr-"):
+                w.netns.run(["ip", "link", "del", link])
+        rel.driver.start()
+    finally:  # the world's other tests need them back
+        w.ovs.start_ovsdb()
+        w.ovs.start_vswitchd()
+        booted = time.monotonic()
+        w.dockerd.start(timeout=120)  # b1 and b2 start again
     rel.wait_for(lambda: rel.ping("b1", "10.77.0.1"), BOUND, "b1 cannot reach its gateway")
     print(f"\ncontainers reach their gateway {time.monotonic() - booted:.1f} s after the reboot")
     b2 = rel.address("b2", "boot")
