@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ovsdriver.deferreds import follow
 from ovsdriver.firewall import FirewallError, check_published
 from ovsdriver.options import check_address, check_id, ovn_request, parse_network, parse_portmap
 from ovsdriver.ovn import ADDRESS_SPACE, disabled
@@ -104,13 +105,6 @@ def _unknown_network(network_id):
 
 def _unknown_endpoint(endpoint_id):
     return DriverError(f"endpoint {endpoint_id[:12]} is not known to the ovs driver")
-
-
-def _follow(d):
-    """A new Deferred that fires with what *d* fires with (*d* keeps it)."""
-    follower = defer.Deferred()
-    d.addBoth(lambda outcome: follower.callback(outcome) or outcome)
-    return follower
 
 
 @attr.s(frozen=True)
@@ -297,13 +291,13 @@ class Driver:
         making = self._plugging.get(endpoint_id)
         if making is None:
             return defer.succeed(self._failed.get(endpoint_id))
-        return _follow(making.done)
+        return follow(making.done)
 
     def _port_queued(self, endpoint_id):
         """Deferred: fires once the port CreateEndpoint is making (if it is)
         has its OVSDB transaction queued, or its making failed."""
         making = self._plugging.get(endpoint_id)
-        return defer.succeed(None) if making is None else _follow(making.queued)
+        return defer.succeed(None) if making is None else follow(making.queued)
 
     async def _plugged(self, endpoint_id):
         """Wait for the port CreateEndpoint is making, if it is, and raise (once)

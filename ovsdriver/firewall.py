@@ -62,7 +62,6 @@ DOCKER-USER when that comes first, so users' rules there still win)
 With no network left, the chains and the jumps to them are removed.
 """
 
-import inspect
 import ipaddress
 import os
 import re
@@ -74,6 +73,7 @@ from twisted.application import service
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from ovsdriver.deferreds import call_hook
 from ovsdriver.metrics import NO_METRICS
 from ovsdriver.values import HEX_ID, IFNAME, PROTOCOLS, NetworkRules
 
@@ -805,13 +805,8 @@ class FirewallRestorer(service.Service):
     def _attempt(self):
         self._call = None
         self.attempts += 1
-        d = defer.ensureDeferred(self._sync_once())
+        d = defer.ensureDeferred(call_hook(self.sync))
         d.addCallbacks(self._succeeded, self._failed)
-
-    async def _sync_once(self):
-        result = self.sync()  # a coroutine function, or one returning a Deferred
-        if inspect.isawaitable(result):
-            await result
 
     def _succeeded(self, _):
         self.done = True

@@ -115,6 +115,7 @@ from twisted.application import service
 from twisted.internet import base, defer
 from twisted.logger import Logger
 
+from ovsdriver.deferreds import call_hook, follow
 from ovsdriver.metrics import NO_METRICS
 from ovsdriver.netlink import LinkError
 from ovsdriver.sandboxes import INVISIBLE, MISSING, MOUNTED, MountViews
@@ -128,21 +129,6 @@ VETH_PREFIX = veth_host_name("")
 SANDBOX_DIRECTORY = "/var/run/docker/netns"
 #: What `Reconciler._safely` returns when the action failed.
 FAILED = object()
-
-
-def _follow(d):
-    """A Deferred that fires when *d* does, without taking its result."""
-    followed = defer.Deferred()
-    d.addBoth(lambda result: followed.callback(None) or result)
-    return followed
-
-
-async def _call(hook, *args):
-    """Call *hook*, which may return None, a Deferred or a coroutine (with
-    Twisted before 23.8 `maybeDeferred` would leave a coroutine unrun)."""
-    result = hook(*args)
-    if result is not None:
-        await result
 
 
 # What `judge` concludes about a sandbox.
@@ -354,7 +340,7 @@ class Reconciler(service.Service):
             if isinstance(timer, base.DelayedCall) and timer.active():
                 timer.cancel()
         self._timer = None
-        return None if self._pass is None else _follow(self._pass)
+        return None if self._pass is None else follow(self._pass)
 
     def _schedule(self, delay):
         self._timer = self.reactor.callLater(delay, self._start_pass)
@@ -365,14 +351,14 @@ class Reconciler(service.Service):
         few seconds."""
         for _ in range(2):
             while self._pass is not None:
-                await _follow(self._pass)
+                await follow(self._pass)
             if not self.running:
                 return
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()
             self._start_pass()
         while self._pass is not None:
-            await _follow(self._pass)
+            await follow(self._pass)
 
     def _start_pass(self):
         self._timer = None
@@ -435,7 +421,7 @@ class Reconciler(service.Service):
             await self._safely(
                 "firewall",
                 "cannot update the firewall",
-                lambda: _call(self.after_collect),
+                lambda: call_hook(self.after_collect),
             )
 
     async def _look(self, sandboxes):
@@ -685,7 +671,7 @@ class Reconciler(service.Service):
                     await self._safely(
                         "restored " + ifname,
                         f"cannot finish restoring {ifname}",
-                        lambda i=ifname: _call(self.after_restore, i),
+                        lambda i=ifname: call_hook(self.after_restore, i),
                     )
 
     async def _finish_removals(self):
