@@ -128,10 +128,15 @@ class _Failed:
 class Driver:
     """The network driver, over a vswitch and a netlink port."""
 
-    def __init__(self, vswitch, netlink, firewall, datapath_type="netdev", ovn=None):
+    def __init__(
+        self, vswitch, netlink, firewall, datapath_type="netdev", ovn=None, host_ports=None
+    ):
         self.vswitch = vswitch
         self.netlink = netlink
         self.firewall = firewall
+        #: `ovsdriver.hostports.HostPorts`, or None to hold no host port
+        self.host_ports = host_ports
+        self._unheld = {}  # published ports last found unholdable -> why
         self.datapath_type = datapath_type
         self.ovn = ovn  # ovsdriver.ovn.OVN when --ovn-nb is given
         self._firewall_lock = defer.DeferredLock()
@@ -432,24 +437,28 @@ class Driver:
                 )
         # Check and record under one lock: two endpoints asking for one host
         # port at the same moment must not both get it.
-        await self._publish_lock.run(
+        published = await self._publish_lock.run(
             lambda: defer.ensureDeferred(self._record_published(endpoint, requests))
         )
         try:
             await self.sync_firewall()
+            # A program may have taken a port between the check and the hold.
+            for port in published:
+                if port in self._unheld:
+                    raise PortUnavailable(f"cannot publish: {self._unheld[port]}")
         except Exception:
             await self._undo(self.revoke_external_connectivity(network_id, endpoint_id))
             raise
 
     async def _record_published(self, endpoint, requests):
         try:
-            published = await self._host_ports(endpoint, requests)
+            published = await self._choose_ports(endpoint, requests)
         except PortUnavailable:
             # After a crash (a reboot...) the engine starts its containers
             # again before the reconciler has collected their old endpoints,
             # which still hold the same host ports.
             await self.recheck()
-            published = await self._host_ports(endpoint, requests)
+            published = await self._choose_ports(endpoint, requests)
         for port in published:
             log.info(
                 "endpoint {endpoint} publishes {proto} port {port} on host port {host_port}",
@@ -460,8 +469,9 @@ class Driver:
             )
         if published != endpoint.published:
             await self.vswitch.set_published(endpoint.endpoint_id, published)
+        return published
 
-    async def _host_ports(self, endpoint, requests):
+    async def _choose_ports(self, endpoint, requests):
         """The `PublishedPort` values *endpoint* gets for *requests*."""
         taken = [
             (other.endpoint_id, port)
@@ -473,7 +483,8 @@ class Driver:
             v: ip.split("/")[0] if ip else None
             for v, ip in ((4, endpoint.ipv4), (6, endpoint.ipv6))
         }
-        return publish(requests, address[4], address[6], taken)
+        in_use = self.host_ports.check if self.host_ports else lambda port: None
+        return publish(requests, address[4], address[6], taken, in_use)
 
     async def revoke_external_connectivity(self, network_id, endpoint_id):
         await self._plug_done(check_id("EndpointID", endpoint_id))
@@ -506,9 +517,20 @@ class Driver:
                 )
                 for network in sorted(networks.values(), key=lambda n: n.network_id)
             ]
+            if self.host_ports is not None:
+                # Held before the DNAT rules exist: they would take the
+                # packets of a program that uses the port.
+                self._hold([p for network in rules for p in network.published])
             await self.firewall.apply(rules)
         finally:
             self._firewall_lock.release()
+
+    def _hold(self, published):
+        unheld = self.host_ports.hold(published)
+        for port, why in unheld.items():
+            if self._unheld.get(port) != why:
+                log.warn("a published port is not held: {why}", why=why)
+        self._unheld = unheld
 
     def _ovn(self):
         if self.ovn is None:

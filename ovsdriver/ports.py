@@ -5,9 +5,10 @@ The engine's portmap (`ovsdriver.options.PortRequest` values) becomes the
 published on every address (``-p 8080:80``) is published on IPv4 and, when
 the container has an IPv6 address, on IPv6; a host port range with one
 container port (``-p 8000-8010:80``) takes the first port of the range that
-no other endpoint publishes, as Docker does. A port another endpoint already
-publishes on an overlapping address is refused: its DNAT rule would win
-silently. The caller serialises `publish` with recording the result, so two
+no other endpoint publishes and no program uses, as Docker does. A port
+another endpoint already publishes on an overlapping address is refused:
+its DNAT rule would win silently. So is one a program on the host uses
+(`ovsdriver.hostports`). The caller serialises `publish` with recording the result, so two
 endpoints asking at the same moment cannot both get one port.
 """
 
@@ -72,17 +73,18 @@ def _targets(request, ipv4, ipv6, requests):
     return [(host_ip, ipv6)]
 
 
-def publish(requests, ipv4, ipv6, taken):
+def publish(requests, ipv4, ipv6, taken, in_use=lambda port: None):
     """The `PublishedPort` values of an endpoint with addresses *ipv4* and
     *ipv6* (plain IPs or None) asking for *requests*; *taken* lists
-    ``(endpoint_id, PublishedPort)`` of every other endpoint. Raises
-    PortUnavailable."""
+    ``(endpoint_id, PublishedPort)`` of every other endpoint; *in_use* says
+    why a port cannot be had though no endpoint publishes it (or None).
+    Raises PortUnavailable."""
     published = []
     for request in requests:
         targets = _targets(request, ipv4, ipv6, requests)
         if not targets:
             continue
-        chosen, holder = None, None
+        chosen, holder, busy = None, None, None
         for host_port in range(request.host_port, request.host_port_end + 1):
             candidates = [
                 PublishedPort(request.proto, host_port, cip, request.port, host_ip)
@@ -99,9 +101,13 @@ def publish(requests, ipv4, ipv6, taken):
             )
             mine = any(overlaps(c, p) and c != p for c in candidates for p in published)
             if holder is None and not mine:
-                chosen = candidates
-                break
+                busy = next(filter(None, map(in_use, candidates)), None)
+                if busy is None:
+                    chosen = candidates
+                    break
         if chosen is None:
+            if request.host_port == request.host_port_end and busy:
+                raise PortUnavailable(f"cannot publish {request.describe()}: {busy}")
             if request.host_port == request.host_port_end:
                 who = f"endpoint {holder[:12]}" if holder else "this container"
                 raise PortUnavailable(
@@ -111,7 +117,8 @@ def publish(requests, ipv4, ipv6, taken):
                 )
             raise PortUnavailable(
                 f"cannot publish {request.describe()}: every host port from "
-                f"{request.host_port} to {request.host_port_end} is already published; "
+                f"{request.host_port} to {request.host_port_end} is already published "
+                "or in use by another program; "
                 "choose a wider or another range"
             )
         published += [port for port in chosen if port not in published]

@@ -17,6 +17,7 @@ from zope.interface import implementer
 from ovsdriver.api import Handlers, PluginResource
 from ovsdriver.driver import Driver
 from ovsdriver.firewall import Firewall, FirewallHealer, FirewallRestorer
+from ovsdriver.hostports import HostPorts
 from ovsdriver.ipam import Ipam
 from ovsdriver.netlink import Netlink
 from ovsdriver.northbound import NB_TABLES, Northbound
@@ -275,7 +276,9 @@ def makeService(options, reactor=None):
         ovn = OVN(reactor, Northbound(nb), vswitch, netlink)
         ClaimCollector(reactor, ovn).setServiceParent(top)
     firewall = Firewall(reactor)
-    driver = Driver(vswitch, netlink, firewall, options["datapath-type"], ovn=ovn)
+    driver = Driver(
+        vswitch, netlink, firewall, options["datapath-type"], ovn=ovn, host_ports=HostPorts()
+    )
     # The firewall lives in the kernel only: rebuild it from OVSDB at start,
     # and put it back when something outside flushes it.
     FirewallRestorer(reactor, driver.sync_firewall).setServiceParent(top)

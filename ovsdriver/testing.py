@@ -15,6 +15,7 @@ import time
 import attr
 from twisted.internet import defer
 
+from ovsdriver import hostports
 from ovsdriver.firewall import (
     FirewallError,
     check_networks,
@@ -944,3 +945,67 @@ class FakeFirewall:
             self.heals += 1
             self._docker_written = self.docker
         return defer.succeed(problems)
+
+
+# ---------------------------------------------------------------------------
+# FakeHostPorts: the host's port table (ovsdriver.hostports.HostPorts) in memory.
+# ---------------------------------------------------------------------------
+
+
+class FakeHostPorts:
+    """`ovsdriver.hostports.HostPorts` over an imagined host: `program_binds`
+    plays a program binding a port; every address is the host's but those
+    in `foreign`."""
+
+    def __init__(self, foreign=("198.51.100.1",)):
+        self.foreign = set(foreign)
+        self._held = set()  # keys
+        self._programs = set()  # keys
+
+    @staticmethod
+    def _clash(a, b):
+        """Whether binds on keys *a* and *b* exclude each other (as the
+        kernel's: one port, one family, the same or a wildcard address)."""
+        wildcard = ("0.0.0.0", "::")
+        return (
+            a[:2] == b[:2]
+            and a[3] == b[3]
+            and (a[2] == b[2] or wildcard.count(a[2]) + wildcard.count(b[2]) > 0)
+        )
+
+    def _bindable(self, k):
+        return not any(self._clash(k, other) for other in self._held | self._programs)
+
+    def program_binds(self, port):
+        """A program binds *port*'s address and port; whether it could."""
+        k = hostports.key(port)
+        if not self._bindable(k):
+            return False
+        self._programs.add(k)
+        return True
+
+    def check(self, port):
+        k = hostports.key(port)
+        if k in self._held:
+            return None
+        if port.host_ip in self.foreign:
+            raise hostports.not_local(port)
+        return None if self._bindable(k) else hostports.in_use(port)
+
+    def hold(self, ports):
+        wanted = {hostports.key(port): port for port in ports}
+        self._held &= set(wanted)
+        failed = {}
+        for k, port in wanted.items():
+            if k in self._held:
+                continue
+            if port.host_ip in self.foreign:
+                failed[port] = hostports.address_gone(port)
+            elif self._bindable(k):
+                self._held.add(k)
+            else:
+                failed[port] = hostports.in_use(port)
+        return failed
+
+    def holds(self, port):
+        return hostports.key(port) in self._held

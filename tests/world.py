@@ -37,6 +37,7 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import http.client
 import io
@@ -52,6 +53,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -448,6 +450,13 @@ class _Closing:
         self.close()
 
 
+CLONE_NEWNET = 0x40000000
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 class Netns(_Closing):
     """A fresh network namespace ``<prefix>-<random hex>`` with ``lo`` up.
 
@@ -487,6 +496,27 @@ class Netns(_Closing):
         """Start ``argv`` inside the namespace; the caller must reap it."""
         kw.setdefault("env", _env())
         return subprocess.Popen(self.argv(argv), **kw)
+
+    def socket(self, *args: Any) -> socket.socket:
+        """``socket.socket(*args)`` made in this namespace (and staying in
+        it): made by a thread of its own that enters the namespace first."""
+        made: list[Any] = []
+
+        def make() -> None:
+            try:
+                with open(self.path) as ns:
+                    if _libc().setns(ns.fileno(), CLONE_NEWNET) != 0:
+                        raise OSError(ctypes.get_errno(), f"setns {self.path}")
+                made.append(socket.socket(*args))
+            except OSError as e:
+                made.append(e)
+
+        thread = threading.Thread(target=make)
+        thread.start()
+        thread.join()
+        if isinstance(made[0], OSError):
+            raise made[0]
+        return made[0]
 
     def pids(self) -> list[int]:
         """PIDs of the live processes whose network namespace is this one."""

@@ -463,6 +463,49 @@ def test_the_same_host_port_asked_at_once_is_given_once(ext_iptables):
     assert ext.nat_rules().count("--dport 8094 ") == 1
 
 
+#: Bind a TCP port on every address as a server would: print what happened.
+BIND = """
+import socket, sys
+sock = socket.socket()
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    sock.bind(("0.0.0.0", int(sys.argv[1])))
+    print("bound")
+except OSError as e:
+    print(e.strerror)
+"""
+
+
+def test_host_ports_programs_use_are_refused_and_published_ones_are_held(ext_iptables):
+    ext = ext_iptables
+    ext.network("held", "10.95.0.0/24")
+
+    def bind(port):
+        return ext.host(sys.executable, "-c", BIND, str(port)).strip()
+
+    # A server of the host on 8060: publishing that port would take its traffic.
+    ext.outside.start(ext.world.netns.path, HTTP_PEER_SERVER, "0.0.0.0", 8060)
+    argv = ("run", "-d", "--network", "held", "-p", "8060:80", IMAGE, "true")
+    failed = ext.docker(*argv, check=False)
+    assert failed.returncode != 0
+    assert "host port 8060/tcp is in use by another program" in failed.stderr
+    ok, body = ext.outside.get(f"http://{WORLD_IP}:8060/")
+    assert ok and body.startswith(f"peer={OUTSIDE_IP}"), body
+    assert "--dport 8060 " not in ext.nat_rules()
+    ext.run("hr1", "held", "-p", "8060-8061:80")  # a range passes over it
+    assert "--dport 8061 " in ext.nat_rules()
+    # A published port is held: no program takes it while the container has it.
+    ext.web("hw1", "held", "-p", "8062:80")
+    assert bind(8062) == "Address already in use"
+    ext.driver.kill(signal.SIGKILL)
+    ext.driver.start()
+    assert world.wait_until(lambda: bind(8062) == "Address already in use", 15, 0.2)
+    ok, body = ext.outside.get(f"http://{WORLD_IP}:8062/index.html")
+    assert ok and body.strip() == "hello from hw1", body
+    ext.docker("rm", "-f", "hw1")
+    assert bind(8062) == "bound"
+
+
 def test_published_on_ipv6_on_a_dual_stack_network(ext_iptables):
     ext = ext_iptables
     wn, on = ext.world.netns.name, ext.outside.name

@@ -9,7 +9,7 @@ from twisted.python.failure import Failure
 from ovsdriver.driver import Driver
 from ovsdriver.options import OptionError, PortRequest, parse_portmap
 from ovsdriver.ports import PortUnavailable, publish
-from ovsdriver.testing import FakeFirewall, FakeNetlink, FakeVSwitch
+from ovsdriver.testing import FakeFirewall, FakeHostPorts, FakeNetlink, FakeVSwitch
 from ovsdriver.values import PublishedPort
 
 NET = "4e" * 32
@@ -166,7 +166,10 @@ class World:
         self.kernel = FakeNetlink()
         self.vswitch = SlowVSwitch(kernel=self.kernel)
         self.firewall = FakeFirewall()
-        self.driver = Driver(self.vswitch, self.kernel, self.firewall, "netdev")
+        self.host_ports = FakeHostPorts()
+        self.driver = Driver(
+            self.vswitch, self.kernel, self.firewall, "netdev", host_ports=self.host_ports
+        )
         options = {"com.docker.network.generic": {}}
         result_of(
             defer.ensureDeferred(self.driver.create_network(NET, options, V4, V6 if ipv6 else []))
@@ -248,3 +251,64 @@ def test_a_hand_edited_published_port_the_firewall_refuses_concerns_its_endpoint
     result_of(world.vswitch.set_published(EP1, [bad]))
     result_of(world.program(EP2, tcp(80, 8080)))
     assert world.published() == {(8080, "10.30.0.3")}
+
+
+def host(host_port, host_ip=None):
+    """A published port as a program on the host would bind it."""
+    return PublishedPort("tcp", host_port, "10.30.0.9", 80, host_ip)
+
+
+def recorded(world, endpoint_id):
+    return result_of(world.vswitch.endpoint(endpoint_id)).published
+
+
+def test_a_port_a_program_uses_is_refused_and_nothing_is_left():
+    world = World()
+    assert world.host_ports.program_binds(host(22))
+    with pytest.raises(PortUnavailable, match="host port 22/tcp is in use by another program"):
+        result_of(world.program(EP1, tcp(80, 22)))
+    assert world.published() == set() and recorded(world, EP1) == ()
+
+
+def test_a_host_range_skips_the_ports_programs_use():
+    world = World()
+    assert world.host_ports.program_binds(host(8000))
+    result_of(world.program(EP1, tcp(80, 8000, 8002)))
+    assert world.published() == {(8001, "10.30.0.2")}
+
+
+def test_published_ports_are_held_until_revoked():
+    world = World()
+    result_of(world.program(EP1, tcp(80, 8080)))
+    assert not world.host_ports.program_binds(host(8080))
+    result_of(defer.ensureDeferred(world.driver.revoke_external_connectivity(NET, EP1)))
+    assert world.host_ports.program_binds(host(8080))
+
+
+def test_a_restarted_driver_holds_the_recorded_ports_again():
+    world = World()
+    result_of(world.program(EP1, tcp(80, 8080)))
+    result_of(world.program(EP2, tcp(80, 8081)))
+    # The driver is down: its sockets are gone, and a program takes 8081.
+    ports = FakeHostPorts()
+    assert ports.program_binds(host(8081))
+    restarted = Driver(world.vswitch, world.kernel, world.firewall, host_ports=ports)
+    result_of(defer.ensureDeferred(restarted.sync_firewall()))
+    assert not ports.program_binds(host(8080))
+    # 8081 stays published as the engine believes: the container keeps it.
+    assert world.published() == {(8080, "10.30.0.2"), (8081, "10.30.0.3")}
+
+
+def test_a_port_a_program_takes_between_check_and_hold_fails_the_publication():
+    world = World()
+    world.host_ports.check = lambda port: world.host_ports.program_binds(host(8080)) and None
+    with pytest.raises(PortUnavailable, match="host port 8080/tcp is in use by another program"):
+        result_of(world.program(EP1, tcp(80, 8080)))
+    assert world.published() == set() and recorded(world, EP1) == ()
+
+
+def test_an_address_the_host_does_not_have_is_refused_by_name():
+    world = World()
+    with pytest.raises(PortUnavailable, match="198.51.100.1 is not an address of this host"):
+        result_of(world.program(EP1, tcp(80, 8080, host_ip="198.51.100.1")))
+    assert recorded(world, EP1) == ()

@@ -1,0 +1,145 @@
+"""The host ports the driver publishes, held as Docker holds them.
+
+A DNAT rule takes a host port's packets from whatever program on the host
+listens there: without a guard, ``-p 22:80`` would silently take the host's
+ssh. Docker's bridge driver binds every port it publishes, so a port in use
+is refused and no program can take a published one. The driver does the
+same: one socket per published port, address family and host address,
+bound for as long as the port is published. Like Docker's placeholder
+without its userland proxy, a TCP socket listens but never accepts: the
+DNAT rules take the port's packets first, and ``ss -tulpn`` shows who
+holds the port. A program that binds it gets "Address already in use".
+"""
+
+import errno
+import ipaddress
+import socket
+
+from ovsdriver.ports import PortUnavailable
+
+_KINDS = {
+    "tcp": (socket.SOCK_STREAM, 0),
+    "udp": (socket.SOCK_DGRAM, 0),
+    "sctp": (socket.SOCK_STREAM, socket.IPPROTO_SCTP),
+}
+#: A host without the protocol (no sctp module) has no program using it either.
+_UNSUPPORTED = {errno.EPROTONOSUPPORT, errno.ESOCKTNOSUPPORT, errno.EAFNOSUPPORT}
+
+
+def key(port):
+    """(family, proto, host address, host port): what one socket holds."""
+    family = ipaddress.ip_address(port.container_ip).version
+    address = port.host_ip or ("::" if family == 6 else "0.0.0.0")
+    return family, port.proto, address, port.host_port
+
+
+def describe(port):
+    where = f" on {port.host_ip}" if port.host_ip else ""
+    return f"host port {port.host_port}/{port.proto}{where}"
+
+
+def not_local(port):
+    """The refusal of a port published on an address the host does not have."""
+    return PortUnavailable(
+        f"cannot publish {describe(port)}: {port.host_ip} is not an address of this host; "
+        f"publish on one of its addresses, or on all of them (-p {port.host_port}:"
+        f"{port.container_port}/{port.proto})"
+    )
+
+
+def address_gone(port):
+    """Why a published port cannot be held once its address is gone."""
+    return f"{describe(port)} cannot be held: {port.host_ip} is not an address of this host"
+
+
+def in_use(port):
+    """Why another program's use of *port* keeps it from being published."""
+    return (
+        f"{describe(port)} is in use by another program on this host (ss -tulpn shows "
+        "which); choose another host port, or stop that program"
+    )
+
+
+class HostPorts:
+    """The sockets holding published host ports.
+
+    *make_socket* is `socket.socket` (tests pass one that makes sockets in
+    their network namespace). Every method runs at once on the reactor:
+    binding a socket does not block.
+    """
+
+    def __init__(self, make_socket=socket.socket):
+        self._make_socket = make_socket
+        self._held = {}  # key -> bound socket (None: the host lacks the protocol)
+
+    def _bind(self, port, listen=False):
+        """A socket bound where *port* says, or None; raises OSError."""
+        family, proto, address, host_port = key(port)
+        kind, number = _KINDS[proto]
+        try:
+            sock = self._make_socket(
+                socket.AF_INET6 if family == 6 else socket.AF_INET, kind, number
+            )
+        except OSError as e:
+            if e.errno in _UNSUPPORTED:
+                return None
+            raise
+        try:
+            if family == 6:  # the IPv4 port is held by a socket of its own
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address, host_port))
+            if listen and kind == socket.SOCK_STREAM:
+                sock.listen()
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def check(self, port):
+        """Why *port* cannot be published (another program uses it), or
+        None when it is free or already held. Raises PortUnavailable when
+        its host address is not one of this host's."""
+        if key(port) in self._held:
+            return None
+        try:
+            sock = self._bind(port)
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise not_local(port) from None
+            return _reason(port, e)
+        if sock is not None:
+            sock.close()
+        return None
+
+    def hold(self, ports):
+        """Hold exactly *ports* (`PublishedPort` values): release the others.
+
+        The result: {port: why it cannot be held} (another program took it
+        first, or its address is gone).
+        """
+        wanted = {key(port): port for port in ports}
+        for gone in set(self._held) - set(wanted):
+            sock = self._held.pop(gone)
+            if sock is not None:
+                sock.close()
+        failed = {}
+        for k, port in wanted.items():
+            if k in self._held:
+                continue
+            try:
+                self._held[k] = self._bind(port, listen=True)
+            except OSError as e:
+                failed[port] = _reason(port, e)
+        return failed
+
+    def holds(self, port):
+        return key(port) in self._held
+
+
+def _reason(port, error):
+    """Why *error* keeps *port* from being held."""
+    if error.errno == errno.EADDRINUSE:
+        return in_use(port)
+    if error.errno == errno.EADDRNOTAVAIL:
+        return address_gone(port)
+    return f"{describe(port)} cannot be held: {error.strerror}"

@@ -1,0 +1,53 @@
+"""The host-port contract, run against the real HostPorts.
+
+Every socket (the holder's and the "programs'") is made in a fresh network
+namespace of the test's own, so no port of the host is touched; each is
+closed, and the namespace deleted, also when a test fails.
+"""
+
+import errno
+import socket
+
+import pytest
+
+from ovsdriver import hostports
+from ovsdriver.hostports import HostPorts
+from tests import world
+from tests.contract_hostports import HostPortsContract
+
+
+class TestRealHostPorts(HostPortsContract):
+    @pytest.fixture(autouse=True)
+    def _real(self):
+        world.require()
+        with world.Netns() as netns:
+            self.netns = netns
+            self.sockets = []
+            self.ports = HostPorts(make_socket=self._socket)
+            try:
+                yield
+            finally:
+                self.ports.hold([])
+                for sock in self.sockets:
+                    sock.close()
+
+    def _socket(self, *args):
+        sock = self.netns.socket(*args)
+        self.sockets.append(sock)
+        return sock
+
+    def program_binds(self, port):
+        family, proto, address, host_port = hostports.key(port)
+        kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
+        sock = self._socket(socket.AF_INET6 if family == 6 else socket.AF_INET, kind)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
+        if family == 6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind((address, host_port))
+        except OSError as e:
+            assert e.errno == errno.EADDRINUSE, e
+            return False
+        if kind == socket.SOCK_STREAM:
+            sock.listen()
+        return True

@@ -1,0 +1,15 @@
+"""The host-port contract, run against the in-memory FakeHostPorts."""
+
+import pytest
+
+from ovsdriver.testing import FakeHostPorts
+from tests.contract_hostports import HostPortsContract
+
+
+class TestFakeHostPorts(HostPortsContract):
+    @pytest.fixture(autouse=True)
+    def _fake(self):
+        self.ports = FakeHostPorts()
+
+    def program_binds(self, port):
+        return self.ports.program_binds(port)
