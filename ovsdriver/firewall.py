@@ -41,9 +41,10 @@ DOCKER-USER when that comes first, so users' rules there still win)
 ``filter OVSDRIVER-ISOLATION-1`` / ``OVSDRIVER-ISOLATION-2``
     Docker's two-stage isolation, so rules stay O(networks): stage 1 sends
     traffic leaving a network (``-i IF ! -o IF``) to stage 2, which drops it
-    if it enters another of the driver's networks (``-o IF2``). An internal
-    network drops everything in or out through the host, by interface and
-    by pool.
+    if it enters another of the driver's networks (``-o IF2``), unless it
+    was DNATed (a published port, reached through the host's address, and
+    its replies). An internal network drops everything in or out through
+    the host, by interface and by pool.
 ``filter OVSDRIVER-INPUT`` (IPv4; from INPUT)
     drops what a container sends to the host's 127.0.0.0/8: publishing on
     127.0.0.1 needs ``route_localnet`` on the network's interface, which
@@ -329,6 +330,11 @@ def rules(networks, family, docker=False):
                 (*where, "-p", p.proto, "-m", p.proto, "--dport", str(p.host_port), *c)
                 + ("-j", "DNAT", "--to-destination", f"{target}:{p.container_port}")
             )
+    if iso2:
+        # A published port is the host's: the driver's other networks reach
+        # it through the host's address too (Docker's userland proxy does so
+        # for its bridges), and its replies find their way back.
+        iso2.insert(0, ("-m", "conntrack", "--ctstate", "DNAT", "-j", "RETURN"))
     return chains
 
 

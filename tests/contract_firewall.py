@@ -33,7 +33,8 @@ class FirewallView:
     #: {pool}: pools of internal networks no traffic may be routed to or from.
     blocked = attr.ib(factory=frozenset)
     #: {(proto, host_ip or None, host_port, container_ip, container_port)}:
-    #: DNAT to the container, forwarding allowed, hairpin masqueraded.
+    #: DNAT to the container, forwarding allowed (also from the driver's
+    #: other networks, through the host's address), hairpin masqueraded.
     published = attr.ib(factory=frozenset)
     #: {4, 6}: families whose IP forwarding is on.
     forwarding = attr.ib(factory=frozenset)

@@ -584,6 +584,26 @@ def test_docker_bridge_networks_and_driver_networks_cannot_reach_each_other(ext_
             ext.host("iptables", "-D", "DOCKER-USER", *rule.split(), "-j", "ACCEPT")
 
 
+def test_a_published_port_is_reachable_from_every_network_through_the_host(ext_iptables):
+    ext = ext_iptables
+    ext.network("pa", "10.96.0.0/24")
+    ext.network("pb", "10.97.0.0/24")
+    ext.docker("network", "create", "-d", "bridge", "--subnet", "10.98.0.0/24", "pd")
+    ext.web("wa", "pa", "-p", "8064:80")
+    ext.web("wd", "pd", "-p", "8065:80")
+    for name, network in (("ca", "pa"), ("cb", "pb"), ("cd", "pd")):
+        ext.run(name, network)
+    # As with Docker's bridge driver: a published port is the host's, so a
+    # container of any network reaches it through the host's address.
+    for client in ("ca", "cb", "cd"):
+        for port, web in ((8064, "wa"), (8065, "wd")):
+            ok, body = ext.wget(client, f"http://{WORLD_IP}:{port}/index.html")
+            assert ok and body.strip() == f"hello from {web}", (client, port, body)
+    # The networks stay isolated from each other otherwise.
+    assert not ext.ping("cb", ext.ip("wa", "pa"))
+    assert not ext.wget("cb", f"http://{ext.ip('wa', 'pa')}/index.html")[0]
+
+
 def test_a_dockerd_restart_leaves_the_rules_whole_and_in_place(ext_iptables):
     ext = ext_iptables
     ext.network("ours2", "10.93.0.0/24")

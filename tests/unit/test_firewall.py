@@ -55,6 +55,7 @@ def test_a_nat_network_with_a_published_port_gets_exactly_these_rules():
         f" -m conntrack --ctstate DNAT {c} -j ACCEPT",
         f"-A OVSDRIVER-FORWARD -o fwc-1 {c} -j DROP",
         f"-A OVSDRIVER-ISOLATION-1 -i fwc-1 ! -o fwc-1 {c} -j OVSDRIVER-ISOLATION-2",
+        "-A OVSDRIVER-ISOLATION-2 -m conntrack --ctstate DNAT -j RETURN",
         f"-A OVSDRIVER-ISOLATION-2 -o fwc-1 {c} -j DROP",
         "-A OVSDRIVER-INPUT -i fwc-1 -d 127.0.0.0/8 -m conntrack ! --ctstate"
         f" RELATED,ESTABLISHED,DNAT {c} -j DROP",
@@ -108,6 +109,7 @@ def test_ipv6_ports_are_dnated_in_ip6tables_only():
     assert [line for line in six if "DNAT" in line and line.startswith("-A")] == [
         "-A OVSDRIVER-FORWARD -d fd00:91::2/128 -o fwc-1 -p tcp -m tcp --dport 80"
         f" -m conntrack --ctstate DNAT {c} -j ACCEPT",
+        "-A OVSDRIVER-ISOLATION-2 -m conntrack --ctstate DNAT -j RETURN",
         f"-A OVSDRIVER-DNAT -p tcp -m tcp --dport 8080 {c}"
         " -j DNAT --to-destination [fd00:91::2]:80",
         f"-A OVSDRIVER-POSTROUTING -s fd00:91::/64 -o fwc-1 -m conntrack --ctstate DNAT {c}"
@@ -156,7 +158,7 @@ def test_rules_grow_linearly_with_networks():
         )
         chains = rules(nets, 4)
         assert len(chains["filter", "OVSDRIVER-ISOLATION-1"]) == count
-        assert len(chains["filter", "OVSDRIVER-ISOLATION-2"]) == count
+        assert len(chains["filter", "OVSDRIVER-ISOLATION-2"]) == 1 + count
         assert len(chains["filter", "OVSDRIVER-FORWARD"]) == 1 + 3 * count
 
 
