@@ -21,7 +21,7 @@ from ovsdriver.deferreds import follow
 from ovsdriver.firewall import FirewallError, check_published
 from ovsdriver.options import check_address, check_id, ovn_request, parse_network, parse_portmap
 from ovsdriver.ovn import ADDRESS_SPACE, disabled
-from ovsdriver.ports import PortUnavailable, publish
+from ovsdriver.ports import PortTaken, PortUnavailable, publish
 from ovsdriver.values import Endpoint, Network, NetworkRules, check_mac
 from ovsdriver.vswitch import (
     IPV4,
@@ -453,7 +453,7 @@ class Driver:
     async def _record_published(self, endpoint, requests):
         try:
             published = await self._choose_ports(endpoint, requests)
-        except PortUnavailable:
+        except PortTaken:
             # After a crash (a reboot...) the engine starts its containers
             # again before the reconciler has collected their old endpoints,
             # which still hold the same host ports.

@@ -8,8 +8,8 @@ container port (``-p 8000-8010:80``) takes the first port of the range that
 no other endpoint publishes and no program uses, as Docker does. A port
 another endpoint already publishes on an overlapping address is refused:
 its DNAT rule would win silently. So is one a program on the host uses
-(`ovsdriver.hostports`). The caller serialises `publish` with recording the result, so two
-endpoints asking at the same moment cannot both get one port.
+(`ovsdriver.hostports`). The caller serialises `publish` with recording the
+result, so two endpoints asking at the same moment cannot both get one port.
 """
 
 import ipaddress
@@ -19,6 +19,10 @@ from ovsdriver.values import InvalidValue, PublishedPort
 
 class PortUnavailable(InvalidValue):
     """A port cannot be published; the message says why and what to do."""
+
+
+class PortTaken(PortUnavailable):
+    """Other endpoints publish the port (orphans, perhaps, not collected yet)."""
 
 
 def _family(address):
@@ -110,12 +114,12 @@ def publish(requests, ipv4, ipv6, taken, in_use=lambda port: None):
                 raise PortUnavailable(f"cannot publish {request.describe()}: {busy}")
             if request.host_port == request.host_port_end:
                 who = f"endpoint {holder[:12]}" if holder else "this container"
-                raise PortUnavailable(
+                raise PortTaken(
                     f"cannot publish {request.describe()}: host port "
                     f"{request.host_port}/{request.proto} is already published by {who}; "
                     "choose another host port"
                 )
-            raise PortUnavailable(
+            raise PortTaken(
                 f"cannot publish {request.describe()}: every host port from "
                 f"{request.host_port} to {request.host_port_end} is already published "
                 "or in use by another program; "

@@ -312,3 +312,13 @@ def test_an_address_the_host_does_not_have_is_refused_by_name():
     with pytest.raises(PortUnavailable, match="198.51.100.1 is not an address of this host"):
         result_of(world.program(EP1, tcp(80, 8080, host_ip="198.51.100.1")))
     assert recorded(world, EP1) == ()
+
+
+def test_a_port_a_program_uses_is_refused_without_a_recheck():
+    world = World()
+    rechecks = []
+    world.driver.recheck = lambda: defer.succeed(rechecks.append(True))
+    assert world.host_ports.program_binds(host(8080))
+    with pytest.raises(PortUnavailable, match="in use by another program"):
+        result_of(world.program(EP1, tcp(80, 8080)))
+    assert rechecks == []  # no endpoint holds it: the reconciler cannot free it
