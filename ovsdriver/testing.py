@@ -966,11 +966,10 @@ class FakeHostPorts:
     def _clash(a, b):
         """Whether binds on keys *a* and *b* exclude each other (as the
         kernel's: one port, one family, the same or a wildcard address)."""
-        wildcard = ("0.0.0.0", "::")
-        return (
-            a[:2] == b[:2]
-            and a[3] == b[3]
-            and (a[2] == b[2] or wildcard.count(a[2]) + wildcard.count(b[2]) > 0)
+        (family, proto, address, port), (family2, proto2, address2, port2) = a, b
+        wildcard = {"0.0.0.0", "::"}
+        return (family, proto, port) == (family2, proto2, port2) and (
+            address == address2 or {address, address2} & wildcard
         )
 
     def _bindable(self, k):
