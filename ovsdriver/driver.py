@@ -192,9 +192,17 @@ class Driver:
     async def _refuse_overlaps(self, network):
         """Two networks routing overlapping subnets through the host would
         share its routes, and the newer one would not work. The older one may
-        be left over from a `docker network rm` while the driver was down."""
+        be left over from a `docker network rm` while the driver was down.
+
+        Nor may a subnet overlap one of the host's own interfaces (its LAN,
+        docker0): the host would route that subnet to the network and lose
+        it there, ssh to the host included. Docker's bridge driver lets that
+        happen; its default IPAM only avoids it when it picks the subnet."""
         mine = _routed(network)
-        for other in (await self.vswitch.networks()).values():
+        if not mine:
+            return
+        networks = (await self.vswitch.networks()).values()
+        for other in networks:
             theirs = _routed(other) if other.network_id != network.network_id else []
             for a, b in ((a, b) for a in mine for b in theirs if a.version == b.version):
                 if a.overlaps(b):
@@ -204,6 +212,19 @@ class Driver:
                         "if the engine no longer has that network ('ovsdriver status' says "
                         f"so), remove what is left of it: {_leftover_remedy(other)}"
                     )
+        ours = {gateway_ifname(n) for n in (network, *networks) if n.gateways}
+        for link in await self.netlink.host_links():
+            for address in map(ipaddress.ip_interface, link.addresses):
+                if link.name in ours or address.is_link_local:
+                    continue
+                for subnet in mine:
+                    if subnet.version == address.version and subnet.overlaps(address.network):
+                        raise DriverError(
+                            f"subnet {subnet} overlaps {address.network}, the subnet of the "
+                            f"host's interface {link.name} (address {address}): the host "
+                            "would route it to one of them only; choose a subnet the host "
+                            "does not use"
+                        )
 
     async def delete_network(self, network_id):
         try:

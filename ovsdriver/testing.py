@@ -35,6 +35,9 @@ from ovsdriver.netlink import (
 from ovsdriver.sandboxes import INVISIBLE, MISSING, MOUNTED, PLAIN, Observation, Probe, Sighting
 from ovsdriver.vswitch import VSwitchError, check_shareable, gateway_port_name
 
+#: The addresses of ``lo`` once it is up.
+LOOPBACK = ("127.0.0.1/8", "::1/128")
+
 # ---------------------------------------------------------------------------
 # Answers that come later, like the real ports' do.
 # ---------------------------------------------------------------------------
@@ -165,6 +168,27 @@ def _route(dst, gateway):
     return Route(family=family, dst=dst, gateway=gateway)
 
 
+def _infos(links, routes):
+    """`LinkInfo` of each of *links* (name -> `_Link`), with their *routes*
+    ([(`Route`, index)])."""
+    return tuple(
+        LinkInfo(
+            name=name,
+            mac=link.mac,
+            mtu=link.mtu,
+            up=link.up,
+            carrier=link.carrier,
+            addresses=[str(a) for a in link.addresses],
+            index=link.index,
+            routes=sorted(
+                (r for r, index in routes if index == link.index),
+                key=lambda r: (r.gateway is not None, r.family, r.dst),
+            ),
+        )
+        for name, link in links.items()
+    )
+
+
 class FakeNetlink:
     """`ovsdriver.netlink.Netlink` in memory: a dict of links.
 
@@ -180,7 +204,8 @@ class FakeNetlink:
     def __init__(self, clock=None):
         self._answers = _Answers(clock)
         self._indexes = itertools.count(1)
-        self._links = {"lo": self._new_link(mtu=65536, mac="00:00:00:00:00:00")}
+        self._links = {"lo": self._new_link(mtu=65536, mac="00:00:00:00:00:00", up=True)}
+        self._links["lo"].addresses.update(parse_addresses("lo", LOOPBACK, "add"))
         self._sandboxes = {}  # path -> _Sandbox
         self._appearing = set()
         self._next_mac = 1
@@ -387,25 +412,13 @@ class FakeNetlink:
                 return name, link
         raise LinkError(f"{what} in sandbox {sandbox}: No such device")
 
+    def host_links(self):
+        return self._answers.answer(lambda: _infos(self._links, ()))
+
     def sandbox_links(self, sandbox):
         def list_():
             target = self._sandbox(sandbox)
-            return tuple(
-                LinkInfo(
-                    name=name,
-                    mac=link.mac,
-                    mtu=link.mtu,
-                    up=link.up,
-                    carrier=link.carrier,
-                    addresses=[str(a) for a in link.addresses],
-                    index=link.index,
-                    routes=sorted(
-                        (r for r, index in target.routes if index == link.index),
-                        key=lambda r: (r.gateway is not None, r.family, r.dst),
-                    ),
-                )
-                for name, link in target.links.items()
-            )
+            return _infos(target.links, target.routes)
 
         return self._answers.answer(list_)
 

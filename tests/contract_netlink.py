@@ -122,6 +122,13 @@ class NetlinkContract:
         self.make_link("nlc-a")
         assert self.call(self.netlink.links)["nlc-a"] != before
 
+    def test_host_links_tell_each_links_addresses_loopback_included(self):
+        self.make_link("nlc-a")
+        self.call(self.netlink.add_addresses, "nlc-a", ["10.9.0.1/24"])
+        links = {link.name: link for link in self.call(self.netlink.host_links)}
+        assert cidr("10.9.0.1/24") in set(map(cidr, links["nlc-a"].addresses))
+        assert {cidr("127.0.0.1/8"), cidr("::1/128")} <= set(map(cidr, links["lo"].addresses))
+
     # -- add_addresses / remove_addresses ------------------------------------
 
     def test_add_addresses_assigns_each_address_and_sets_the_link_up(self):

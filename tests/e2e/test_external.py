@@ -298,6 +298,22 @@ def test_internal_network_talks_inside_only(ext_iptables):
     assert "10.74.0.0/24 -m comment" in ext.host("iptables-save", "-t", "filter")
 
 
+def test_a_subnet_the_host_uses_is_refused_and_the_host_keeps_it(ext_iptables):
+    ext = ext_iptables
+    bridges = ext.world.ovs.bridges()
+    argv = ("network", "create", "-d", ext.driver.name, "--subnet", "192.0.2.0/24", "lan")
+    failed = ext.docker(*argv, check=False)
+    assert failed.returncode != 0
+    assert "overlaps 192.0.2.0/24, the subnet of the host's interface ovx0" in failed.stderr
+    assert "lan" not in ext.docker("network", "ls", "--format", "{{.Name}}").stdout.split()
+    assert ext.world.ovs.bridges() == bridges
+    # One route to it, the LAN's (the old code added a second one, through
+    # the network's bridge: whichever came first got all the traffic).
+    routes = ext.host("ip", "-4", "route", "show", "192.0.2.0/24").splitlines()
+    assert [route.split()[:3] for route in routes] == [["192.0.2.0/24", "dev", "ovx0"]]
+    ext.host("ping", "-c", "1", "-W", "2", OUTSIDE_IP)
+
+
 def test_published_tcp_port_is_reachable_from_outside_until_removed(ext):
     ext.network("pub", "10.75.0.0/24")
     ext.web("web", "pub", "-p", "8080:80")

@@ -56,7 +56,8 @@ def make_standalone_link(namespace, name):
 
 @pytest.fixture
 def namespace():
-    """A fresh network namespace's name, deleted after the test."""
+    """A fresh network namespace's name (``lo`` up, as a host has it),
+    deleted after the test."""
     if os.geteuid() != 0:
         pytest.skip("creating network namespaces needs root")
     if shutil.which("ip") is None:
@@ -64,6 +65,7 @@ def namespace():
     name = f"ovsdnl-{secrets.token_hex(4)}"
     ip("netns", "add", name)
     try:
+        ip("-n", name, "link", "set", "lo", "up")
         yield name
     finally:
         ip("netns", "del", name, check=False)

@@ -202,6 +202,17 @@ def test_a_subnet_overlapping_another_networks_is_refused_with_what_to_do(world)
     assert world.post("NetworkDriver.CreateNetwork", body) == {}
 
 
+def test_a_subnet_of_one_of_the_hosts_interfaces_is_refused_by_name(world):
+    world.kernel.add_link("eth9")
+    world.kernel.add_addresses("eth9", ["10.30.0.200/16"])  # the host's LAN
+    err = world.create_network()["Err"]
+    assert "subnet 10.30.0.0/24 overlaps 10.30.0.0/16" in err
+    assert "interface eth9 (address 10.30.0.200/16)" in err
+    assert world.vswitch.bridges == {} and world.firewall.networks == ()
+    # The host keeps nothing of the network's, and internal networks are fine.
+    assert world.create_network(options={"com.docker.network.internal": True}) == {}
+
+
 def test_endpoint_on_unknown_network_fails_clearly(world):
     err = world.create_endpoint()["Err"]
     assert "not known" in err and "remove the network and create it again" in err
