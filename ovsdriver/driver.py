@@ -194,10 +194,13 @@ class Driver:
         share its routes, and the newer one would not work. The older one may
         be left over from a `docker network rm` while the driver was down.
 
-        Nor may a subnet overlap one of the host's own interfaces (its LAN,
-        docker0): the host would route that subnet to the network and lose
-        it there, ssh to the host included. Docker's bridge driver lets that
-        happen; its default IPAM only avoids it when it picks the subnet."""
+        Nor may a subnet hold the subnet, or the address, of one of the
+        host's own interfaces (its LAN, docker0): the host would route it
+        through the one made first only, cutting off the other, ssh to the
+        host included. Docker's bridge driver lets that happen; its default
+        IPAM only avoids it when it picks the subnet. (A subnet inside a
+        broader one of the host's, not holding its address, is routed to the
+        network, the more specific route: that can be meant.)"""
         mine = _routed(network)
         if not mine:
             return
@@ -218,7 +221,9 @@ class Driver:
                 if link.name in ours or address.is_link_local:
                     continue
                 for subnet in mine:
-                    if subnet.version == address.version and subnet.overlaps(address.network):
+                    if subnet.version == address.version and (
+                        address.ip in subnet or address.network.subnet_of(subnet)
+                    ):
                         raise DriverError(
                             f"subnet {subnet} overlaps {address.network}, the subnet of the "
                             f"host's interface {link.name} (address {address}): the host "

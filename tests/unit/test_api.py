@@ -213,6 +213,12 @@ def test_a_subnet_of_one_of_the_hosts_interfaces_is_refused_by_name(world):
     assert world.create_network(options={"com.docker.network.internal": True}) == {}
 
 
+def test_a_subnet_inside_a_broader_one_of_the_host_without_its_address_is_fine(world):
+    world.kernel.add_link("eth9")
+    world.kernel.add_addresses("eth9", ["10.5.0.7/8"])  # the more specific route wins
+    assert world.create_network() == {}
+
+
 def test_endpoint_on_unknown_network_fails_clearly(world):
     err = world.create_endpoint()["Err"]
     assert "not known" in err and "remove the network and create it again" in err
