@@ -265,6 +265,7 @@ class Driver:
             mac=mac,
             mtu=network.mtu,
             vlan=network.vlan,
+            protected=not network.icc,
             port_type=network.port_type,
             ipv4=ipv4,
             ipv6=check_address("Interface.AddressIPv6", interface.get("AddressIPv6"), 6),

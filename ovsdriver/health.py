@@ -263,6 +263,8 @@ def _flags(network):
         flags.append("routed")
     if network.shared_bridge:
         flags.append("shared bridge")
+    if not network.icc:
+        flags.append("no traffic between its containers")
     return flags
 
 

@@ -20,6 +20,11 @@ from ovsdriver.values import (
 
 GENERIC = "com.docker.network.generic"
 MTU_KEY = "com.docker.network.driver.mtu"
+#: Options of Docker's bridge driver the ovs driver has too; it refuses the
+#: others of that prefix rather than ignore them.
+BRIDGE_PREFIX = "com.docker.network.bridge."
+ICC_KEY = BRIDGE_PREFIX + "enable_icc"
+MASQUERADE_KEY = BRIDGE_PREFIX + "enable_ip_masquerade"
 PORT_TYPES = ("internal", "veth")
 DATAPATH_TYPES = ("system", "netdev")
 
@@ -101,10 +106,19 @@ NETWORK_OPTIONS = {
     "ovs.nat": "true or false",
     "ovs.datapath_type": "system or netdev",
     "ovs.ovn.switch": "the OVN logical switch (given with --ipam-opt)",
+    ICC_KEY: "true or false",
+    MASQUERADE_KEY: "true or false (as ovs.nat)",
 }
 OVN_SWITCH = "ovs.ovn.switch"
 #: Options of a bridge of the network's own, which an OVN network has not.
-LOCAL_ONLY = ("ovs.bridge", "ovs.vlan", "ovs.uplink", "ovs.port_type", "ovs.datapath_type")
+LOCAL_ONLY = (
+    "ovs.bridge",
+    "ovs.vlan",
+    "ovs.uplink",
+    "ovs.port_type",
+    "ovs.datapath_type",
+    ICC_KEY,
+)
 
 
 def ovn_request(options, ipv4_data, address_space):
@@ -143,6 +157,12 @@ def parse_network(network_id, options, ipv4_data, ipv6_data, default_datapath):
         if key.startswith("ovs.") and key not in NETWORK_OPTIONS:
             known = ", ".join(k for k in NETWORK_OPTIONS if k.startswith("ovs."))
             raise OptionError(f"unknown option {key!r}: the ovs driver knows {known}")
+        if key.startswith(BRIDGE_PREFIX) and key not in NETWORK_OPTIONS:
+            raise OptionError(
+                f"{key} is an option of Docker's bridge driver that the ovs driver does "
+                f"not have (it has {ICC_KEY} and {MASQUERADE_KEY}, and its own ovs.* "
+                "options: see its README)"
+            )
         if key in NETWORK_OPTIONS and not isinstance(value, str):
             raise OptionError(f"{key} must be given as a string, got {value!r}")
 
@@ -160,8 +180,13 @@ def parse_network(network_id, options, ipv4_data, ipv6_data, default_datapath):
         fields["port_type"] = _choice_option("ovs.port_type", generic["ovs.port_type"], PORT_TYPES)
     if MTU_KEY in generic:
         fields["mtu"] = _int_option(MTU_KEY, generic[MTU_KEY], 68, 65535)
-    if "ovs.nat" in generic:
-        fields["nat"] = _bool_option("ovs.nat", generic["ovs.nat"])
+    for key in ("ovs.nat", MASQUERADE_KEY):
+        if key in generic:
+            nat = _bool_option(key, generic[key])
+            if fields.setdefault("nat", nat) != nat:
+                raise OptionError(f"ovs.nat and {MASQUERADE_KEY} disagree: give one of them")
+    if ICC_KEY in generic:
+        fields["icc"] = _bool_option(ICC_KEY, generic[ICC_KEY])
     if "ovs.datapath_type" in generic:
         fields["datapath_type"] = _choice_option(
             "ovs.datapath_type", generic["ovs.datapath_type"], DATAPATH_TYPES

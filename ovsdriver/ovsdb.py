@@ -47,7 +47,7 @@ log = Logger()
 TABLES = {
     "Open_vSwitch": ["bridges", "next_cfg", "cur_cfg", "external_ids"],
     "Bridge": ["name", "ports", "datapath_type", "external_ids"],
-    "Port": ["name", "interfaces", "tag", "external_ids"],
+    "Port": ["name", "interfaces", "tag", "protected", "external_ids"],
     "Interface": [
         "name",
         "type",

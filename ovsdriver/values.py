@@ -70,6 +70,7 @@ class Network:
     port_type = attr.ib(default="internal")
     mtu = attr.ib(default=1500)
     nat = attr.ib(default=True)
+    icc = attr.ib(default=True)  # containers talk to each other (else protected ports)
     datapath_type = attr.ib(default="netdev")
     internal = attr.ib(default=False)
     ipv4 = attr.ib(default=(), converter=tuple)
@@ -149,6 +150,7 @@ class Endpoint:
     mac = attr.ib()
     mtu = attr.ib(default=1500)
     vlan = attr.ib(default=None)
+    protected = attr.ib(default=False)  # no traffic to other protected ports (icc off)
     port_type = attr.ib(default="internal")
     ipv4 = attr.ib(default=None)  # CIDR
     ipv6 = attr.ib(default=None)
@@ -224,6 +226,7 @@ _NETWORK_FIELDS = {
     "port_type": ("internal or veth", lambda v: v in ("internal", "veth")),
     "mtu": ("68-65535", _is_int(68, 65535)),
     "nat": ("true or false", _is_bool),
+    "icc": ("true or false", _is_bool),
     "datapath_type": ("system or netdev", lambda v: v in ("system", "netdev")),
     "internal": ("true or false", _is_bool),
     "ipv4": ("a list of [pool, gateway]", lambda v: isinstance(v, list)),

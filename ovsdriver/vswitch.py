@@ -101,6 +101,7 @@ def _endpoint_from_rows(bridge_name, port, iface):
         mac=read("attached-mac", lambda v: check_mac("attached-mac", v)),
         mtu=_one(iface.mtu_request) or 1500,
         vlan=_one(port.tag),
+        protected=bool(port.protected),
         port_type="veth" if PEER in ids else "internal",
         ipv4=read(IPV4, lambda v: _cidr(v, 4)),
         ipv6=read(IPV6, lambda v: _cidr(v, 6)),
@@ -348,7 +349,16 @@ class VSwitch:
             if endpoint.port_type == "veth":
                 kind = ""
                 iface_ids[PEER] = endpoint.ifname
-            iface = _add_port(ctx, bridge, endpoint.port, kind, endpoint.vlan, port_ids, iface_ids)
+            iface = _add_port(
+                ctx,
+                bridge,
+                endpoint.port,
+                kind,
+                endpoint.vlan,
+                port_ids,
+                iface_ids,
+                endpoint.protected,
+            )
             iface.mtu_request = [endpoint.mtu]
             # No Interface mac: the engine sets the MAC (the one CreateEndpoint
             # answers or the user gave) as it moves the port in. Given to OVS,
@@ -537,7 +547,7 @@ def check_shareable(bridge, others, network):
             )
 
 
-def _add_port(ctx, bridge, name, kind, vlan, port_ids, iface_ids):
+def _add_port(ctx, bridge, name, kind, vlan, port_ids, iface_ids, protected=False):
     iface = ctx.insert("Interface", name)
     iface.type = kind
     iface.external_ids = iface_ids
@@ -546,6 +556,8 @@ def _add_port(ctx, bridge, name, kind, vlan, port_ids, iface_ids):
     port.external_ids = port_ids
     if vlan is not None:
         port.tag = [vlan]
+    if protected:  # no traffic to the other protected ports (NORMAL switching)
+        port.protected = True
     bridge.addvalue("ports", port.uuid)
     return iface
 

@@ -77,6 +77,15 @@ def test_endpoint_round_trip(harness):
     assert harness.call(harness.vswitch.endpoint, EP_2) is None
 
 
+def test_a_protected_endpoint_round_trips(harness):
+    net = network(icc=False)
+    harness.call(harness.vswitch.add_network, net)
+    ep = endpoint(net, protected=True)
+    harness.call(harness.vswitch.add_endpoint, ep)
+    assert harness.call(harness.vswitch.network, NET_A).icc is False
+    assert harness.call(harness.vswitch.endpoint, EP_1) == ep
+
+
 def test_where_a_sandbox_was_seen_is_recorded_only_while_joined_to_it(harness):
     net = network()
     harness.call(harness.vswitch.add_network, net)

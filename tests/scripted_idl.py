@@ -115,7 +115,7 @@ REFERENCES = ("bridges", "ports", "interfaces")
 DEFAULTS = {
     "Open_vSwitch": {"bridges": [], "next_cfg": 0, "cur_cfg": 0},
     "Bridge": {"name": "", "ports": [], "datapath_type": "", "external_ids": {}},
-    "Port": {"name": "", "interfaces": [], "tag": [], "external_ids": {}},
+    "Port": {"name": "", "interfaces": [], "tag": [], "protected": False, "external_ids": {}},
     "Interface": {
         "name": "",
         "type": "",

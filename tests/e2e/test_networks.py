@@ -136,6 +136,29 @@ def test_internal_network_has_no_gateway_but_containers_talk(e2e):
     assert "eth1" not in e2e.exec("i1", "ip", "-o", "link").stdout
 
 
+@pytest.mark.parametrize("port_type", ["internal", "veth"])
+def test_without_icc_containers_reach_the_gateway_but_not_each_other(e2e, port_type):
+    e2e.network(
+        "noicc",
+        "10.58.0.0/24",
+        "com.docker.network.bridge.enable_icc=false",
+        f"ovs.port_type={port_type}",
+    )
+    e2e.run("n1", "noicc")
+    e2e.run("n2", "noicc")
+    n2 = e2e.container_net("n2", "noicc")["IPAddress"]
+    assert e2e.ping("n1", "10.58.0.1") and e2e.ping("n2", "10.58.0.1")
+    assert not e2e.ping("n1", n2, count=1)
+    e2e.host("ping", "-c", "1", "-W", "2", n2)  # the host reaches each of them
+    protected = e2e.vsctl("--bare", "--columns=name", "find", "Port", "protected=true")
+    assert len(protected.split()) == 2
+    # On a network with icc (the default) the same containers talk.
+    e2e.network("icc", "10.59.0.0/24")
+    for name in ("n1", "n2"):
+        e2e.docker("network", "connect", "icc", name)
+    assert e2e.ping("n1", e2e.container_net("n2", "icc")["IPAddress"])
+
+
 def test_static_ip_and_mac(e2e):
     e2e.network("fixed", "10.65.0.0/24")
     mac = "02:42:0a:41:00:32"

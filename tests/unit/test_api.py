@@ -130,12 +130,33 @@ def test_create_network_makes_a_bridge_with_the_gateway_on_the_host(world):
         ({"ovs.port_type": "tap"}, "ovs.port_type"),
         ({"ovs.bridge": "a-bridge-name-too-long"}, "ovs.bridge"),
         ({"ovs.nat": "maybe"}, "ovs.nat"),
+        ({"com.docker.network.bridge.enable_icc": "no way"}, "enable_icc"),
+        ({"com.docker.network.bridge.name": "br0"}, "option of Docker's bridge driver"),
+        ({"com.docker.network.bridge.host_binding_ipv4": "127.0.0.1"}, "host_binding_ipv4"),
+        (
+            {"ovs.nat": "true", "com.docker.network.bridge.enable_ip_masquerade": "false"},
+            "disagree",
+        ),
     ],
 )
 def test_bad_options_are_refused_by_name_and_leave_nothing(world, generic, named):
     err = world.create_network(generic)["Err"]
     assert named in err
     assert world.vswitch.bridges == {}
+
+
+def test_the_bridge_drivers_icc_and_masquerade_options_are_honoured(world):
+    world.create_network(
+        {
+            "com.docker.network.bridge.enable_icc": "false",
+            "com.docker.network.bridge.enable_ip_masquerade": "false",
+        }
+    )
+    world.create_endpoint()
+    (bridge,) = world.vswitch.bridges.values()
+    endpoints = [ep for ep in bridge.ports.values() if ep is not None]
+    assert [ep.protected for ep in endpoints] == [True]  # its port talks to no other's
+    assert world.firewall.network(NET).nat is False
 
 
 def test_endpoint_lifecycle(world):

@@ -128,7 +128,16 @@ def test_an_ovn_switch_without_the_ovs_ipam_is_refused():
         ovn_request(generic(**{"ovs.ovn.switch": "blue"}), LOCAL_POOL, ADDRESS_SPACE)
 
 
-@pytest.mark.parametrize("key", ["ovs.bridge", "ovs.vlan", "ovs.uplink", "ovs.port_type"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "ovs.bridge",
+        "ovs.vlan",
+        "ovs.uplink",
+        "ovs.port_type",
+        "com.docker.network.bridge.enable_icc",
+    ],
+)
 def test_bridge_options_are_refused_on_ovn_networks(key):
     with pytest.raises(OptionError, match=f"{key} cannot be used on an OVN network"):
         ovn_request(generic(**{key: "1"}), OVN_POOL, ADDRESS_SPACE)

@@ -441,7 +441,7 @@ def endpoint_rows(iface_ids):
         error=[],
         mtu_request=[1500],
     )
-    port = row("oep-" + EP[:11], ids, interfaces=[iface], tag=[])
+    port = row("oep-" + EP[:11], ids, interfaces=[iface], tag=[], protected=False)
     return port
 
 
