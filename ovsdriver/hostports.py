@@ -87,6 +87,11 @@ class HostPorts:
         try:
             if family == 6:  # the IPv4 port is held by a socket of its own
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if kind == socket.SOCK_STREAM:
+                # As servers (and Docker) do: a connection of a program gone
+                # in TIME_WAIT does not hold the port. A listener still does.
+                # (Not for UDP, where it would let two sockets share a port.)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((address, host_port))
             if listen and kind == socket.SOCK_STREAM:
                 sock.listen()

@@ -13,7 +13,7 @@ import pytest
 from ovsdriver import hostports
 from ovsdriver.hostports import HostPorts
 from tests import world
-from tests.contract_hostports import HostPortsContract
+from tests.contract_hostports import HostPortsContract, port
 
 
 class TestRealHostPorts(HostPortsContract):
@@ -35,6 +35,21 @@ class TestRealHostPorts(HostPortsContract):
         sock = self.netns.socket(*args)
         self.sockets.append(sock)
         return sock
+
+    def test_a_port_a_gone_program_left_in_time_wait_can_be_held(self):
+        server = self._socket(socket.AF_INET, socket.SOCK_STREAM)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
+        server.bind(("127.0.0.1", 18090))
+        server.listen()
+        client = self._socket(socket.AF_INET, socket.SOCK_STREAM)
+        client.connect(("127.0.0.1", 18090))
+        accepted, _ = server.accept()
+        accepted.close()  # the server closes first: its end waits in TIME_WAIT
+        client.close()
+        server.close()
+        p = port(18090)
+        assert self.ports.check(p) is None
+        assert self.ports.hold([p]) == {}
 
     def program_binds(self, port):
         family, proto, address, host_port = hostports.key(port)
