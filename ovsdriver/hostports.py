@@ -5,10 +5,17 @@ listens there: without a guard, ``-p 22:80`` would silently take the host's
 ssh. Docker's bridge driver binds every port it publishes, so a port in use
 is refused and no program can take a published one. The driver does the
 same: one socket per published port, address family and host address,
-bound for as long as the port is published. Like Docker's placeholder
-without its userland proxy, a TCP socket listens but never accepts: the
-DNAT rules take the port's packets first, and ``ss -tulpn`` shows who
-holds the port. A program that binds it gets "Address already in use".
+bound for as long as the port is published. A program that binds it gets
+"Address already in use".
+
+An IPv4 TCP socket also listens (never accepting), as Docker's placeholder
+without its userland proxy does: every local IPv4 destination is DNATed,
+so it never gets a connection, and a listener shows in ``ss -tlnp`` and
+lets the port be held with SO_REUSEADDR (a gone server's connections in
+TIME_WAIT do not stand in the way) yet still excludes every other socket.
+Not an IPv6 one: ``::1`` is not DNATed (the kernel cannot), and a listener
+there would leave ``curl localhost:PORT`` hanging instead of refused. Nor
+UDP, where SO_REUSEADDR would let two sockets share the port.
 """
 
 import errno
@@ -72,10 +79,11 @@ class HostPorts:
         self._make_socket = make_socket
         self._held = {}  # key -> bound socket (None: the host lacks the protocol)
 
-    def _bind(self, port, listen=False):
+    def _bind(self, port, hold=False):
         """A socket bound where *port* says, or None; raises OSError."""
         family, proto, address, host_port = key(port)
         kind, number = _KINDS[proto]
+        listener = kind == socket.SOCK_STREAM and family == 4
         try:
             sock = self._make_socket(
                 socket.AF_INET6 if family == 6 else socket.AF_INET, kind, number
@@ -87,13 +95,10 @@ class HostPorts:
         try:
             if family == 6:  # the IPv4 port is held by a socket of its own
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if kind == socket.SOCK_STREAM:
-                # As servers (and Docker) do: a connection of a program gone
-                # in TIME_WAIT does not hold the port. A listener still does.
-                # (Not for UDP, where it would let two sockets share a port.)
+            if listener:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((address, host_port))
-            if listen and kind == socket.SOCK_STREAM:
+            if listener and hold:
                 sock.listen()
         except BaseException:
             sock.close()
@@ -132,7 +137,7 @@ class HostPorts:
             if k in self._held:
                 continue
             try:
-                self._held[k] = self._bind(port, listen=True)
+                self._held[k] = self._bind(port, hold=True)
             except OSError as e:
                 failed[port] = _reason(port, e)
         return failed

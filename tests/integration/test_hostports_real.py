@@ -51,6 +51,14 @@ class TestRealHostPorts(HostPortsContract):
         assert self.ports.check(p) is None
         assert self.ports.hold([p]) == {}
 
+    def test_a_held_ipv6_port_refuses_what_no_rule_forwards(self):
+        # ::1 is never DNATed: a connection there must be refused, not hang.
+        assert self.ports.hold([port(18091, ipv6=True)]) == {}
+        client = self._socket(socket.AF_INET6, socket.SOCK_STREAM)
+        client.settimeout(2)
+        with pytest.raises(ConnectionRefusedError):
+            client.connect(("::1", 18091))
+
     def program_binds(self, port):
         family, proto, address, host_port = hostports.key(port)
         kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
