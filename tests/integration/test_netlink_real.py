@@ -1,8 +1,9 @@
 """The netlink contract, run against the real Netlink in a throwaway namespace.
 
-Each test gets a fresh network namespace (``ovsdnl-<random>``) that only the
-Netlink worker thread enters; it is deleted afterwards, also when a test fails,
-and takes every link made in it along. Needs root and iproute2's ``ip``.
+Each test gets a fresh network namespace (``ovsw-nl-<random>``: the prefix
+``.ci/run`` sweeps) that only the Netlink worker thread enters; it is deleted
+afterwards, also when a test fails, and takes every link made in it along.
+Needs root and iproute2's ``ip``.
 """
 
 import functools
@@ -62,7 +63,7 @@ def namespace():
         pytest.skip("creating network namespaces needs root")
     if shutil.which("ip") is None:
         pytest.skip("iproute2's ip command is not installed")
-    name = f"ovsdnl-{secrets.token_hex(4)}"
+    name = f"ovsw-nl-{secrets.token_hex(4)}"
     ip("netns", "add", name)
     try:
         ip("-n", name, "link", "set", "lo", "up")
@@ -125,7 +126,7 @@ class TestRealNetlink(NetlinkContract):
     # -- sandboxes: namespaces of their own, as containers have -----------------
 
     def make_sandbox(self):
-        name = f"ovsdsb-{secrets.token_hex(4)}"
+        name = f"ovsw-sb-{secrets.token_hex(4)}"
         ip("netns", "add", name)
         self._sandboxes.append(name)
         return f"/run/netns/{name}"
@@ -236,7 +237,7 @@ def test_create_veth_peer_has_tx_checksumming_off_as_ethtool_reports(netlink, na
 
 def test_the_worker_comes_back_from_a_sandbox(netlink, namespace):
     """After looking into a sandbox (or failing to), work happens at home again."""
-    sandbox = f"ovsdsb-{secrets.token_hex(4)}"
+    sandbox = f"ovsw-sb-{secrets.token_hex(4)}"
     ip("netns", "add", sandbox)
     try:
         links = run_in_reactor(netlink.sandbox_links, f"/run/netns/{sandbox}")

@@ -53,7 +53,7 @@ class Sandboxes:
 
     def mount(self, name):
         """Make (or remount) the sandbox *name*: a fresh namespace on its file."""
-        netns = f"ovsdrc-{secrets.token_hex(4)}"
+        netns = f"ovsw-rc-{secrets.token_hex(4)}"
         world.run(["ip", "netns", "add", netns], timeout=10)
         try:
             open(self.path(name), "a").close()

@@ -25,7 +25,7 @@ class TestRealMountViews(MountViewsContract):
         if os.geteuid() != 0:
             pytest.skip("mounting namespaces needs root")
         self.views = MountViews(get_reactor())
-        self._root = tempfile.mkdtemp(prefix="ovsdmv-", dir="/tmp")
+        self._root = tempfile.mkdtemp(prefix="ovsw-mv-", dir="/tmp")
         self._processes = []
         yield
         for process in self._processes:
@@ -44,7 +44,7 @@ class TestRealMountViews(MountViewsContract):
         open(path, "a").close()
 
     def mount_here(self, path):
-        netns = f"ovsdmv-{secrets.token_hex(4)}"
+        netns = f"ovsw-mv-{secrets.token_hex(4)}"
         world.run(["ip", "netns", "add", netns], timeout=10)
         try:
             world.run(["mount", "--bind", f"/run/netns/{netns}", path], timeout=10)
