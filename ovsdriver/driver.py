@@ -452,7 +452,10 @@ class Driver:
             raise _unknown_endpoint(endpoint_id)
         if network.internal:
             return
-        requests = parse_portmap(options)
+        requests = [
+            attr.evolve(r, host_ip=network.host_binding) if r.host_ip is None else r
+            for r in parse_portmap(options)
+        ]
         if not requests and not endpoint.published:
             return  # nothing to publish: no OVSDB write, no firewall work
         for key in (IPV4, IPV6):

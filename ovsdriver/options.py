@@ -25,6 +25,7 @@ MTU_KEY = "com.docker.network.driver.mtu"
 BRIDGE_PREFIX = "com.docker.network.bridge."
 ICC_KEY = BRIDGE_PREFIX + "enable_icc"
 MASQUERADE_KEY = BRIDGE_PREFIX + "enable_ip_masquerade"
+HOST_BINDING_KEY = BRIDGE_PREFIX + "host_binding_ipv4"
 PORT_TYPES = ("internal", "veth")
 DATAPATH_TYPES = ("system", "netdev")
 
@@ -62,6 +63,13 @@ def _bool_option(key, value):
     if text in ("false", "0", "no", "off"):
         return False
     raise OptionError(f"{key}={value!r} is invalid: use true or false")
+
+
+def _ipv4_option(key, value):
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise OptionError(f"{key}={value!r} is invalid: use an IPv4 address") from None
 
 
 def _choice_option(key, value, choices):
@@ -108,6 +116,7 @@ NETWORK_OPTIONS = {
     "ovs.ovn.switch": "the OVN logical switch (given with --ipam-opt)",
     ICC_KEY: "true or false",
     MASQUERADE_KEY: "true or false (as ovs.nat)",
+    HOST_BINDING_KEY: "an IPv4 address of the host",
 }
 OVN_SWITCH = "ovs.ovn.switch"
 #: Options of a bridge of the network's own, which an OVN network has not.
@@ -160,8 +169,8 @@ def parse_network(network_id, options, ipv4_data, ipv6_data, default_datapath):
         if key.startswith(BRIDGE_PREFIX) and key not in NETWORK_OPTIONS:
             raise OptionError(
                 f"{key} is an option of Docker's bridge driver that the ovs driver does "
-                f"not have (it has {ICC_KEY} and {MASQUERADE_KEY}, and its own ovs.* "
-                "options: see its README)"
+                f"not have (it has {ICC_KEY}, {MASQUERADE_KEY} and {HOST_BINDING_KEY}, and "
+                "its own ovs.* options: see its README)"
             )
         if key in NETWORK_OPTIONS and not isinstance(value, str):
             raise OptionError(f"{key} must be given as a string, got {value!r}")
@@ -187,6 +196,8 @@ def parse_network(network_id, options, ipv4_data, ipv6_data, default_datapath):
                 raise OptionError(f"ovs.nat and {MASQUERADE_KEY} disagree: give one of them")
     if ICC_KEY in generic:
         fields["icc"] = _bool_option(ICC_KEY, generic[ICC_KEY])
+    if HOST_BINDING_KEY in generic:
+        fields["host_binding"] = _ipv4_option(HOST_BINDING_KEY, generic[HOST_BINDING_KEY])
     if "ovs.datapath_type" in generic:
         fields["datapath_type"] = _choice_option(
             "ovs.datapath_type", generic["ovs.datapath_type"], DATAPATH_TYPES

@@ -71,6 +71,7 @@ class Network:
     mtu = attr.ib(default=1500)
     nat = attr.ib(default=True)
     icc = attr.ib(default=True)  # containers talk to each other (else protected ports)
+    host_binding = attr.ib(default=None)  # the host IP of a -p that gives none
     datapath_type = attr.ib(default="netdev")
     internal = attr.ib(default=False)
     ipv4 = attr.ib(default=(), converter=tuple)
@@ -227,6 +228,7 @@ _NETWORK_FIELDS = {
     "mtu": ("68-65535", _is_int(68, 65535)),
     "nat": ("true or false", _is_bool),
     "icc": ("true or false", _is_bool),
+    "host_binding": ("null or an IP address", _optional(_is_ip)),
     "datapath_type": ("system or netdev", lambda v: v in ("system", "netdev")),
     "internal": ("true or false", _is_bool),
     "ipv4": ("a list of [pool, gateway]", lambda v: isinstance(v, list)),

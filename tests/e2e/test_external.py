@@ -422,6 +422,17 @@ def test_published_on_loopback_is_reachable_from_the_host_only(ext_iptables):
     assert not ext.outside.get(f"http://{WORLD_IP}:8090/index.html", timeout=2)[0]
 
 
+def test_a_networks_host_binding_is_where_its_ports_are_published(ext_iptables):
+    ext = ext_iptables
+    option = "com.docker.network.bridge.host_binding_ipv4=127.0.0.1"
+    ext.network("bound", "10.99.0.0/24", "-o", option)
+    ext.web("hb1", "bound", "-p", "8066:80")
+    url = "http://127.0.0.1:8066/index.html"
+    ok, body = world.wait_until(lambda: _ok(ext.outside.get(url, ext.world.netns.path)), 15, 0.5)
+    assert body.strip() == "hello from hb1"
+    assert not ext.outside.get(f"http://{WORLD_IP}:8066/index.html", timeout=2)[0]
+
+
 def test_published_on_every_address_answers_on_loopback_too(ext_iptables):
     ext = ext_iptables
     ext.network("loopall", "10.84.0.0/24")

@@ -132,7 +132,8 @@ def test_create_network_makes_a_bridge_with_the_gateway_on_the_host(world):
         ({"ovs.nat": "maybe"}, "ovs.nat"),
         ({"com.docker.network.bridge.enable_icc": "no way"}, "enable_icc"),
         ({"com.docker.network.bridge.name": "br0"}, "option of Docker's bridge driver"),
-        ({"com.docker.network.bridge.host_binding_ipv4": "127.0.0.1"}, "host_binding_ipv4"),
+        ({"com.docker.network.bridge.default_bridge": "true"}, "default_bridge"),
+        ({"com.docker.network.bridge.host_binding_ipv4": "::1"}, "use an IPv4 address"),
         (
             {"ovs.nat": "true", "com.docker.network.bridge.enable_ip_masquerade": "false"},
             "disagree",

@@ -162,7 +162,7 @@ class SlowVSwitch(FakeVSwitch):
 
 
 class World:
-    def __init__(self, ipv6=False):
+    def __init__(self, ipv6=False, generic=None):
         self.kernel = FakeNetlink()
         self.vswitch = SlowVSwitch(kernel=self.kernel)
         self.firewall = FakeFirewall()
@@ -170,7 +170,7 @@ class World:
         self.driver = Driver(
             self.vswitch, self.kernel, self.firewall, "netdev", host_ports=self.host_ports
         )
-        options = {"com.docker.network.generic": {}}
+        options = {"com.docker.network.generic": generic or {}}
         result_of(
             defer.ensureDeferred(self.driver.create_network(NET, options, V4, V6 if ipv6 else []))
         )
@@ -322,3 +322,12 @@ def test_a_port_a_program_uses_is_refused_without_a_recheck():
     with pytest.raises(PortUnavailable, match="in use by another program"):
         result_of(world.program(EP1, tcp(80, 8080)))
     assert rechecks == []  # no endpoint holds it: the reconciler cannot free it
+
+
+def test_a_networks_host_binding_is_where_a_port_without_an_address_is_published():
+    world = World(ipv6=True, generic={"com.docker.network.bridge.host_binding_ipv4": "127.0.0.1"})
+    result_of(world.program(EP1, tcp(80, 8080), tcp(81, 8081, host_ip="0.0.0.0")))
+    published = {(p.host_ip, p.host_port, p.container_ip) for p in recorded(world, EP1)}
+    # As with Docker's bridge driver: only where -p gives no address, and
+    # then IPv4 only; an explicit 0.0.0.0 stays every address.
+    assert published == {("127.0.0.1", 8080, "10.30.0.2"), (None, 8081, "10.30.0.2")}
