@@ -265,6 +265,8 @@ def _flags(network):
         flags.append("shared bridge")
     if not network.icc:
         flags.append("no traffic between its containers")
+    if network.host_binding:
+        flags.append(f"ports published on {network.host_binding} by default")
     return flags
 
 

@@ -483,3 +483,12 @@ def test_the_ovsdriver_command_is_declared_for_installers():
 
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "ovsdriver"]
     assert script.value == "ovsdriver.cli:main"
+
+
+def test_the_bridge_drivers_options_show_among_a_networks_options():
+    network = attr.evolve(NETWORK, icc=False, host_binding="127.0.0.1")
+    (found,) = healthy_facts().networks
+    facts = healthy_facts(networks=[attr.evolve(found, network=network)])
+    text = status.render(assess(facts))
+    assert "no traffic between its containers" in text
+    assert "ports published on 127.0.0.1 by default" in text
