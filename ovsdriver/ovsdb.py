@@ -387,16 +387,21 @@ class OVSDB(service.Service):
         self._last_error = "not connected yet"
         self._down_since = None
         self._ticking = False
+        self._stopped = False
 
     # -- lifecycle ---------------------------------------------------------
 
     def startService(self):
         super().startService()
+        self._stopped = False
         self._fetch_schema()
         self._schedule(0)
 
     def stopService(self):
         super().stopService()
+        # What still asks (another service finishing its work) fails at
+        # once, rather than after apply_timeout: nothing will connect now.
+        self._stopped = True
         self._unwatch()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -473,6 +478,8 @@ class OVSDB(service.Service):
         batch (see the module's docstring). Operations are sent from the next
         reactor turn on, so a request's answer goes out before what it queued.
         """
+        if self._stopped:
+            return defer.fail(OVSDBUnavailable("the driver is shutting down"))
         op = _Operation(build, defer.Deferred(), self.reactor.seconds())
         op.timer = self.reactor.callLater(self.apply_timeout, self._expire, op)
         op.background = background
@@ -508,6 +515,8 @@ class OVSDB(service.Service):
         return wanted.addCallback(self._wait_applied, read)
 
     def _wait_applied(self, cfg, read):
+        if self._stopped:
+            return defer.fail(OVSDBUnavailable("the driver is shutting down"))
         op = _Operation(None, defer.Deferred(), self.reactor.seconds())
         op.after, op.wait, op.phase = read, True, "applying"
         op.timer = self.reactor.callLater(self.apply_timeout, self._expire, op)

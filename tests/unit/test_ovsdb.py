@@ -38,3 +38,17 @@ def test_operations_fail_after_the_unavailable_timeout_without_a_connection():
     (failure,) = failures
     assert failure.check(OVSDBUnavailable)
     assert "cannot reach OVSDB at unix:/nonexistent/db.sock" in str(failure.value)
+
+
+def test_operations_after_a_stop_fail_at_once():
+    # A service still finishing its work at shutdown (the reconciler's pass)
+    # must not hold the driver's exit for apply_timeout.
+    clock = Clock()
+    ovsdb = OVSDB(clock, "unix:/nonexistent/db.sock")
+    ovsdb.running = True  # as if started, but nothing is ever reached
+    ovsdb.stopService()
+    failures = []
+    ovsdb.query(lambda idl: None).addErrback(failures.append)
+    ovsdb.applied(cfg=1).addErrback(failures.append)
+    assert [f.check(OVSDBUnavailable) for f in failures] == [OVSDBUnavailable] * 2
+    assert all("shutting down" in str(f.value) for f in failures)
