@@ -86,6 +86,29 @@ def _routed(network):
     return [ipaddress.ip_network(s.pool) for s in network.ipv4 + network.ipv6 if s.gateway]
 
 
+def _host_clash(subnets, links):
+    """Why one of *subnets* cannot be routed to a network beside the host's
+    *links*, or None. One that holds the subnet or the address of a host
+    interface (its LAN, docker0) would give the host two routes, and the one
+    made first would take all the traffic: the network's, or the LAN's (ssh
+    to the host included). Docker's bridge driver lets that happen; its
+    default IPAM only avoids it when it picks the subnet. A subnet inside a
+    broader one of the host's, without its address, gets the more specific
+    route: that can be meant."""
+    for link in links:
+        for address in map(ipaddress.ip_interface, link.addresses):
+            for subnet in subnets:
+                if address.is_link_local or subnet.version != address.version:
+                    continue
+                if address.ip in subnet or address.network.subnet_of(subnet):
+                    return (
+                        f"subnet {subnet} overlaps {address.network}, the subnet of the "
+                        f"host's interface {link.name} (address {address}): the host would "
+                        "route it to one of them only; choose a subnet the host does not use"
+                    )
+    return None
+
+
 def _leftover_remedy(network):
     if not network.shared_bridge:
         return f"ovs-vsctl del-br {network.bridge}"
@@ -193,14 +216,7 @@ class Driver:
         """Two networks routing overlapping subnets through the host would
         share its routes, and the newer one would not work. The older one may
         be left over from a `docker network rm` while the driver was down.
-
-        Nor may a subnet hold the subnet, or the address, of one of the
-        host's own interfaces (its LAN, docker0): the host would route it
-        through the one made first only, cutting off the other, ssh to the
-        host included. Docker's bridge driver lets that happen; its default
-        IPAM only avoids it when it picks the subnet. (A subnet inside a
-        broader one of the host's, not holding its address, is routed to the
-        network, the more specific route: that can be meant.)"""
+        Nor may it overlap the host's own interfaces (`_host_clash`)."""
         mine = _routed(network)
         if not mine:
             return
@@ -216,20 +232,10 @@ class Driver:
                         f"so), remove what is left of it: {_leftover_remedy(other)}"
                     )
         ours = {gateway_ifname(n) for n in (network, *networks) if n.gateways}
-        for link in await self.netlink.host_links():
-            for address in map(ipaddress.ip_interface, link.addresses):
-                if link.name in ours or address.is_link_local:
-                    continue
-                for subnet in mine:
-                    if subnet.version == address.version and (
-                        address.ip in subnet or address.network.subnet_of(subnet)
-                    ):
-                        raise DriverError(
-                            f"subnet {subnet} overlaps {address.network}, the subnet of the "
-                            f"host's interface {link.name} (address {address}): the host "
-                            "would route it to one of them only; choose a subnet the host "
-                            "does not use"
-                        )
+        links = [link for link in await self.netlink.host_links() if link.name not in ours]
+        clash = _host_clash(mine, links)
+        if clash:
+            raise DriverError(clash)
 
     async def delete_network(self, network_id):
         try:
