@@ -518,6 +518,17 @@ class Netns(_Closing):
             raise made[0]
         return made[0]
 
+    def bind_tcp(self, port: int) -> str | None:
+        """Bind TCP *port* on every address here as a server does (with
+        SO_REUSEADDR) and let it go: None if that worked, else why not."""
+        with self.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError as e:
+                return e.strerror
+        return None
+
     def pids(self) -> list[int]:
         """PIDs of the live processes whose network namespace is this one."""
         found = []

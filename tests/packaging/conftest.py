@@ -35,11 +35,14 @@ def docker_world() -> Iterator[world.DockerWorld]:
 
 def scenario(w: world.DockerWorld, driver_name: str, subnet: str) -> E2E:
     """A network of ``driver_name``, two containers on it that ping each
-    other and the gateway; returns the shortcuts to inspect it further."""
+    other and the gateway, one publishing port 80 (a privileged port: the
+    driver needs the right to hold it); returns the shortcuts to inspect it
+    further."""
     e2e = E2E(w, types.SimpleNamespace(name=driver_name))
     e2e.network("pk", subnet)
     e2e.run("pk1", "pk")
-    e2e.run("pk2", "pk")
+    e2e.run("pk2", "pk", "-p", "80:80")  # a privileged port, which the driver holds
+    assert w.netns.bind_tcp(80) == "Address already in use"
     pk2 = e2e.container_net("pk2", "pk")["IPAddress"]
     gateway = subnet.rsplit(".", 1)[0] + ".1"
     assert e2e.ping("pk1", pk2), w.logs()
