@@ -30,7 +30,9 @@ from ovsdriver.vswitch import (
     UnreadableRecord,
     gateway_ifname,
     gateway_port_name,
+    host_clash,
     port_name,
+    routed,
     veth_host_name,
 )
 
@@ -77,36 +79,6 @@ def _publishable(endpoint, port):
         )
         return False
     return True
-
-
-def _routed(network):
-    """The subnets the host routes to *network* (it is their gateway)."""
-    if not network.gateways:
-        return []
-    return [ipaddress.ip_network(s.pool) for s in network.ipv4 + network.ipv6 if s.gateway]
-
-
-def _host_clash(subnets, links):
-    """Why one of *subnets* cannot be routed to a network beside the host's
-    *links*, or None. One that holds the subnet or the address of a host
-    interface (its LAN, docker0) would give the host two routes, and the one
-    made first would take all the traffic: the network's, or the LAN's (ssh
-    to the host included). Docker's bridge driver lets that happen; its
-    default IPAM only avoids it when it picks the subnet. A subnet inside a
-    broader one of the host's, without its address, gets the more specific
-    route: that can be meant."""
-    for link in links:
-        for address in map(ipaddress.ip_interface, link.addresses):
-            for subnet in subnets:
-                if address.is_link_local or subnet.version != address.version:
-                    continue
-                if address.ip in subnet or address.network.subnet_of(subnet):
-                    return (
-                        f"subnet {subnet} overlaps {address.network}, the subnet of the "
-                        f"host's interface {link.name} (address {address}): the host would "
-                        "route it to one of them only; choose a subnet the host does not use"
-                    )
-    return None
 
 
 def _leftover_remedy(network):
@@ -216,13 +188,13 @@ class Driver:
         """Two networks routing overlapping subnets through the host would
         share its routes, and the newer one would not work. The older one may
         be left over from a `docker network rm` while the driver was down.
-        Nor may it overlap the host's own interfaces (`_host_clash`)."""
-        mine = _routed(network)
+        Nor may it overlap the host's own interfaces (`host_clash`)."""
+        mine = routed(network)
         if not mine:
             return
         networks = (await self.vswitch.networks()).values()
         for other in networks:
-            theirs = _routed(other) if other.network_id != network.network_id else []
+            theirs = routed(other) if other.network_id != network.network_id else []
             for a, b in ((a, b) for a in mine for b in theirs if a.version == b.version):
                 if a.overlaps(b):
                     raise DriverError(
@@ -233,9 +205,12 @@ class Driver:
                     )
         ours = {gateway_ifname(n) for n in (network, *networks) if n.gateways}
         links = [link for link in await self.netlink.host_links() if link.name not in ours]
-        clash = _host_clash(mine, links)
+        clash = host_clash(mine, links)
         if clash:
-            raise DriverError(clash)
+            raise DriverError(
+                f"{clash}: the host would route it to one of them only; choose a subnet "
+                "the host does not use"
+            )
 
     async def delete_network(self, network_id):
         try:

@@ -15,7 +15,14 @@ import attr
 from ovsdriver import firewall
 from ovsdriver.sandboxes import MISSING, MOUNTED
 from ovsdriver.sandboxes import PLAIN as UNMOUNTED
-from ovsdriver.vswitch import gateway_ifname, gateway_port_name, port_name, veth_host_name
+from ovsdriver.vswitch import (
+    gateway_ifname,
+    gateway_port_name,
+    host_clash,
+    port_name,
+    routed,
+    veth_host_name,
+)
 
 #: An endpoint nobody joined this long after its creation is an orphan (the
 #: reconciler's default grace, see ovsdriver.reconcile).
@@ -285,6 +292,12 @@ def _check_network(facts, found, network):
         problems.append(f"its uplink {network.uplink} is not a port of bridge {found.bridge}")
     if network.gateways and facts.links is not None:
         problems += _gateway_problems(facts.links, gateway_ifname(network), network.gateways)
+        # A host interface that came up later with an overlapping subnet.
+        ours = {gateway_ifname(n.network) for n in facts.networks if n.network}
+        others = [link for name, link in facts.links.items() if name not in ours]
+        clash = host_clash(routed(network), others)
+        if clash:
+            problems.append(f"its {clash}: the host routes it to one of them only")
     problems += _network_firewall_problems(facts.firewall, network)
     return problems
 

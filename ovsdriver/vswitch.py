@@ -68,6 +68,35 @@ def gateway_ifname(network):
     return gateway_port_name(network.network_id) if network.shared_bridge else network.bridge
 
 
+def routed(network):
+    """The subnets the host routes to *network* (it is their gateway)."""
+    if not network.gateways:
+        return []
+    return [ipaddress.ip_network(s.pool) for s in network.ipv4 + network.ipv6 if s.gateway]
+
+
+def host_clash(subnets, links):
+    """Which of *subnets* cannot be routed to a network beside the host's
+    *links* (`LinkInfo`), said in words, or None. One that holds the subnet or the address of a host
+    interface (its LAN, docker0) would give the host two routes, and the one
+    made first would take all the traffic: the network's, or the LAN's (ssh
+    to the host included). Docker's bridge driver lets that happen; its
+    default IPAM only avoids it when it picks the subnet. A subnet inside a
+    broader one of the host's, without its address, gets the more specific
+    route: that can be meant."""
+    for link in links:
+        for address in map(ipaddress.ip_interface, link.addresses):
+            for subnet in subnets:
+                if address.is_link_local or subnet.version != address.version:
+                    continue
+                if address.ip in subnet or address.network.subnet_of(subnet):
+                    return (
+                        f"subnet {subnet} overlaps {address.network}, the subnet of the "
+                        f"host's interface {link.name} (address {address})"
+                    )
+    return None
+
+
 def _one(column):
     """An optional OVSDB column (a list of zero or one value) as a value."""
     return column[0] if column else None

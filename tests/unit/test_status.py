@@ -492,3 +492,13 @@ def test_the_bridge_drivers_options_show_among_a_networks_options():
     text = status.render(assess(facts))
     assert "no traffic between its containers" in text
     assert "ports published on 127.0.0.1 by default" in text
+
+
+def test_a_host_interface_that_came_up_with_the_networks_subnet_is_a_problem():
+    facts = healthy_facts()
+    links = dict(facts.links, eth9=link("eth9", addresses=["10.30.0.200/24"]))
+    report = assess(attr.evolve(facts, links=links))
+    assert problems(report) == [
+        "its subnet 10.30.0.0/24 overlaps 10.30.0.0/24, the subnet of the host's interface "
+        "eth9 (address 10.30.0.200/24): the host routes it to one of them only"
+    ]
