@@ -203,9 +203,7 @@ class Driver:
                         "if the engine no longer has that network ('ovsdriver status' says "
                         f"so), remove what is left of it: {_leftover_remedy(other)}"
                     )
-        ours = {gateway_ifname(n) for n in (network, *networks) if n.gateways}
-        links = [link for link in await self.netlink.host_links() if link.name not in ours]
-        clash = host_clash(mine, links)
+        clash = host_clash(mine, await self.netlink.host_links(), (network, *networks))
         if clash:
             raise DriverError(
                 f"{clash}: the host would route it to one of them only; choose a subnet "

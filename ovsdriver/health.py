@@ -293,9 +293,8 @@ def _check_network(facts, found, network):
     if network.gateways and facts.links is not None:
         problems += _gateway_problems(facts.links, gateway_ifname(network), network.gateways)
         # A host interface that came up later with an overlapping subnet.
-        ours = {gateway_ifname(n.network) for n in facts.networks if n.network}
-        others = [link for name, link in facts.links.items() if name not in ours]
-        clash = host_clash(routed(network), others)
+        networks = [n.network for n in facts.networks if n.network]
+        clash = host_clash(routed(network), facts.links.values(), networks)
         if clash:
             problems.append(f"its {clash}: the host routes it to one of them only")
     problems += _network_firewall_problems(facts.firewall, network)

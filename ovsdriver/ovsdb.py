@@ -341,6 +341,10 @@ class _Operation:
         return self.deferred.called
 
 
+def _shutting_down():
+    return OVSDBUnavailable("the driver is shutting down")
+
+
 class OVSDB(service.Service):
     """The driver's one connection to OVSDB, shared by every request."""
 
@@ -405,7 +409,7 @@ class OVSDB(service.Service):
         self._unwatch()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        error = OVSDBUnavailable("the driver is shutting down")
+        error = _shutting_down()
         pending = self._queue + self._background + self._in_flight
         for op in pending + [op for _, op in self._waiting_cfg]:
             self._fail(op, error)
@@ -479,7 +483,7 @@ class OVSDB(service.Service):
         reactor turn on, so a request's answer goes out before what it queued.
         """
         if self._stopped:
-            return defer.fail(OVSDBUnavailable("the driver is shutting down"))
+            return defer.fail(_shutting_down())
         op = _Operation(build, defer.Deferred(), self.reactor.seconds())
         op.timer = self.reactor.callLater(self.apply_timeout, self._expire, op)
         op.background = background
@@ -516,7 +520,7 @@ class OVSDB(service.Service):
 
     def _wait_applied(self, cfg, read):
         if self._stopped:
-            return defer.fail(OVSDBUnavailable("the driver is shutting down"))
+            return defer.fail(_shutting_down())
         op = _Operation(None, defer.Deferred(), self.reactor.seconds())
         op.after, op.wait, op.phase = read, True, "applying"
         op.timer = self.reactor.callLater(self.apply_timeout, self._expire, op)

@@ -75,16 +75,18 @@ def routed(network):
     return [ipaddress.ip_network(s.pool) for s in network.ipv4 + network.ipv6 if s.gateway]
 
 
-def host_clash(subnets, links):
+def host_clash(subnets, links, networks):
     """Which of *subnets* cannot be routed to a network beside the host's
-    *links* (`LinkInfo`), said in words, or None. One that holds the subnet or the address of a host
+    *links* (`LinkInfo`; the gateway interfaces of *networks* aside), said
+    in words, or None. One that holds the subnet or the address of a host
     interface (its LAN, docker0) would give the host two routes, and the one
     made first would take all the traffic: the network's, or the LAN's (ssh
     to the host included). Docker's bridge driver lets that happen; its
     default IPAM only avoids it when it picks the subnet. A subnet inside a
     broader one of the host's, without its address, gets the more specific
     route: that can be meant."""
-    for link in links:
+    ours = {gateway_ifname(network) for network in networks}
+    for link in (link for link in links if link.name not in ours):
         for address in map(ipaddress.ip_interface, link.addresses):
             for subnet in subnets:
                 if address.is_link_local or subnet.version != address.version:
