@@ -52,14 +52,16 @@ def parse_pool_id(value):
     raise IpamError(f"pool {value!r} was not made by the ovs IPAM driver")
 
 
-async def allocate(reactor, northbound, switch, address, system_id):
-    """Claim `address` (or the first free one) on `switch`; when another host
+async def allocate(reactor, northbound, switch, address, system_id, version=4):
+    """Claim `address` (or the first free one of IP `version`) on `switch`; when another host
     claimed the same address at the same moment, look again. Deferred[str]."""
     token = uuid.uuid4().hex
     spread = None
     for attempt in range(ATTEMPTS):
         try:
-            return await northbound.claim_address(switch, address or None, token, system_id, spread)
+            return await northbound.claim_address(
+                switch, address or None, token, system_id, spread, version
+            )
         except OVSDBUnavailable as e:
             if CONFLICT not in str(e) or attempt == ATTEMPTS - 1:
                 raise
@@ -106,18 +108,18 @@ class Ipam:
                 f"{SWITCH_OPTION}=NAME, or leave --ipam-driver out for a local network"
             )
         check_switch_name(switch)
-        if v6:
-            raise IpamError("OVN networks of the ovs driver are IPv4 only: leave --ipv6 out")
         if sub_pool:
             raise IpamError("--ip-range is not supported on OVN networks: leave it out")
+        version = 6 if v6 else 4
         subnet = None
         if pool:
             try:
                 net = ipaddress.ip_network(pool, strict=False)
             except ValueError:
                 raise IpamError(f"--subnet {pool!r} is not a subnet") from None
-            if net.version != 4 or net.prefixlen > 30:
-                raise IpamError(f"--subnet {pool} must be an IPv4 subnet of at most /30")
+            if net.version != version or net.num_addresses < 4:
+                kind = "an IPv6 subnet of at most /126" if v6 else "an IPv4 subnet of at most /30"
+                raise IpamError(f"--subnet {pool} must be {kind}")
             subnet = str(net)
         ovn = self._ovn()
         chassis = await ovn.chassis()
@@ -127,9 +129,10 @@ class Ipam:
                     f"OVN switch {switch} is already Docker network "
                     f"{network.network_id[:12]} on this host"
                 )
-        info = await ovn.northbound.request_pool(switch, subnet, chassis.system_id)
-        data = {GATEWAY_DATA: info.gateway} if info.gateway else {}
-        return {"PoolID": pool_id(switch, info.subnet), "Pool": info.subnet, "Data": data}
+        info = await ovn.northbound.request_pool(switch, subnet, chassis.system_id, version)
+        subnet, gateway = (info.subnet6, info.gateway6) if v6 else (info.subnet, info.gateway)
+        data = {GATEWAY_DATA: gateway} if gateway else {}
+        return {"PoolID": pool_id(switch, subnet), "Pool": subnet, "Data": data}
 
     async def release_pool(self, pool):
         switch, _ = parse_pool_id(pool)
@@ -139,18 +142,22 @@ class Ipam:
             log.info("deleted OVN switch {switch}: no host uses it", switch=switch)
 
     async def request_address(self, pool, address, options):
-        switch, _ = parse_pool_id(pool)
+        switch, subnet = parse_pool_id(pool)
+        version = ipaddress.ip_network(subnet).version
         ovn = self._ovn()
         if (options or {}).get(REQUEST_TYPE) == GATEWAY_TYPE:
-            return await ovn.northbound.set_gateway(switch, address or None)
+            return await ovn.northbound.set_gateway(switch, address or None, version)
         chassis = await ovn.chassis()
-        return await allocate(self.reactor, ovn.northbound, switch, address, chassis.system_id)
+        return await allocate(
+            self.reactor, ovn.northbound, switch, address, chassis.system_id, version
+        )
 
     async def release_address(self, pool, address):
         switch, _ = parse_pool_id(pool)
         ovn = self._ovn()
         info = await ovn.northbound.switch(switch)
         ip = ipaddress.ip_interface(address).ip
-        if info is not None and info.gateway and ipaddress.ip_interface(info.gateway).ip == ip:
-            return  # the switch's gateway stays as long as the switch
+        gateways = (info.gateway, info.gateway6) if info is not None else ()
+        if any(g and ipaddress.ip_interface(g).ip == ip for g in gateways):
+            return  # the switch's gateways stay as long as the switch
         await ovn.northbound.release_address(switch, address)

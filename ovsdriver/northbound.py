@@ -10,6 +10,8 @@ so this is where multi-host state and address allocation live:
   there (``pending`` until its Docker network exists, then the network id).
 - The switch is created together with its gateway port ``NAME/gateway`` (an
   OVN ``localport`` every host binds to its own gateway interface).
+- A dual-stack switch also has an IPv6 subnet and gateway, set by the network
+  that creates the switch (one made without ``--ipv6`` stays IPv4 only).
   Logical_Switch names are not a unique index, but Logical_Switch_Port names
   are: two hosts creating the switch at once cannot both commit.
 - **Every address in use is a Logical_Switch_Port named ``NAME/IP``** (a
@@ -18,7 +20,8 @@ so this is where multi-host state and address allocation live:
   what it then sees. The gateway address is recorded once on the switch
   (under verify) and never handed out. A claim becomes the endpoint's logical
   port at CreateEndpoint (MAC, IP, port security, requested-chassis) and is
-  deleted when Docker releases the address.
+  deleted when Docker releases the address. An endpoint's IPv6 address is a
+  claim of its own that stays bare: the IPv4 claim's port carries both.
 """
 
 import hashlib
@@ -46,6 +49,10 @@ OWNER = "owner"
 OWNER_VALUE = "ovsdriver"
 SUBNET = "ovsdriver-subnet"  # on the switch: the IPv4 subnet, CIDR
 GATEWAY = "ovsdriver-gateway"  # on the switch: the gateway address, CIDR
+SUBNET6 = "ovsdriver-subnet6"  # on a dual-stack switch: the IPv6 subnet, CIDR
+GATEWAY6 = "ovsdriver-gateway6"  # on a dual-stack switch: the IPv6 gateway, CIDR
+#: The switch's (subnet, gateway) keys of each IP version.
+KEYS = {4: (SUBNET, GATEWAY), 6: (SUBNET6, GATEWAY6)}
 HOST = "ovsdriver-host-"  # + system-id, on the switch: "pending" or a network id
 PENDING = "pending"
 SWITCH = "ovsdriver-switch"  # on a port: the switch it claims an address of
@@ -147,6 +154,8 @@ class SwitchInfo:
     gateway = attr.ib()  # CIDR or None until the first network chose it
     hosts = attr.ib(converter=lambda d: tuple(sorted(d.items())))  # (system-id, value)
     claims = attr.ib()  # number of claimed addresses (ports besides the gateway)
+    subnet6 = attr.ib(default=None)  # a dual-stack switch's IPv6 subnet
+    gateway6 = attr.ib(default=None)
 
     def host(self, system_id):
         return dict(self.hosts).get(system_id)
@@ -167,6 +176,8 @@ def switch_info(row):
         gateway=ids.get(GATEWAY),
         hosts={k[len(HOST) :]: v for k, v in ids.items() if k.startswith(HOST)},
         claims=sum(1 for port in row.ports if port.name != gateway),
+        subnet6=ids.get(SUBNET6),
+        gateway6=ids.get(GATEWAY6),
     )
 
 
@@ -189,7 +200,7 @@ class Northbound:
 
     def __init__(self, ovsdb):
         self.ovsdb = ovsdb
-        self._last = {}  # switch -> the last address this host claimed on it
+        self._last = {}  # (switch, IP version) -> the last address this host claimed
 
     @property
     def remote(self):
@@ -225,19 +236,23 @@ class Northbound:
 
     # -- switches ----------------------------------------------------------------
 
-    def request_pool(self, name, subnet, system_id):
+    def request_pool(self, name, subnet, system_id, version=4):
         """Find switch `name` (creating it with `subnet` if missing) and record
-        that this host uses it. Deferred[SwitchInfo]."""
+        that this host uses it; with `version` 6, the switch's IPv6 subnet
+        (`subnet` becomes it when the network creating the switch asks).
+        Deferred[SwitchInfo]."""
 
         def build(ctx):
             row = ctx.find("Logical_Switch", name)
-            if row is None:
+            if version == 6:
+                _request_subnet6(ctx, _switch(ctx, name), subnet, system_id)
+            elif row is None:
                 if subnet is None:
                     raise NorthboundError(
                         f"OVN logical switch {name} does not exist yet: create the first "
                         "network on it with --subnet"
                     )
-                _check_subnet_free(ctx, name, subnet, system_id)
+                _check_subnet_free(ctx, name, SUBNET, subnet, system_id)
                 row = ctx.insert("Logical_Switch", name)
                 row.external_ids = {
                     OWNER: OWNER_VALUE,
@@ -256,21 +271,23 @@ class Northbound:
                         f"OVN logical switch {name} has subnet {have}, not {subnet}: "
                         f"repeat --subnet {have} or leave --subnet out"
                     )
-                _check_subnet_free(ctx, name, have, system_id)
+                _check_subnet_free(ctx, name, SUBNET, have, system_id)
                 if HOST + system_id not in _ids(row):
                     row.setkey("external_ids", HOST + system_id, PENDING)
             return lambda idl: switch_info(by_name(idl, "Logical_Switch", name))
 
         return self.ovsdb.transact(build)
 
-    def set_gateway(self, name, address):
-        """The switch's gateway (CIDR): `address` (or the first host address)
-        the first time, the recorded one afterwards. Deferred[str]."""
+    def set_gateway(self, name, address, version=4):
+        """The switch's gateway (CIDR) of IP `version`: `address` (or the first
+        host address) the first time, the recorded one afterwards.
+        Deferred[str]."""
+        subnet_key, gateway_key = KEYS[version]
 
         def build(ctx):
             row = _switch(ctx, name)
             ids = _ids(row)
-            subnet, have = ids[SUBNET], ids.get(GATEWAY)
+            subnet, have = _subnet_of(row, version), ids.get(gateway_key)
             prefix = ipaddress.ip_network(subnet).prefixlen
             if have:
                 have_ip = ipaddress.ip_interface(have).ip
@@ -290,10 +307,14 @@ class Northbound:
                 )
             gateway = f"{ip}/{prefix}"
             row.verify("external_ids")  # two hosts choosing at once: one wins
-            row.setkey("external_ids", GATEWAY, gateway)
+            row.setkey("external_ids", gateway_key, gateway)
+            ids[gateway_key] = gateway
             port = ctx.find("Logical_Switch_Port", gateway_port_name(name))
             if port is not None:
-                port.addresses = [f"{gateway_mac(name)} {ip}"]
+                ips = [
+                    str(ipaddress.ip_interface(ids[k]).ip) for k in (GATEWAY, GATEWAY6) if k in ids
+                ]
+                port.addresses = [" ".join([gateway_mac(name), *ips])]
             return lambda idl: gateway
 
         return self.ovsdb.transact(build)
@@ -316,28 +337,18 @@ class Northbound:
             row = ctx.find("Logical_Switch", name)
             if row is None:
                 return lambda idl: False
-            ids = _ids(row)
-            if HOST + system_id in ids:
+            if HOST + system_id in _ids(row):
                 row.delkey("external_ids", HOST + system_id)
-            others = [k for k in ids if k.startswith(HOST) and k != HOST + system_id]
-            claims = [p for p in row.ports if p.name != gateway_port_name(name)]
-            if others or claims or ids.get(OWNER) != OWNER_VALUE:
-                return lambda idl: False
-            # A host joining or claiming at the same moment makes this retry.
-            row.verify("external_ids")
-            row.verify("ports")
-            for port in row.ports:
-                ctx.delete(port)
-            ctx.delete(row)
-            return lambda idl: True
+            deleted = _delete_if_unused(ctx, row, leaving=system_id)
+            return lambda idl: deleted
 
         return self.ovsdb.transact(build)
 
     # -- addresses ---------------------------------------------------------------
 
-    def claim_address(self, name, address, token, system_id, spread=None):
-        """Claim `address` (or the first free one; see `choose_address` for
-        `spread`) on the switch for this host.
+    def claim_address(self, name, address, token, system_id, spread=None, version=4):
+        """Claim `address` (or the first free one of IP `version`; see
+        `choose_address` for `spread`) on the switch for this host.
         Deferred[str]: the address, CIDR. Fails with OVSDBUnavailable naming a
         `CONFLICT` when another host claimed the same address at once."""
 
@@ -345,8 +356,7 @@ class Northbound:
 
         def build(ctx):
             row = _switch(ctx, name)
-            ids = _ids(row)
-            subnet, gateway = ids[SUBNET], ids.get(GATEWAY)
+            subnet, gateway = _subnet_of(row, version), _ids(row).get(KEYS[version][1])
             prefix = ipaddress.ip_network(subnet).prefixlen
             if tried:
                 earlier = ctx.find("Logical_Switch_Port", claim_name(name, tried[-1]))
@@ -365,7 +375,7 @@ class Northbound:
                     subnet,
                     gateway,
                     lambda ip: ctx.find("Logical_Switch_Port", claim_name(name, ip)),
-                    self._last.get(name),
+                    self._last.get((name, version)),
                     spread,
                 )
                 if ip is None:
@@ -383,7 +393,7 @@ class Northbound:
 
             def claimed(idl):
                 if not address:  # the next choice goes on from here
-                    self._last[name] = ip
+                    self._last[name, version] = ip
                 return f"{ip}/{prefix}"
 
             return claimed
@@ -409,39 +419,52 @@ class Northbound:
         """Delete the claims (ports) named `names` (orphans of this host)."""
 
         def build(ctx):
+            doomed = {}  # switch -> (its row, {claim name: port})
             for port_name in names:
                 port = ctx.find("Logical_Switch_Port", port_name)
                 if port is None or CLAIM not in _ids(port):
                     continue
                 row = ctx.find("Logical_Switch", _ids(port).get(SWITCH))
-                if row is not None:
-                    row.delvalue("ports", port.uuid)
-                ctx.delete(port)
+                if row is None:
+                    ctx.delete(port)
+                    continue
+                doomed.setdefault(row.name, (row, {}))[1][port_name] = port
+            # A switch no host uses any more (whose last address Docker never
+            # gave back) goes with its last claim.
+            for row, ports in doomed.values():
+                if not _delete_if_unused(ctx, row, gone=ports):
+                    for port in ports.values():
+                        row.delvalue("ports", port.uuid)
+                        ctx.delete(port)
 
         return self.ovsdb.transact(build)
 
     # -- endpoint ports ----------------------------------------------------------
 
-    def bind_port(self, name, address, mac, network_id, endpoint_id, system_id):
+    def bind_port(self, name, address, mac, network_id, endpoint_id, system_id, address6=None):
         """Make the claim of `address` the endpoint's logical port, bound to this
-        host. Deferred[str]: the logical port's name (the Interface's iface-id)."""
-        ip = ipaddress.ip_interface(address).ip
-        port_name = claim_name(name, ip)
+        host, with `address6` (claimed too) besides on a dual-stack switch.
+        Deferred[str]: the logical port's name (the Interface's iface-id)."""
+        ips = [ipaddress.ip_interface(a).ip for a in (address, address6) if a]
+        port_name = claim_name(name, ips[0])
 
         def build(ctx):
+            for ip in ips:
+                claim = ctx.find("Logical_Switch_Port", claim_name(name, ip))
+                if claim is None or _ids(claim).get(SWITCH) != name:
+                    raise NorthboundError(
+                        f"address {ip} was not allocated on OVN switch {name}: create the "
+                        "network with --ipam-driver ovs"
+                    )
             port = ctx.find("Logical_Switch_Port", port_name)
-            if port is None or _ids(port).get(SWITCH) != name:
-                raise NorthboundError(
-                    f"address {ip} was not allocated on OVN switch {name}: create the "
-                    "network with --ipam-driver ovs"
-                )
             ids = _ids(port)
             owner = ids.get(ENDPOINT_ID)
             if owner and owner != endpoint_id:
                 raise NorthboundError(
-                    f"address {ip} on OVN switch {name} already belongs to endpoint {owner[:12]}"
+                    f"address {ips[0]} on OVN switch {name} already belongs to endpoint "
+                    f"{owner[:12]}"
                 )
-            addresses = [f"{mac} {ip}"]
+            addresses = [" ".join([mac, *map(str, ips)])]
             if list(port.addresses) != addresses:
                 port.addresses = addresses
                 port.port_security = addresses
@@ -473,12 +496,66 @@ class Northbound:
         return self.ovsdb.transact(build)
 
 
-def _check_subnet_free(ctx, name, subnet, system_id):
+def _delete_if_unused(ctx, row, gone=(), leaving=None):
+    """Delete the switch (with its gateway port) if no host but `leaving` uses
+    it and no address is claimed on it but the claims `gone`; whether it did."""
+    ids = _ids(row)
+    hosts = [k for k in ids if k.startswith(HOST) and k != HOST + str(leaving)]
+    claims = [p for p in row.ports if p.name not in (gateway_port_name(row.name), *gone)]
+    if hosts or claims or ids.get(OWNER) != OWNER_VALUE:
+        return False
+    # A host joining or claiming at the same moment makes this retry.
+    row.verify("external_ids")
+    row.verify("ports")
+    for port in row.ports:
+        ctx.delete(port)
+    ctx.delete(row)
+    return True
+
+
+def _subnet_of(row, version):
+    """The switch's subnet of IP `version`, or NorthboundError."""
+    subnet = _ids(row).get(KEYS[version][0])
+    if subnet is None:
+        raise NorthboundError(
+            f"OVN logical switch {row.name} is IPv4 only (its first network was made "
+            "without --ipv6): leave --ipv6 out"
+        )
+    return subnet
+
+
+def _request_subnet6(ctx, row, subnet, system_id):
+    """Give the switch its IPv6 subnet while the network creating it asks (no
+    other host uses it, no address is claimed yet), or check `subnet` against it."""
+    ids, name = _ids(row), row.name
+    have = ids.get(SUBNET6)
+    if have is None:
+        creating = ids.get(HOST + system_id) == PENDING and not any(
+            k.startswith(HOST) and k != HOST + system_id for k in ids
+        )
+        if not creating or len(row.ports) > 1:
+            _subnet_of(row, 6)  # says the switch is IPv4 only
+        if subnet is None:
+            raise NorthboundError(
+                f"OVN logical switch {name} is being made: give its IPv6 subnet with a "
+                "second --subnet (e.g. --ipv6 --subnet fd00:60::/64)"
+            )
+        row.verify("external_ids")  # another host joining meanwhile: look again
+        row.setkey("external_ids", SUBNET6, subnet)
+    elif subnet is not None and subnet != have:
+        raise NorthboundError(
+            f"OVN logical switch {name} has IPv6 subnet {have}, not {subnet}: "
+            f"repeat --subnet {have} or leave the IPv6 --subnet out"
+        )
+    _check_subnet_free(ctx, name, SUBNET6, have or subnet, system_id)
+
+
+def _check_subnet_free(ctx, name, key, subnet, system_id):
     """A host joins one switch per subnet: the network driver finds a network's
     switch by this host's key and the subnet."""
     for row in ctx.rows("Logical_Switch"):
         ids = _ids(row)
-        if row.name != name and HOST + system_id in ids and ids.get(SUBNET) == subnet:
+        if row.name != name and HOST + system_id in ids and ids.get(key) == subnet:
             raise NorthboundError(
                 f"this host already uses subnet {subnet} on OVN switch {row.name}; "
                 "one host joins one switch per subnet"

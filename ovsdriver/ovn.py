@@ -23,7 +23,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from ovsdriver.northbound import SYSTEM_ID, NorthboundError
+from ovsdriver.northbound import SYSTEM_ID, NorthboundError, claim_name
 from ovsdriver.ovsdb import by_name
 
 log = Logger()
@@ -130,6 +130,14 @@ class OVN:
                 f"-o ovs.ovn.switch={switch_option} does not match --ipam-opt "
                 f"ovs.ovn.switch={switch.name}; name the switch once, with --ipam-opt"
             )
+        pool6 = network.ipv6[0].pool if network.ipv6 else None
+        if pool6 != switch.subnet6:
+            raise NorthboundError(
+                f"OVN switch {switch.name} has IPv6 subnet {switch.subnet6}: create the "
+                "network with --ipv6 (its IPv6 subnet comes from the switch)"
+                if switch.subnet6
+                else f"OVN switch {switch.name} is IPv4 only: leave --ipv6 out"
+            )
         held = switch.host(settings.system_id)
         if held not in (None, "pending", network.network_id):
             raise NorthboundError(
@@ -166,6 +174,7 @@ class OVN:
             network.network_id,
             endpoint.endpoint_id,
             settings.system_id,
+            endpoint.ipv6,
         )
         return attr.evolve(endpoint, iface_id=port)
 
@@ -248,14 +257,20 @@ class ClaimCollector(service.Service):
         """One pass; returns the names of the claims it gave back."""
         chassis = await self.ovn.chassis()
         claims = await self.ovn.northbound.ports()
-        used = {ep.iface_id for ep in await self.ovn.vswitch.endpoints() if ep.iface_id}
+        networks = await self.ovn.vswitch.networks()
+        used = set()
+        for ep in await self.ovn.vswitch.endpoints():
+            used.add(ep.iface_id)
+            switch = getattr(networks.get(ep.network_id), "ovn_switch", None)
+            if ep.ipv6 and switch:  # its IPv6 claim, a bare one
+                used.add(claim_name(switch, ipaddress.ip_interface(ep.ipv6).ip))
         now = self.clock()
         unused = {
             claim["name"]
             for claim in claims
             if claim.get(SYSTEM_ID) == chassis.system_id and claim["name"] not in used
         }
-        local = {n.ovn_switch for n in (await self.ovn.vswitch.networks()).values()}
+        local = {n.ovn_switch for n in networks.values()}
         for switch in await self.ovn.northbound.switches():
             if switch.host(chassis.system_id) is not None and switch.name not in local:
                 unused.add(("switch", switch.name))

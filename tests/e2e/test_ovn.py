@@ -234,6 +234,61 @@ def test_a_conflicting_subnet_is_refused_with_what_the_switch_has(cluster):
     c.network(1, "blue", "blue", "-o", "ovs.ovn.switch=blue")  # the same switch is fine
 
 
+def test_dual_stack_containers_on_two_hosts_talk_over_ipv6(cluster):
+    c = cluster
+    subnets = ("--subnet", "10.65.0.0/24", "--subnet", "fd00:65::/64")
+    # The switch's IPv6 subnet comes with the network that makes it.
+    c.network(0, "six", "six", "--ipv6", *subnets)
+    refused = c.network(1, "six", "six", check=False)
+    assert "has IPv6 subnet fd00:65::/64: create the network with --ipv6" in refused.stderr
+    c.network(1, "six", "six", "--ipv6")
+    c.run(0, "s0", "six")
+    c.run(1, "s1", "six")
+
+    def ipv6(host, container):
+        out = c.docker(host, "inspect", container).stdout
+        return json.loads(out)[0]["NetworkSettings"]["Networks"]["six"]["GlobalIPv6Address"]
+
+    a, b = ipv6(0, "s0"), ipv6(1, "s1")
+    assert a != b and {a, b} <= {"fd00:65::2", "fd00:65::3"}
+
+    def ping6(host, container, peer):
+        return c.exec(host, container, "ping6", "-c", "1", "-W", "2", peer).returncode == 0
+
+    for host, container, peer in ((0, "s0", b), (1, "s1", a), (0, "s0", "fd00:65::1")):
+        world.wait_until(lambda: ping6(host, container, peer), 15, 0.2, f"{container} -> {peer}")  # noqa: B023
+    assert "default via fd00:65::1" in c.exec(0, "s0", "ip", "-6", "route").stdout
+    # --ip6 (on the host that gave the subnets) is claimed like any address.
+    c.run(0, "s2", "six", "--ip6", "fd00:65::99")
+    world.wait_until(lambda: ping6(1, "s1", "fd00:65::99"), 15, 0.2, "s1 -> fd00:65::99")
+    refused = c.run(0, "s3", "six", "--ip6", b, check=False)
+    assert f"address {b} is already in use on OVN switch six" in refused.stderr, refused.stderr
+    # The host reaches its own containers through the gateway, over IPv6 too.
+    assert (
+        c.hosts[1].netns.run(["ping", "-6", "-c", "1", "-W", "2", b], check=False).returncode == 0
+    )
+    # The IPv4 claim's logical port carries both addresses (and port security).
+    addresses = c.central.nbctl(
+        "get", "Logical_Switch_Port", f"six/{c.ip(0, 's0', 'six')}", "addresses"
+    )
+    assert addresses.endswith(f' {c.ip(0, "s0", "six")} {a}"]'), addresses
+    # A switch made without --ipv6 stays IPv4 only.
+    c.network(0, "four", "four", "--subnet", "10.66.0.0/24")
+    refused = c.network(1, "four", "four", "--ipv6", check=False)
+    assert "OVN logical switch four is IPv4 only" in refused.stderr, refused.stderr
+    # Removing the containers and networks gives back both addresses and the switch.
+    c.docker(0, "rm", "-f", "s2", "s3")
+    for host, container in ((0, "s0"), (1, "s1")):
+        c.docker(host, "rm", "-f", container)
+        c.docker(host, "network", "rm", "six")
+    # All but s3's IPv4 address: Docker 20.10 does not give back the IPv4
+    # address of an endpoint whose IPv6 one was refused. The claim collector
+    # does, after its grace period, and the switch goes with it.
+    left = [p for p in c.central.ports() if p.startswith("six/") and p != "six/gateway"]
+    assert len(left) == 1 and "." in left[0], left
+    assert not c.central.nbctl("get", "Logical_Switch_Port", left[0], "addresses").strip("[]")
+
+
 def test_local_networks_work_beside_ovn_ones(cluster):
     c = cluster
     c.network(0, "blue", "blue", "--subnet", SUBNET)

@@ -276,3 +276,94 @@ def test_a_host_forgets_a_switch_it_no_longer_has_a_network_on(central, engines)
     assert central.switches() == ["blue"]
     # Host b's mark on blue is host b's business.
     assert "ovsdriver-host-host-b" in central.nbctl("get", "Logical_Switch", "blue", "external_ids")
+
+
+SUBNET6 = "fd00:70::/64"
+
+
+def test_a_dual_stack_switch_takes_its_ipv6_subnet_from_the_network_making_it(central, engines):
+    a, b = engines
+    reactor = get_reactor()
+
+    def claim(nb, host, version, address=None):
+        return run_in_reactor(
+            lambda: defer.ensureDeferred(allocate(reactor, nb, "blue", address, host, version))
+        )
+
+    run_in_reactor(a.request_pool, "blue", SUBNET, "host-a")
+    info = run_in_reactor(a.request_pool, "blue", SUBNET6, "host-a", 6)
+    assert (info.subnet, info.subnet6) == (SUBNET, SUBNET6)
+    assert run_in_reactor(a.set_gateway, "blue", None) == "10.70.0.1/24"
+    assert run_in_reactor(a.set_gateway, "blue", None, 6) == "fd00:70::1/64"
+    mac = central.nbctl("get", "Logical_Switch_Port", "blue/gateway", "addresses")
+    assert mac.endswith(' 10.70.0.1 fd00:70::1"]'), mac
+    # A later host gets the IPv6 subnet and gateway from the switch; another is refused.
+    run_in_reactor(b.request_pool, "blue", None, "host-b")
+    assert run_in_reactor(b.request_pool, "blue", None, "host-b", 6).subnet6 == SUBNET6
+    with pytest.raises(NorthboundError, match="has IPv6 subnet fd00:70::/64, not fd00:71::/64"):
+        run_in_reactor(b.request_pool, "blue", "fd00:71::/64", "host-b", 6)
+    assert run_in_reactor(b.set_gateway, "blue", None, 6) == "fd00:70::1/64"
+    # Addresses of both versions never collide across hosts.
+    v4, v6 = claim(a, "host-a", 4), claim(a, "host-a", 6)
+    assert (v4, v6) == ("10.70.0.2/24", "fd00:70::2/64")
+    assert claim(b, "host-b", 6) == "fd00:70::3/64"
+    with pytest.raises(NorthboundError, match="fd00:70::3 is already in use"):
+        claim(a, "host-a", 6, "fd00:70::3")
+    # The endpoint's logical port (its IPv4 claim) carries both addresses.
+    endpoint_id = "ab" * 32
+    port = run_in_reactor(
+        a.bind_port, "blue", v4, "02:42:0a:46:00:02", "cd" * 32, endpoint_id, "host-a", v6
+    )
+    assert port == "blue/10.70.0.2"
+    want = '["02:42:0a:46:00:02 10.70.0.2 fd00:70::2"]'
+    assert central.nbctl("get", "Logical_Switch_Port", port, "addresses") == want
+    assert central.nbctl("get", "Logical_Switch_Port", port, "port_security") == want
+    # The claim collector keeps the endpoint's bare IPv6 claim.
+    orphan = claim(a, "host-a", 6)
+    in_use = Endpoint(
+        endpoint_id=endpoint_id, network_id=f"{0:064x}", bridge="br-int", port="oep-x",
+        ifname="oep-x", mac="02:42:0a:46:00:02", ipv4=v4, ipv6=v6, iface_id=port,
+    )  # fmt: skip
+    now = [1000.0]
+    collector = ClaimCollector(
+        reactor, _Host(a, "host-a", [in_use], ["blue"]), grace=60, clock=lambda: now[0]
+    )
+    run_in_reactor(lambda: defer.ensureDeferred(collector.collect()))
+    now[0] += 61
+    gone = run_in_reactor(lambda: defer.ensureDeferred(collector.collect()))
+    assert gone == [f"blue/{orphan.split('/')[0]}"]
+    assert claims(central) == ["blue/10.70.0.2", "blue/fd00:70::2", "blue/fd00:70::3"]
+
+
+def test_a_switch_made_without_ipv6_stays_ipv4_only(central, engines):
+    a, b = engines
+    run_in_reactor(a.request_pool, "green", "10.71.0.0/24", "host-a")
+    with pytest.raises(NorthboundError, match="give its IPv6 subnet with a second --subnet"):
+        run_in_reactor(a.request_pool, "green", None, "host-a", 6)
+    run_in_reactor(b.request_pool, "green", None, "host-b")
+    with pytest.raises(NorthboundError, match="green is IPv4 only .*: leave --ipv6 out"):
+        run_in_reactor(b.request_pool, "green", "fd00:71::/64", "host-b", 6)
+    with pytest.raises(NorthboundError, match="green is IPv4 only"):
+        run_in_reactor(a.set_gateway, "green", None, 6)
+    # A host cannot join two switches with one IPv6 subnet.
+    run_in_reactor(a.request_pool, "blue", SUBNET, "host-a")
+    run_in_reactor(a.request_pool, "blue", SUBNET6, "host-a", 6)
+    run_in_reactor(a.request_pool, "red", "10.72.0.0/24", "host-a")
+    with pytest.raises(NorthboundError, match=f"already uses subnet {SUBNET6} on OVN switch blue"):
+        run_in_reactor(a.request_pool, "red", SUBNET6, "host-a", 6)
+
+
+def test_a_switch_nobody_uses_goes_with_its_last_orphaned_claim(central, engines):
+    a, _ = engines
+    reactor = get_reactor()
+    run_in_reactor(a.request_pool, "blue", SUBNET, "host-a")
+    run_in_reactor(a.set_gateway, "blue", None)
+    run_in_reactor(lambda: defer.ensureDeferred(allocate(reactor, a, "blue", None, "host-a")))
+    assert run_in_reactor(a.release_pool, "blue", "host-a") is False  # Docker leaked the address
+    now = [1000.0]
+    collector = ClaimCollector(reactor, _Host(a, "host-a"), clock=lambda: now[0])
+    run_in_reactor(lambda: defer.ensureDeferred(collector.collect()))
+    now[0] += 61
+    assert run_in_reactor(lambda: defer.ensureDeferred(collector.collect())) == ["blue/10.70.0.2"]
+    assert central.switches() == []
+    assert central.ports() == []

@@ -186,7 +186,11 @@ def test_ipam_options_are_checked(world):
     ):
         reply = world.post("IpamDriver.RequestPool", {"Pool": "10.0.0.0/24", "Options": options})
         assert message in reply["Error"]
-    reply = world.post(
-        "IpamDriver.RequestPool", {"Options": {"ovs.ovn.switch": "blue"}, "V6": True}
-    )
-    assert "IPv4 only" in reply["Error"]
+    for pool, v6, message in (
+        ("10.0.0.0/24", True, "must be an IPv6 subnet of at most /126"),
+        ("fd00::/127", True, "must be an IPv6 subnet of at most /126"),
+        ("fd00::/64", False, "must be an IPv4 subnet of at most /30"),
+        ("10.0.0.0/31", False, "must be an IPv4 subnet of at most /30"),
+    ):
+        body = {"Pool": pool, "Options": {"ovs.ovn.switch": "blue"}, "V6": v6}
+        assert message in world.post("IpamDriver.RequestPool", body)["Error"]
