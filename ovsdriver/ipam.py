@@ -37,30 +37,48 @@ class IpamError(NorthboundError):
     """An IPAM request cannot be served; the message says why."""
 
 
-def pool_id(switch, subnet):
-    return f"{POOL_PREFIX}{switch}/{subnet}"
+def _check_range(ip_range, subnet):
+    """`ip_range` (``--ip-range``) as a CIDR inside `subnet`, or IpamError."""
+    try:
+        net = ipaddress.ip_network(ip_range, strict=False)
+    except ValueError:
+        raise IpamError(f"--ip-range {ip_range!r} is not a subnet (e.g. 10.0.0.128/25)") from None
+    if net.version != subnet.version or not net.subnet_of(subnet):
+        raise IpamError(f"--ip-range {ip_range} is not inside --subnet {subnet}")
+    return str(net)
+
+
+def pool_id(switch, subnet, ip_range=None):
+    """The engine keeps only this id of a pool: the switch, the subnet and
+    the network's ``--ip-range`` (which is this host's alone)."""
+    return f"{POOL_PREFIX}{switch}/{subnet}" + (f"@{ip_range}" if ip_range else "")
 
 
 def parse_pool_id(value):
-    """(switch, subnet) of a pool id made by `pool_id`."""
+    """(switch, subnet, ip range or None) of a pool id made by `pool_id`."""
     if isinstance(value, str) and value.startswith(POOL_PREFIX):
-        switch, _, subnet = value[len(POOL_PREFIX) :].partition("/")
+        switch, _, rest = value[len(POOL_PREFIX) :].partition("/")
+        subnet, _, ip_range = rest.partition("@")
         try:
-            return check_switch_name(switch), str(ipaddress.ip_network(subnet))
-        except (ValueError, NorthboundError):
+            subnet = ipaddress.ip_network(subnet)
+            if ip_range and not ipaddress.ip_network(ip_range).subnet_of(subnet):
+                raise ValueError(ip_range)
+            return check_switch_name(switch), str(subnet), ip_range or None
+        except (ValueError, TypeError, NorthboundError):
             pass
     raise IpamError(f"pool {value!r} was not made by the ovs IPAM driver")
 
 
-async def allocate(reactor, northbound, switch, address, system_id, version=4):
-    """Claim `address` (or the first free one of IP `version`) on `switch`; when another host
-    claimed the same address at the same moment, look again. Deferred[str]."""
+async def allocate(reactor, northbound, switch, address, system_id, version=4, within=None):
+    """Claim `address` (or the first free one of IP `version`, in the range
+    `within` if given) on `switch`; when another host claimed the same
+    address at the same moment, look again. Deferred[str]."""
     token = uuid.uuid4().hex
     spread = None
     for attempt in range(ATTEMPTS):
         try:
             return await northbound.claim_address(
-                switch, address or None, token, system_id, spread, version
+                switch, address or None, token, system_id, spread, version, within
             )
         except OVSDBUnavailable as e:
             if CONFLICT not in str(e) or attempt == ATTEMPTS - 1:
@@ -108,8 +126,6 @@ class Ipam:
                 f"{SWITCH_OPTION}=NAME, or leave --ipam-driver out for a local network"
             )
         check_switch_name(switch)
-        if sub_pool:
-            raise IpamError("--ip-range is not supported on OVN networks: leave it out")
         version = 6 if v6 else 4
         subnet = None
         if pool:
@@ -121,6 +137,8 @@ class Ipam:
                 kind = "an IPv6 subnet of at most /126" if v6 else "an IPv4 subnet of at most /30"
                 raise IpamError(f"--subnet {pool} must be {kind}")
             subnet = str(net)
+            if sub_pool:
+                sub_pool = _check_range(sub_pool, net)
         ovn = self._ovn()
         chassis = await ovn.chassis()
         for network in (await ovn.vswitch.networks()).values():
@@ -132,28 +150,28 @@ class Ipam:
         info = await ovn.northbound.request_pool(switch, subnet, chassis.system_id, version)
         subnet, gateway = (info.subnet6, info.gateway6) if v6 else (info.subnet, info.gateway)
         data = {GATEWAY_DATA: gateway} if gateway else {}
-        return {"PoolID": pool_id(switch, subnet), "Pool": subnet, "Data": data}
+        return {"PoolID": pool_id(switch, subnet, sub_pool), "Pool": subnet, "Data": data}
 
     async def release_pool(self, pool):
-        switch, _ = parse_pool_id(pool)
+        switch, *_ = parse_pool_id(pool)
         ovn = self._ovn()
         chassis = await ovn.chassis()
         if await ovn.northbound.release_pool(switch, chassis.system_id):
             log.info("deleted OVN switch {switch}: no host uses it", switch=switch)
 
     async def request_address(self, pool, address, options):
-        switch, subnet = parse_pool_id(pool)
+        switch, subnet, ip_range = parse_pool_id(pool)
         version = ipaddress.ip_network(subnet).version
         ovn = self._ovn()
         if (options or {}).get(REQUEST_TYPE) == GATEWAY_TYPE:
             return await ovn.northbound.set_gateway(switch, address or None, version)
         chassis = await ovn.chassis()
         return await allocate(
-            self.reactor, ovn.northbound, switch, address, chassis.system_id, version
+            self.reactor, ovn.northbound, switch, address, chassis.system_id, version, ip_range
         )
 
     async def release_address(self, pool, address):
-        switch, _ = parse_pool_id(pool)
+        switch, *_ = parse_pool_id(pool)
         ovn = self._ovn()
         info = await ovn.northbound.switch(switch)
         ip = ipaddress.ip_interface(address).ip

@@ -95,16 +95,20 @@ def gateway_mac(switch):
     return ":".join(f"{b:02x}" for b in octets)
 
 
-def choose_address(subnet, gateway, taken, after=None, spread=None):
-    """The next host address of `subnet` after `after` (from the first one
-    when None), wrapping around, that is neither the gateway nor `taken(ip)`;
-    None when the subnet is full. Going on after the last address handed out
-    (as Docker's own allocator does) keeps a choice from rescanning every
-    address in use. With `spread` (a ``random.Random``), try a few random
-    ones first: after losing an address to another host, both hosts taking
-    the next free one would collide again."""
+def choose_address(subnet, gateway, taken, after=None, spread=None, within=None):
+    """The next host address of `subnet` (in its part `within`, if given)
+    after `after` (from the first one when None), wrapping around, that is
+    neither the gateway nor `taken(ip)`; None when they are all taken. Going
+    on after the last address handed out (as Docker's own allocator does)
+    keeps a choice from rescanning every address in use. With `spread` (a
+    ``random.Random``), try a few random ones first: after losing an address
+    to another host, both hosts taking the next free one would collide again."""
     net = ipaddress.ip_network(subnet)
     first, last = int(net.network_address) + 1, int(net.broadcast_address) - 1
+    if within is not None:
+        part = ipaddress.ip_network(within)
+        first = max(first, int(part.network_address))
+        last = min(last, int(part.broadcast_address))
     gateway_ip = ipaddress.ip_interface(gateway).ip if gateway else None
     if last < first:
         return None
@@ -346,9 +350,9 @@ class Northbound:
 
     # -- addresses ---------------------------------------------------------------
 
-    def claim_address(self, name, address, token, system_id, spread=None, version=4):
+    def claim_address(self, name, address, token, system_id, spread=None, version=4, within=None):
         """Claim `address` (or the first free one of IP `version`; see
-        `choose_address` for `spread`) on the switch for this host.
+        `choose_address` for `spread` and `within`) on the switch for this host.
         Deferred[str]: the address, CIDR. Fails with OVSDBUnavailable naming a
         `CONFLICT` when another host claimed the same address at once."""
 
@@ -377,9 +381,12 @@ class Northbound:
                     lambda ip: ctx.find("Logical_Switch_Port", claim_name(name, ip)),
                     self._last.get((name, version)),
                     spread,
+                    within,
                 )
                 if ip is None:
-                    raise NorthboundError(f"no free address left in {subnet} on OVN switch {name}")
+                    raise NorthboundError(
+                        f"no free address left in {within or subnet} on OVN switch {name}"
+                    )
             port = ctx.insert("Logical_Switch_Port", claim_name(name, ip))
             port.external_ids = {
                 OWNER: OWNER_VALUE,

@@ -289,6 +289,21 @@ def test_dual_stack_containers_on_two_hosts_talk_over_ipv6(cluster):
     assert not c.central.nbctl("get", "Logical_Switch_Port", left[0], "addresses").strip("[]")
 
 
+def test_each_host_hands_out_addresses_from_its_own_ip_range(cluster):
+    c = cluster
+    c.network(0, "blue", "blue", "--subnet", SUBNET, "--ip-range", "10.60.0.128/25")
+    c.network(1, "blue", "blue", "--subnet", SUBNET, "--ip-range", "10.60.0.64/26")
+    for host, name in ((0, "r0"), (0, "r1"), (1, "r2")):
+        c.run(host, name)
+    assert [c.ip(0, "r0"), c.ip(0, "r1"), c.ip(1, "r2")] == [
+        *("10.60.0.128", "10.60.0.129", "10.60.0.64")
+    ]
+    # Outside the range, --ip is honoured as with Docker's own IPAM.
+    c.run(1, "r3", "blue", "--ip", "10.60.0.5")
+    assert c.ip(1, "r3") == "10.60.0.5"
+    assert c.reaches(0, "r0", "10.60.0.5")
+
+
 def test_local_networks_work_beside_ovn_ones(cluster):
     c = cluster
     c.network(0, "blue", "blue", "--subnet", SUBNET)

@@ -50,6 +50,25 @@ def test_choose_address_spreads_out_after_a_lost_race():
     )
 
 
+def test_choose_address_keeps_within_the_range():
+    taken = {ipaddress.ip_address("10.0.0.128")}.__contains__
+    pick = choose_address("10.0.0.0/24", "10.0.0.1/24", taken, within="10.0.0.128/25")
+    assert str(pick) == "10.0.0.129"
+    # Wrapping around stays inside it, the subnet's broadcast address stays out.
+    after = "10.0.0.254"
+    assert str(choose_address("10.0.0.0/24", None, taken, after, within="10.0.0.128/25")) == (
+        "10.0.0.129"
+    )
+    full = choose_address(
+        "10.0.0.0/24", None, lambda ip: ip.packed[3] < 255, within="10.0.0.128/25"
+    )
+    assert full is None
+    spread = random.Random(1)
+    for _ in range(20):
+        ip = choose_address("10.0.0.0/16", None, set().__contains__, None, spread, "10.0.9.0/24")
+        assert ip in ipaddress.ip_network("10.0.9.0/24")
+
+
 def test_choose_address_says_when_the_subnet_is_full():
     assert choose_address("10.0.0.0/30", "10.0.0.1/30", lambda ip: True) is None
     assert str(choose_address("10.0.0.0/30", "10.0.0.1/30", lambda ip: False)) == "10.0.0.2"
@@ -75,10 +94,15 @@ def test_check_address_accepts_plain_and_cidr():
     assert str(check_address("blue", "10.0.0.0/24", None, "10.0.0.1")) == "10.0.0.1"
 
 
-def test_pool_ids_carry_the_switch():
+def test_pool_ids_carry_the_switch_and_the_range():
     pool = ipam.pool_id("blue", "10.0.0.0/24")
-    assert ipam.parse_pool_id(pool) == ("blue", "10.0.0.0/24")
-    for bad in ("LocalDefault/10.0.0.0/24", "ovn/bl ue/10.0.0.0/24", "ovn/blue/x", None):
+    assert ipam.parse_pool_id(pool) == ("blue", "10.0.0.0/24", None)
+    pool = ipam.pool_id("blue", "fd00::/64", "fd00::80/121")
+    assert ipam.parse_pool_id(pool) == ("blue", "fd00::/64", "fd00::80/121")
+    for bad in (
+        *("LocalDefault/10.0.0.0/24", "ovn/bl ue/10.0.0.0/24", "ovn/blue/x", None),
+        *("ovn/blue/10.0.0.0/24@10.1.0.0/25", "ovn/blue/10.0.0.0/24@fd00::/64"),
+    ):
         with pytest.raises(ipam.IpamError, match="was not made by the ovs IPAM"):
             ipam.parse_pool_id(bad)
 
@@ -186,11 +210,14 @@ def test_ipam_options_are_checked(world):
     ):
         reply = world.post("IpamDriver.RequestPool", {"Pool": "10.0.0.0/24", "Options": options})
         assert message in reply["Error"]
-    for pool, v6, message in (
-        ("10.0.0.0/24", True, "must be an IPv6 subnet of at most /126"),
-        ("fd00::/127", True, "must be an IPv6 subnet of at most /126"),
-        ("fd00::/64", False, "must be an IPv4 subnet of at most /30"),
-        ("10.0.0.0/31", False, "must be an IPv4 subnet of at most /30"),
+    for pool, sub_pool, v6, message in (
+        ("10.0.0.0/24", "", True, "must be an IPv6 subnet of at most /126"),
+        ("fd00::/127", "", True, "must be an IPv6 subnet of at most /126"),
+        ("fd00::/64", "", False, "must be an IPv4 subnet of at most /30"),
+        ("10.0.0.0/31", "", False, "must be an IPv4 subnet of at most /30"),
+        ("10.0.0.0/24", "10.1.0.0/25", False, "--ip-range 10.1.0.0/25 is not inside --subnet"),
+        ("10.0.0.0/24", "fd00::/64", False, "--ip-range fd00::/64 is not inside --subnet"),
+        ("10.0.0.0/24", "10.0.0.x", False, "--ip-range '10.0.0.x' is not a subnet"),
     ):
-        body = {"Pool": pool, "Options": {"ovs.ovn.switch": "blue"}, "V6": v6}
+        body = {"Pool": pool, "SubPool": sub_pool, "Options": {"ovs.ovn.switch": "blue"}, "V6": v6}
         assert message in world.post("IpamDriver.RequestPool", body)["Error"]
