@@ -156,7 +156,10 @@ class Ipam:
         switch, *_ = parse_pool_id(pool)
         ovn = self._ovn()
         chassis = await ovn.chassis()
-        if await ovn.northbound.release_pool(switch, chassis.system_id):
+        # The network's endpoints are gone (the engine refuses to remove it
+        # before): give back whatever address of this host's it did not.
+        in_use = await ovn.claims_in_use()
+        if await ovn.northbound.release_pool(switch, chassis.system_id, in_use):
             log.info("deleted OVN switch {switch}: no host uses it", switch=switch)
 
     async def request_address(self, pool, address, options):

@@ -333,9 +333,11 @@ class Northbound:
 
         return self.ovsdb.transact(build)
 
-    def release_pool(self, name, system_id):
-        """This host no longer uses the switch; delete it when no host does and
-        no address is claimed. Deferred[bool]: whether it was deleted."""
+    def release_pool(self, name, system_id, in_use=None):
+        """This host no longer uses the switch, nor (given the claims `in_use`
+        by its endpoints) any other address it claimed there, which Docker
+        did not all give back; delete it when no host uses it and no address
+        is claimed. Deferred[bool]: whether it was deleted."""
 
         def build(ctx):
             row = ctx.find("Logical_Switch", name)
@@ -343,7 +345,16 @@ class Northbound:
                 return lambda idl: False
             if HOST + system_id in _ids(row):
                 row.delkey("external_ids", HOST + system_id)
-            deleted = _delete_if_unused(ctx, row, leaving=system_id)
+            mine = {}
+            if in_use is not None:
+                mine = {
+                    port.name: port
+                    for port in row.ports
+                    if CLAIM in _ids(port)
+                    and _ids(port).get(SYSTEM_ID) == system_id
+                    and port.name not in in_use
+                }
+            deleted = _drop_claims(ctx, row, mine, leaving=system_id)
             return lambda idl: deleted
 
         return self.ovsdb.transact(build)
@@ -436,13 +447,8 @@ class Northbound:
                     ctx.delete(port)
                     continue
                 doomed.setdefault(row.name, (row, {}))[1][port_name] = port
-            # A switch no host uses any more (whose last address Docker never
-            # gave back) goes with its last claim.
             for row, ports in doomed.values():
-                if not _delete_if_unused(ctx, row, gone=ports):
-                    for port in ports.values():
-                        row.delvalue("ports", port.uuid)
-                        ctx.delete(port)
+                _drop_claims(ctx, row, ports)
 
         return self.ovsdb.transact(build)
 
@@ -501,6 +507,18 @@ class Northbound:
             port.external_ids = ids
 
         return self.ovsdb.transact(build)
+
+
+def _drop_claims(ctx, row, claims, leaving=None):
+    """Delete the switch's `claims` (name -> port); a switch no host but
+    `leaving` uses any more (whose last address Docker never gave back) goes
+    with its last claim. Whether the switch was deleted."""
+    if _delete_if_unused(ctx, row, claims, leaving):
+        return True
+    for port in claims.values():
+        row.delvalue("ports", port.uuid)
+        ctx.delete(port)
+    return False
 
 
 def _delete_if_unused(ctx, row, gone=(), leaving=None):

@@ -182,6 +182,19 @@ class OVN:
         if endpoint.iface_id:
             await self.northbound.unbind_port(endpoint.iface_id, endpoint.endpoint_id)
 
+    async def claims_in_use(self):
+        """The names of the claims (logical ports) this host's endpoints use:
+        each one's IPv4 claim, its port, and its IPv6 claim, a bare one."""
+        networks = await self.vswitch.networks()
+        used = set()
+        for ep in await self.vswitch.endpoints():
+            switch = getattr(networks.get(ep.network_id), "ovn_switch", None)
+            if ep.iface_id:
+                used.add(ep.iface_id)
+            if ep.ipv6 and switch:
+                used.add(claim_name(switch, ipaddress.ip_interface(ep.ipv6).ip))
+        return used
+
     async def wait_installed(self, endpoint, timeout=INSTALL_TIMEOUT):
         """Return once ovn-controller has installed the endpoint's port."""
         deadline = self.reactor.seconds() + timeout
@@ -257,20 +270,14 @@ class ClaimCollector(service.Service):
         """One pass; returns the names of the claims it gave back."""
         chassis = await self.ovn.chassis()
         claims = await self.ovn.northbound.ports()
-        networks = await self.ovn.vswitch.networks()
-        used = set()
-        for ep in await self.ovn.vswitch.endpoints():
-            used.add(ep.iface_id)
-            switch = getattr(networks.get(ep.network_id), "ovn_switch", None)
-            if ep.ipv6 and switch:  # its IPv6 claim, a bare one
-                used.add(claim_name(switch, ipaddress.ip_interface(ep.ipv6).ip))
+        used = await self.ovn.claims_in_use()
         now = self.clock()
         unused = {
             claim["name"]
             for claim in claims
             if claim.get(SYSTEM_ID) == chassis.system_id and claim["name"] not in used
         }
-        local = {n.ovn_switch for n in networks.values()}
+        local = {n.ovn_switch for n in (await self.ovn.vswitch.networks()).values()}
         for switch in await self.ovn.northbound.switches():
             if switch.host(chassis.system_id) is not None and switch.name not in local:
                 unused.add(("switch", switch.name))

@@ -9,7 +9,7 @@ from twisted.internet import defer, task
 
 from ovsdriver.ipam import allocate
 from ovsdriver.northbound import NB_TABLES, Northbound, NorthboundError
-from ovsdriver.ovn import ChassisSettings, ClaimCollector
+from ovsdriver.ovn import OVN, ChassisSettings, ClaimCollector
 from ovsdriver.ovsdb import OVSDB
 from ovsdriver.values import Endpoint, Network
 from tests import world
@@ -204,11 +204,11 @@ def test_the_switch_goes_when_no_host_uses_it_and_no_address_is_claimed(central,
     assert central.ports() == []
 
 
-class _Host:
-    """What the claim collector reads of one host: its chassis and endpoints."""
+class _Host(OVN):
+    """One host's OVN glue, with its chassis, endpoints and networks given."""
 
     def __init__(self, northbound, system_id, endpoints=(), switches=()):
-        self.northbound = northbound
+        super().__init__(get_reactor(), northbound, self, None)
         self.system_id = system_id
         self.vswitch = self
         self.in_use = list(endpoints)
@@ -367,3 +367,26 @@ def test_a_switch_nobody_uses_goes_with_its_last_orphaned_claim(central, engines
     assert run_in_reactor(lambda: defer.ensureDeferred(collector.collect())) == ["blue/10.70.0.2"]
     assert central.switches() == []
     assert central.ports() == []
+
+
+def test_a_host_leaving_a_switch_gives_back_the_addresses_docker_leaked(central, engines):
+    a, b = engines
+    reactor = get_reactor()
+    run_in_reactor(a.request_pool, "blue", SUBNET, "host-a")
+    run_in_reactor(b.request_pool, "blue", None, "host-b")
+
+    def claim(nb, host):
+        return run_in_reactor(
+            lambda: defer.ensureDeferred(allocate(reactor, nb, "blue", None, host))
+        )
+
+    used, leaked = claim(a, "host-a"), claim(a, "host-a")
+    theirs = claim(b, "host-b")
+    in_use = {f"blue/{used.split('/')[0]}"}
+    assert run_in_reactor(a.release_pool, "blue", "host-a", in_use) is False  # b uses it
+    assert claims(central) == sorted([*in_use, f"blue/{theirs.split('/')[0]}"])
+    assert f"blue/{leaked.split('/')[0]}" not in claims(central)
+    run_in_reactor(a.forget_claims, sorted(in_use))
+    claim(b, "host-b")
+    assert run_in_reactor(b.release_pool, "blue", "host-b", set()) is True
+    assert central.switches() == [] and central.ports() == []
