@@ -18,6 +18,7 @@ from ovsdriver.ipam import Ipam
 from ovsdriver.metrics import NO_METRICS
 from ovsdriver.netlink import LinkError
 from ovsdriver.northbound import NorthboundError
+from ovsdriver.options import check_endpoint_options
 from ovsdriver.ovsdb import OVSDBUnavailable
 from ovsdriver.values import InvalidValue
 from ovsdriver.vswitch import VSwitchError
@@ -156,6 +157,7 @@ class Handlers:
         return {}
 
     async def create_endpoint(self, body):
+        check_endpoint_options(body.get("Options"))
         reply = await self.driver.create_endpoint(
             body["NetworkID"], body["EndpointID"], body.get("Interface") or {}
         )

@@ -39,6 +39,17 @@ def bridge_name(network_id):
     return "obr-" + network_id[:11]
 
 
+def check_endpoint_options(options):
+    """The ovs driver has no per-container options: refuse an ``ovs.`` one
+    (``docker network connect --driver-opt``) instead of ignoring it."""
+    ours = sorted(k for k in options or {} if isinstance(k, str) and k.startswith("ovs."))
+    if ours:
+        raise OptionError(
+            f"unknown endpoint option {ours[0]!r} (--driver-opt): the ovs driver's "
+            "options are per network (docker network create -o)"
+        )
+
+
 def check_id(kind, value):
     """Docker ids are hex; anything else never reaches OVSDB or the kernel."""
     if not isinstance(value, str) or not HEX_ID.fullmatch(value):

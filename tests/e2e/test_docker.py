@@ -75,6 +75,13 @@ def test_connect_and_disconnect_a_running_container(e2e):
     assert "eth1" not in e2e.exec("c1", "ip", "-o", "link").stdout
     ports = e2e.vsctl("--bare", "--columns=name", "list", "Port")
     assert "oep-" + endpoint[:11] not in ports
+    # The driver has no per-container options: one is refused, not ignored.
+    refused = e2e.docker(
+        "network", "connect", "--driver-opt", "ovs.vlan=7", "right", "c1", check=False
+    )
+    assert "unknown endpoint option 'ovs.vlan' (--driver-opt)" in refused.stderr, refused.stderr
+    assert "eth1" not in e2e.exec("c1", "ip", "-o", "link").stdout
+    assert e2e.vsctl("--bare", "--columns=name", "list", "Port") == ports
 
 
 def test_a_bad_option_is_refused_by_name_and_leaves_nothing(e2e):

@@ -12,6 +12,7 @@ from ovsdriver.api import MAX_BODY, Handlers, PluginResource
 from ovsdriver.driver import Driver
 from ovsdriver.ovsdb import OVSDBUnavailable
 from ovsdriver.testing import FakeFirewall, FakeNetlink, FakeVSwitch
+from ovsdriver.vswitch import port_name
 
 NET = "4e" * 32
 EP = "e9" * 32
@@ -201,6 +202,17 @@ def test_an_endpoint_without_an_ipv4_address_gets_a_random_local_unicast_mac(wor
     macs = [reply["Interface"]["MacAddress"] for reply in (first, second)]
     assert macs[0] != macs[1]
     assert all(int(mac.split(":")[0], 16) & 0b11 == 0b10 for mac in macs)  # local, unicast
+
+
+def test_an_ovs_driver_opt_of_an_endpoint_is_refused_by_name_and_makes_no_port(world):
+    world.create_network()
+    body = dict(world.ids(), Interface={"Address": "10.30.0.2/24"})
+    body["Options"] = {"com.docker.network.portmap": [], "ovs.vlan": "7", "other": "1"}
+    err = world.post("NetworkDriver.CreateEndpoint", body)["Err"]
+    assert "unknown endpoint option 'ovs.vlan' (--driver-opt)" in err
+    assert not world.vswitch.port_exists(port_name(EP))
+    del body["Options"]["ovs.vlan"]  # other drivers' options are theirs
+    assert "Err" not in world.post("NetworkDriver.CreateEndpoint", body)
 
 
 def test_a_bad_mac_is_refused(world):
