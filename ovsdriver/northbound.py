@@ -10,10 +10,10 @@ so this is where multi-host state and address allocation live:
   there (``pending`` until its Docker network exists, then the network id).
 - The switch is created together with its gateway port ``NAME/gateway`` (an
   OVN ``localport`` every host binds to its own gateway interface).
-- A dual-stack switch also has an IPv6 subnet and gateway, set by the network
-  that creates the switch (one made without ``--ipv6`` stays IPv4 only).
   Logical_Switch names are not a unique index, but Logical_Switch_Port names
   are: two hosts creating the switch at once cannot both commit.
+- A dual-stack switch also has an IPv6 subnet and gateway, set by the network
+  that creates the switch (one made without ``--ipv6`` stays IPv4 only).
 - **Every address in use is a Logical_Switch_Port named ``NAME/IP``** (a
   claim). Allocating inserts it; a host allocating the same address at the
   same moment fails on the unique index and the allocator tries again with
@@ -286,7 +286,7 @@ class Northbound:
         """The switch's gateway (CIDR) of IP `version`: `address` (or the first
         host address) the first time, the recorded one afterwards.
         Deferred[str]."""
-        subnet_key, gateway_key = KEYS[version]
+        gateway_key = KEYS[version][1]
 
         def build(ctx):
             row = _switch(ctx, name)
