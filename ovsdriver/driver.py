@@ -492,8 +492,11 @@ class Driver:
             v: ip.split("/")[0] if ip else None
             for v, ip in ((4, endpoint.ipv4), (6, endpoint.ipv6))
         }
-        in_use = self.host_ports.check if self.host_ports else lambda port: None
-        return publish(requests, address[4], address[6], taken, in_use)
+        if self.host_ports is None:
+            return publish(requests, address[4], address[6], taken)
+        published = publish(requests, address[4], address[6], taken, self.host_ports.check)
+        self.host_ports.room(published)
+        return published
 
     async def revoke_external_connectivity(self, network_id, endpoint_id):
         await self._plug_done(check_id("EndpointID", endpoint_id))

@@ -20,6 +20,8 @@ UDP, where SO_REUSEADDR would let two sockets share the port.
 
 import errno
 import ipaddress
+import os
+import resource
 import socket
 
 from ovsdriver.ports import PortUnavailable
@@ -31,6 +33,36 @@ _KINDS = {
 }
 #: A host without the protocol (no sctp module) has no program using it either.
 _UNSUPPORTED = {errno.EPROTONOSUPPORT, errno.ESOCKTNOSUPPORT, errno.EAFNOSUPPORT}
+#: File descriptors kept free of held ports for everything else: OVSDB and
+#: HTTP connections, child processes' pipes, netlink sockets.
+SPARE_FILES = 256
+
+
+def raise_open_files_limit():
+    """Raise the soft limit of open files to the hard one, as Go programs
+    (dockerd among them) do at start: every published port holds a socket,
+    and systemd's default soft limit (1024) would end at ~750 ports.
+    Returns (old soft limit, new soft limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # the kernel's own ceiling, then
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError):
+        return soft, soft
+    return soft, target
+
+
+def open_files():
+    """(files this process has open, the most it may have)."""
+    return len(os.listdir("/proc/self/fd")), resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def key(port):
@@ -59,6 +91,17 @@ def address_gone(port):
     return f"{describe(port)} cannot be held: {port.host_ip} is not an address of this host"
 
 
+def no_room(count, used, limit):
+    """The refusal of *count* more ports by a driver with *used* of its
+    *limit* files open."""
+    return PortUnavailable(
+        f"cannot publish {count} more host ports: the driver holds a socket for each, "
+        f"and with {used} of its {limit} files open that would leave fewer than "
+        f"{SPARE_FILES} for the rest of its work; publish fewer ports, or raise its "
+        "limit of open files (LimitNOFILE= in its systemd unit, ulimit -n)"
+    )
+
+
 def in_use(port):
     """Why another program's use of *port* keeps it from being published."""
     return (
@@ -75,9 +118,21 @@ class HostPorts:
     binding a socket does not block.
     """
 
-    def __init__(self, make_socket=socket.socket):
+    def __init__(self, make_socket=socket.socket, open_files=open_files):
         self._make_socket = make_socket
+        self._open_files = open_files
         self._held = {}  # key -> bound socket (None: the host lacks the protocol)
+
+    def room(self, ports):
+        """Raise PortUnavailable unless holding *ports* too leaves
+        `SPARE_FILES` file descriptors free: the driver must not run out of
+        them for everything else."""
+        new = {key(port) for port in ports} - set(self._held)
+        if not new:
+            return
+        used, limit = self._open_files()
+        if used + len(new) + SPARE_FILES > limit:
+            raise no_room(len(new), used, limit)
 
     def _bind(self, port, hold=False):
         """A socket bound where *port* says, or None; raises OSError."""

@@ -10,6 +10,7 @@ import re
 from twisted.application import internet, service
 from twisted.internet import defer, endpoints, fdesc, tcp, unix
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web import server
 from zope.interface import implementer
@@ -17,7 +18,7 @@ from zope.interface import implementer
 from ovsdriver.api import Handlers, PluginResource
 from ovsdriver.driver import Driver
 from ovsdriver.firewall import Firewall, FirewallHealer, FirewallRestorer
-from ovsdriver.hostports import HostPorts
+from ovsdriver.hostports import HostPorts, raise_open_files_limit
 from ovsdriver.ipam import Ipam
 from ovsdriver.netlink import Netlink
 from ovsdriver.northbound import NB_TABLES, Northbound
@@ -25,6 +26,8 @@ from ovsdriver.ovn import OVN, ClaimCollector
 from ovsdriver.ovsdb import OVSDB, REMOTE_FORMS, SSL_FILES, check_remote, configure_ssl
 from ovsdriver.reconcile import Reconciler
 from ovsdriver.vswitch import VSwitch
+
+log = Logger()
 
 DEFAULT_LISTEN = "unix:/run/docker/plugins/ovs.sock:mode=660"
 DEFAULT_OVSDB = "unix:/var/run/openvswitch/db.sock"
@@ -257,6 +260,9 @@ def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     top = service.MultiService()
+    soft, raised = raise_open_files_limit()
+    if raised != soft:
+        log.info("raised the limit of open files from {soft} to {raised}", soft=soft, raised=raised)
     ovsdb = OVSDB(reactor, options["ovsdb"])
     ovsdb.setServiceParent(top)
     netlink = Netlink(reactor)

@@ -970,10 +970,20 @@ class FakeHostPorts:
     plays a program binding a port; every address is the host's but those
     in `foreign`."""
 
-    def __init__(self, foreign=("198.51.100.1",)):
+    #: the files the imagined driver has open besides the held ports
+    OTHER_FILES = 20
+
+    def __init__(self, foreign=("198.51.100.1",), open_files_limit=1 << 20):
         self.foreign = set(foreign)
+        self.open_files_limit = open_files_limit
         self._held = set()  # keys
         self._programs = set()  # keys
+
+    def room(self, ports):
+        new = {hostports.key(port) for port in ports} - self._held
+        used = self.OTHER_FILES + len(self._held)
+        if new and used + len(new) + hostports.SPARE_FILES > self.open_files_limit:
+            raise hostports.no_room(len(new), used, self.open_files_limit)
 
     @staticmethod
     def _clash(a, b):

@@ -4,13 +4,15 @@
 real `ovsdriver.hostports.HostPorts` with sockets in a throwaway network
 namespace (``tests/integration/test_hostports_real.py``), where a "program"
 is a socket the test binds there, and `ovsdriver.testing.FakeHostPorts`.
-Each class gives `self.ports` and `program_binds(port)`: a program on the
+Each class gives `self.ports`, `program_binds(port)`: a program on the
 host binds *port*'s address and port (kept until the test ends); whether
-it could.
+it could, and `limit_open_files(more)`: from now on the holder may open
+*more* files besides those it has and `SPARE_FILES`.
 """
 
 import pytest
 
+from ovsdriver.hostports import SPARE_FILES
 from ovsdriver.ports import PortUnavailable
 from ovsdriver.values import PublishedPort
 
@@ -69,3 +71,15 @@ class HostPortsContract:
         with pytest.raises(PortUnavailable, match=f"{FOREIGN} is not an address of this host"):
             self.ports.check(p)
         assert f"{FOREIGN} is not an address of this host" in self.ports.hold([p])[p]
+
+    def test_ports_are_held_only_while_files_are_left_for_the_rest(self):
+        held = [port(18100 + i) for i in range(5)]
+        assert self.ports.hold(held) == {}
+        self.limit_open_files(10)
+        more = [port(18110 + i) for i in range(11)]
+        self.ports.room(held)  # held ports need no more files
+        self.ports.room(held + more[:10])
+        with pytest.raises(PortUnavailable, match="cannot publish 11 more host ports") as e:
+            self.ports.room(more)
+        assert f"fewer than {SPARE_FILES} for the rest of its work" in str(e.value)
+        assert "LimitNOFILE=" in str(e.value)

@@ -6,6 +6,7 @@ closed, and the namespace deleted, also when a test fails.
 """
 
 import errno
+import resource
 import socket
 
 import pytest
@@ -24,12 +25,19 @@ class TestRealHostPorts(HostPortsContract):
             self.netns = netns
             self.sockets = []
             self.ports = HostPorts(make_socket=self._socket)
+            limit = resource.getrlimit(resource.RLIMIT_NOFILE)
             try:
                 yield
             finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, limit)
                 self.ports.hold([])
                 for sock in self.sockets:
                     sock.close()
+
+    def limit_open_files(self, more):
+        used, _ = hostports.open_files()
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (used + hostports.SPARE_FILES + more, hard))
 
     def _socket(self, *args):
         sock = self.netns.socket(*args)

@@ -2,6 +2,7 @@
 
 import pytest
 
+from ovsdriver.hostports import SPARE_FILES
 from ovsdriver.testing import FakeHostPorts
 from tests.contract_hostports import HostPortsContract
 
@@ -13,3 +14,7 @@ class TestFakeHostPorts(HostPortsContract):
 
     def program_binds(self, port):
         return self.ports.program_binds(port)
+
+    def limit_open_files(self, more):
+        used = self.ports.OTHER_FILES + len(self.ports._held)
+        self.ports.open_files_limit = used + SPARE_FILES + more

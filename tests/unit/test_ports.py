@@ -7,6 +7,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from ovsdriver.driver import Driver
+from ovsdriver.hostports import SPARE_FILES
 from ovsdriver.options import OptionError, PortRequest, parse_portmap
 from ovsdriver.ports import PortUnavailable, publish
 from ovsdriver.testing import FakeFirewall, FakeHostPorts, FakeNetlink, FakeVSwitch
@@ -218,6 +219,22 @@ def test_a_whole_range_is_published():
     # docker run -p 8000-8002:80-82: the engine lists one entry per port.
     result_of(world.program(EP1, *(tcp(80 + n, 8000 + n, 8000 + n) for n in range(3))))
     assert world.published() == {(8000, "10.30.0.2"), (8001, "10.30.0.2"), (8002, "10.30.0.2")}
+
+
+def test_ports_that_would_leave_the_driver_too_few_files_are_refused_whole():
+    world = World()
+    world.host_ports.open_files_limit = FakeHostPorts.OTHER_FILES + SPARE_FILES + 100
+    wide = [tcp(20000 + n, 20000 + n, 20000 + n) for n in range(101)]
+    with pytest.raises(PortUnavailable, match="cannot publish 101 more host ports"):
+        result_of(world.program(EP1, *wide))
+    assert world.published() == set()
+    assert not world.host_ports.holds(PublishedPort("tcp", 20000, "10.30.0.2", 20000, None))
+    result_of(world.program(EP1, *wide[:100]))
+    assert len(world.published()) == 100
+    # Held ports need no more files: the same ports again are fine.
+    result_of(world.program(EP1, *wide[:100]))
+    with pytest.raises(PortUnavailable, match="cannot publish 1 more host ports"):
+        result_of(world.program(EP2, tcp(80, 8080)))
 
 
 def test_dual_stack_publishes_on_both_families():
