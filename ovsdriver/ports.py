@@ -12,6 +12,7 @@ its DNAT rule would win silently. So is one a program on the host uses
 result, so two endpoints asking at the same moment cannot both get one port.
 """
 
+import collections
 import ipaddress
 
 from ovsdriver.values import InvalidValue, PublishedPort
@@ -82,7 +83,13 @@ def publish(requests, ipv4, ipv6, taken, in_use=lambda port: None):
     *ipv6* (plain IPs or None) asking for *requests*; *taken* lists
     ``(endpoint_id, PublishedPort)`` of every other endpoint; *in_use* says
     why a port cannot be had though no endpoint publishes it (or None).
-    Raises PortUnavailable."""
+    Raises PortUnavailable. Ports are compared within their (protocol, host
+    port) only, so a range of thousands costs thousands of steps, not
+    millions."""
+    theirs = collections.defaultdict(list)  # (proto, host port) -> [(owner, port)]
+    for owner, port in taken:
+        theirs[port.proto, port.host_port].append((owner, port))
+    mine = collections.defaultdict(list)  # the same, of *published*
     published = []
     for request in requests:
         targets = _targets(request, ipv4, ipv6, requests)
@@ -94,17 +101,18 @@ def publish(requests, ipv4, ipv6, taken, in_use=lambda port: None):
                 PublishedPort(request.proto, host_port, cip, request.port, host_ip)
                 for host_ip, cip in targets
             ]
+            near = (request.proto, host_port)
             holder = next(
                 (
                     owner
-                    for owner, port in taken
+                    for owner, port in theirs[near]
                     for candidate in candidates
                     if overlaps(candidate, port)
                 ),
                 None,
             )
-            mine = any(overlaps(c, p) and c != p for c in candidates for p in published)
-            if holder is None and not mine:
+            clash = any(overlaps(c, p) and c != p for c in candidates for p in mine[near])
+            if holder is None and not clash:
                 busy = next(filter(None, map(in_use, candidates)), None)
                 if busy is None:
                     chosen = candidates
@@ -125,5 +133,8 @@ def publish(requests, ipv4, ipv6, taken, in_use=lambda port: None):
                 "or in use by another program; "
                 "choose a wider or another range"
             )
-        published += [port for port in chosen if port not in published]
+        for port in chosen:
+            if port not in mine[port.proto, port.host_port]:
+                mine[port.proto, port.host_port].append(port)
+                published.append(port)
     return tuple(published)

@@ -518,6 +518,44 @@ def test_host_ports_programs_use_are_refused_and_published_ones_are_held(ext_ipt
     assert bind(8062) is None
 
 
+def _open_files_limit(pid):
+    """(soft, hard) limit of open files of process *pid*."""
+    with open(f"/proc/{pid}/limits") as f:
+        line = next(line for line in f if line.startswith("Max open files"))
+    return tuple(int(n) for n in line.split()[3:5])
+
+
+def test_published_ports_never_take_the_files_the_driver_needs(ext_iptables):
+    ext = ext_iptables
+    # As under systemd: a soft limit of 1024 and a higher hard one.
+    ext.driver.stop()
+    ext.driver.wrapper = ["prlimit", "--nofile=1024:2048", "--"]
+    ext.driver.start()
+    # Like dockerd, the driver raises its soft limit to the hard one at start.
+    assert _open_files_limit(ext.driver.pid) == (2048, 2048)
+    ext.network("many", "10.99.0.0/24")
+    # A socket per port: 1900 would leave the driver too few files; refused whole.
+    failed = ext.docker(
+        "run", "-d", "--network", "many", "-p", "20000-21899:20000-21899", IMAGE, "true",
+        check=False,
+    )  # fmt: skip
+    assert failed.returncode != 0
+    assert "cannot publish 1900 more host ports" in failed.stderr, failed.stderr
+    assert "--dport 20000 " not in ext.nat_rules()
+    # 1000 are published, and held; the driver goes on working.
+    ext.web("wide", "many", "-p", "20000-20999:20000-20999", "-p", "8097:80")
+    nat = ext.nat_rules()
+    assert "--dport 20000 " in nat and "--dport 20999 " in nat
+    ok, body = world.wait_until(
+        lambda: _ok(ext.outside.get(f"http://{WORLD_IP}:8097/index.html")), 15, 0.5
+    )
+    assert body.strip() == "hello from wide"
+    assert ext.world.netns.bind_tcp(20500) is not None  # held: a program cannot have it
+    ext.docker("rm", "-f", "wide")
+    assert ext.world.netns.bind_tcp(20500) is None
+    assert "--dport 20000 " not in ext.nat_rules()
+
+
 def test_published_on_ipv6_on_a_dual_stack_network(ext_iptables):
     ext = ext_iptables
     wn, on = ext.world.netns.name, ext.outside.name
