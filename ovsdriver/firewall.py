@@ -63,6 +63,8 @@ DOCKER-USER when that comes first, so users' rules there still win)
 With no network left, the chains and the jumps to them are removed.
 """
 
+import difflib
+import functools
 import ipaddress
 import os
 import re
@@ -128,6 +130,7 @@ _SEARCH_PATH = os.pathsep.join(
 )
 #: What a token of a rule may look like; everything else is refused.
 _TOKEN = re.compile(r"^[A-Za-z0-9_.:/@!,\[\]-]+$")
+_LINE = re.compile(r"[A-Za-z0-9_.:/@!,\[\]-]+(?: [A-Za-z0-9_.:/@!,\[\]-]+)*")
 
 
 class FirewallError(Exception):
@@ -152,9 +155,11 @@ def _address(what, value):
         raise FirewallError(f"{what} {value!r} is not an IP address") from None
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def check_published(network_id, port):
     """A published port of network *network_id*, checked and normalized; raise
-    FirewallError saying what is wrong."""
+    FirewallError saying what is wrong. Remembered: every apply checks every
+    published port again, thousands with a wide ``-p`` range."""
     what = f"published port of network {network_id[:12]}"
     if port.proto not in PROTOCOLS.values():
         raise FirewallError(
@@ -213,11 +218,9 @@ def check_networks(networks):
                 pools[family].append(str(net))
         if not isinstance(network.nat, bool) or not isinstance(network.internal, bool):
             raise FirewallError(f"network {name}: nat and internal must be true or false")
-        published = []
-        for port in network.published:
-            port = check_published(network.network_id, port)
-            if port not in published:
-                published.append(port)
+        published = list(
+            dict.fromkeys(check_published(network.network_id, p) for p in network.published)
+        )
         checked.append(
             attr.evolve(
                 network,
@@ -241,8 +244,9 @@ def forwarding_families(networks):
 
 
 def family_of(port):
-    """The address family (4 or 6) a published port is DNATed in."""
-    return ipaddress.ip_address(port.container_ip).version
+    """The address family (4 or 6) a published port is DNATed in (its
+    container address is a checked one)."""
+    return 6 if ":" in port.container_ip else 4
 
 
 def loopback_published(port):
@@ -407,10 +411,11 @@ def parse_save(text, family):
 
 
 def _line(tokens):
-    for token in tokens:
-        if not _TOKEN.fullmatch(token):
-            raise FirewallError(f"refusing to write the unexpected rule token {token!r}")
-    return " ".join(tokens)
+    line = " ".join(tokens)
+    if not _LINE.fullmatch(line):  # one match per rule: thousands with a wide -p range
+        bad = next(token for token in tokens if not _TOKEN.fullmatch(token))
+        raise FirewallError(f"refusing to write the unexpected rule token {bad!r}")
+    return line
 
 
 def _forward_position(present, line):
@@ -486,19 +491,51 @@ def restore_script(networks, family, present):
 
 
 def update_script(old, new):
-    """The ``iptables-restore --noflush`` input that rewrites only the chains
+    """The ``iptables-restore --noflush`` input that changes only the chains
     whose rules differ between *old* and *new* (both as `written` returns
-    them), or None when nothing differs."""
+    them), or None when nothing differs. A long chain with few changes (a
+    container publishing one port next to one publishing thousands) gets
+    only those rules deleted and inserted in place; others are refilled."""
     lines = []
     for table in ("filter", "nat"):
         changed = [key for key in new if key[0] == table and old.get(key) != new[key]]
-        if changed:
-            lines.append(f"*{table}")
-            lines += [f":{chain} - [0:0]" for _, chain in changed]
-            for key in changed:
-                lines += new[key]
-            lines.append("COMMIT")
+        if not changed:
+            continue
+        edits = {key: _edits(old.get(key), new[key]) for key in changed}
+        lines.append(f"*{table}")
+        lines += [f":{chain} - [0:0]" for (_, chain), e in edits.items() if e is None]
+        for key in changed:
+            lines += new[key] if edits[key] is None else edits[key]
+        lines.append("COMMIT")
     return "\n".join(lines) + "\n" if lines else None
+
+
+#: A chain at least this long is edited rule by rule when few rules change.
+EDIT_IN_PLACE = 64
+
+
+def _edits(old, new):
+    """``-D``/``-I`` lines turning the chain's rules *old* into *new*, or
+    None when refilling it is simpler (a short chain, or many changes).
+    Deletions come first; each insertion then goes to its final position."""
+    if old is None or len(old) < EDIT_IN_PLACE:
+        return None
+    matcher = difflib.SequenceMatcher(None, old, new, autojunk=False)
+    deleted, inserted = [], []
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag in ("delete", "replace"):
+            deleted += ["-D" + line[2:] for line in old[i1:i2]]
+        if tag in ("insert", "replace"):
+            inserted += [_insert_at(line, j + 1) for j, line in zip(range(j1, j2), new[j1:j2])]
+    if 4 * (len(deleted) + len(inserted)) > len(new):
+        return None
+    return deleted + inserted
+
+
+def _insert_at(line, position):
+    """``-A CHAIN rule`` as ``-I CHAIN POSITION rule``."""
+    _, chain, rule = line.split(" ", 2)
+    return f"-I {chain} {position} {rule}"
 
 
 # ---------------------------------------------------------------------------

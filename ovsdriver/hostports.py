@@ -19,7 +19,6 @@ UDP, where SO_REUSEADDR would let two sockets share the port.
 """
 
 import errno
-import ipaddress
 import os
 import resource
 import socket
@@ -67,7 +66,7 @@ def open_files():
 
 def key(port):
     """(family, proto, host address, host port): what one socket holds."""
-    family = ipaddress.ip_address(port.container_ip).version
+    family = 6 if ":" in port.container_ip else 4  # a checked address
     address = port.host_ip or ("::" if family == 6 else "0.0.0.0")
     return family, port.proto, address, port.host_port
 

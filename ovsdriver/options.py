@@ -259,7 +259,7 @@ def parse_portmap(options):
     entries = (options or {}).get(PORTMAP_KEY) or []
     if not isinstance(entries, list):
         raise OptionError(f"{PORTMAP_KEY} must be a list")
-    requests = []
+    requests = {}  # an ordered set: the engine may list one binding twice
     for entry in entries:
         if not isinstance(entry, dict):
             raise OptionError(f"{PORTMAP_KEY} entries must be objects")
@@ -289,10 +289,8 @@ def parse_portmap(options):
                 host_ip = str(ipaddress.ip_address(host_ip))
             except ValueError:
                 raise OptionError(f"HostIP {host_ip!r} is not an IP address") from None
-        request = PortRequest(proto, port, host_port, host_port_end or host_port, host_ip)
-        if request not in requests:
-            requests.append(request)
-    return requests
+        requests[PortRequest(proto, port, host_port, host_port_end or host_port, host_ip)] = None
+    return list(requests)
 
 
 def check_address(field, value, version):

@@ -443,6 +443,32 @@ class TestRealFirewall(FirewallContract):
             (6, "fwc-3", NAT),
         }
 
+    def test_a_long_chain_is_edited_in_place_and_ends_as_a_refill_would(self):
+        scripts = []
+        run = self.firewall.run
+
+        def recorded(argv, stdin=None):
+            if stdin:
+                scripts.append(stdin.decode())
+            return run(argv, stdin)
+
+        self.firewall.run = recorded
+        wide = [tcp(20000 + n, "10.91.0.2", 20000 + n) for n in range(100)]
+        self.apply(network(1, published=wide), network(2))
+        for published in (
+            wide + [tcp(8080, "10.91.0.3", 80)],  # one more
+            wide[:50] + wide[51:] + [tcp(8080, "10.91.0.3", 80)],  # one gone from the middle
+            wide[:50] + [tcp(8081, "10.91.0.4", 80)] + wide[51:],  # one replaced
+        ):
+            scripts.clear()
+            self.apply(network(1, published=published), network(2))
+            assert ":OVSDRIVER-DNAT - [0:0]" not in scripts[-1]  # not refilled...
+            assert "-I OVSDRIVER-DNAT " in scripts[-1] or "-D OVSDRIVER-DNAT " in scripts[-1]
+            # ...yet the kernel holds exactly what a refill writes, in order.
+            assert self.call(self.firewall.check) == []
+            dnat = [r["--dport"] for r in self.rules_of(4, "nat", DNAT) if "--dport" in r]
+            assert dnat == [str(p.host_port) for p in published]
+
     def test_iptables_failure_names_the_command_and_keeps_the_rules(self):
         self.apply(network(1))
         before = self.snapshot()

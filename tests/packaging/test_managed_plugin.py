@@ -112,6 +112,12 @@ def test_enabled_on_the_worlds_ovs_it_serves_docker(docker_world, plugin):
             "SandboxKey"
         ]
         assert os.stat(f"/proc/{pids[0]}/root{key}").st_dev == nsfs, key
+    # Each published port holds a socket: the plugin raised its soft limit
+    # of open files to the hard one its container got.
+    with open(f"/proc/{pids[0]}/limits") as f:
+        limits = next(line for line in f if line.startswith("Max open files")).split()[3:5]
+    print(f"\nthe plugin's limit of open files (soft, hard): {limits}")
+    assert limits[0] == limits[1], limits
     dockerd.docker("rm", "-f", "pk1", "pk2", timeout=120)
     dockerd.docker("network", "rm", "pk", timeout=120)
     assert not [b for b in docker_world.ovs.bridges() if b.startswith("obr-")]
