@@ -8,6 +8,7 @@ unhealthy (the CLI exits non-zero); a *warning* says something could not be
 checked (no iptables, no access to the engine) and does not.
 """
 
+import functools
 import ipaddress
 
 import attr
@@ -484,16 +485,21 @@ def _published_firewall_problems(saved, endpoint):
         text = (saved or {}).get(family)
         if text is None:
             continue
-        dnat = [tokens for chain, tokens in _our_lines(text) if chain == firewall.DNAT]
         address = port.container_ip if family == 4 else f"[{port.container_ip}]"
-        target = f"{address}:{port.container_port}"
-        if not any(
-            _after(tokens, "--dport") == str(port.host_port)
-            and _after(tokens, "--to-destination") == target
-            for tokens in dnat
-        ):
+        if (str(port.host_port), f"{address}:{port.container_port}") not in _dnat_targets(text):
             problems.append(f"the firewall has no DNAT rule publishing {_published(port)}")
     return problems
+
+
+@functools.lru_cache(maxsize=4)
+def _dnat_targets(text):
+    """{(host port, destination)} of the driver's DNAT rules in an
+    iptables-save text, read once however many ports are published."""
+    return frozenset(
+        (_after(tokens, "--dport"), _after(tokens, "--to-destination"))
+        for chain, tokens in _our_lines(text)
+        if chain == firewall.DNAT
+    )
 
 
 def _after(tokens, flag):
