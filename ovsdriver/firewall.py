@@ -129,8 +129,9 @@ _SEARCH_PATH = os.pathsep.join(
     [os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"]
 )
 #: What a token of a rule may look like; everything else is refused.
-_TOKEN = re.compile(r"^[A-Za-z0-9_.:/@!,\[\]-]+$")
-_LINE = re.compile(r"[A-Za-z0-9_.:/@!,\[\]-]+(?: [A-Za-z0-9_.:/@!,\[\]-]+)*")
+_WORD = r"[A-Za-z0-9_.:/@!,\[\]-]+"
+_TOKEN = re.compile(rf"^{_WORD}$")
+_LINE = re.compile(rf"{_WORD}(?: {_WORD})*")  # tokens joined by single spaces
 
 
 class FirewallError(Exception):
@@ -526,7 +527,7 @@ def _edits(old, new):
         if tag in ("delete", "replace"):
             deleted += ["-D" + line[2:] for line in old[i1:i2]]
         if tag in ("insert", "replace"):
-            inserted += [_insert_at(line, j + 1) for j, line in zip(range(j1, j2), new[j1:j2])]
+            inserted += [_insert_at(line, j) for j, line in enumerate(new[j1:j2], j1 + 1)]
     if 4 * (len(deleted) + len(inserted)) > len(new):
         return None
     return deleted + inserted
