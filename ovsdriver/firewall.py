@@ -413,7 +413,9 @@ def parse_save(text, family):
 
 def _line(tokens):
     line = " ".join(tokens)
-    if not _LINE.fullmatch(line):  # one match per rule: thousands with a wide -p range
+    # One match per rule (thousands with a wide -p range); the count of
+    # spaces keeps a token from holding one.
+    if not _LINE.fullmatch(line) or line.count(" ") != len(tokens) - 1:
         bad = next(token for token in tokens if not _TOKEN.fullmatch(token))
         raise FirewallError(f"refusing to write the unexpected rule token {bad!r}")
     return line

@@ -681,3 +681,10 @@ def test_the_forward_jump_follows_docker_user_wherever_that_is():
     assert problems == [
         "the jump '-A FORWARD -j OVSDRIVER-FORWARD' is not first (or right after DOCKER-USER)"
     ]
+
+
+@pytest.mark.parametrize("token", ["a b", "", "x;y", '--comment="x"', "é"])
+def test_a_rule_token_that_is_not_a_plain_word_is_refused(token):
+    with pytest.raises(FirewallError, match="refusing to write the unexpected rule token"):
+        firewall._line(("-A", "OVSDRIVER-DNAT", token, "-j", "RETURN"))
+    assert firewall._line(("-A", "OVSDRIVER-DNAT", "-j", "RETURN")) == "-A OVSDRIVER-DNAT -j RETURN"
