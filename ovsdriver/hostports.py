@@ -117,9 +117,8 @@ class HostPorts:
     binding a socket does not block.
     """
 
-    def __init__(self, make_socket=socket.socket, open_files=open_files):
+    def __init__(self, make_socket=socket.socket):
         self._make_socket = make_socket
-        self._open_files = open_files
         self._held = {}  # key -> bound socket (None: the host lacks the protocol)
 
     def room(self, ports):
@@ -129,7 +128,7 @@ class HostPorts:
         new = {key(port) for port in ports} - set(self._held)
         if not new:
             return
-        used, limit = self._open_files()
+        used, limit = open_files()
         if used + len(new) + SPARE_FILES > limit:
             raise no_room(len(new), used, limit)
 

@@ -538,14 +538,18 @@ def _delete_if_unused(ctx, row, gone=(), leaving=None):
     return True
 
 
+def _ipv4_only(row):
+    return NorthboundError(
+        f"OVN logical switch {row.name} is IPv4 only (its first network was made "
+        "without --ipv6): leave --ipv6 out"
+    )
+
+
 def _subnet_of(row, version):
     """The switch's subnet of IP `version`, or NorthboundError."""
     subnet = _ids(row).get(KEYS[version][0])
     if subnet is None:
-        raise NorthboundError(
-            f"OVN logical switch {row.name} is IPv4 only (its first network was made "
-            "without --ipv6): leave --ipv6 out"
-        )
+        raise _ipv4_only(row)
     return subnet
 
 
@@ -559,7 +563,7 @@ def _request_subnet6(ctx, row, subnet, system_id):
             k.startswith(HOST) and k != HOST + system_id for k in ids
         )
         if not creating or len(row.ports) > 1:
-            _subnet_of(row, 6)  # says the switch is IPv4 only
+            raise _ipv4_only(row)
         if subnet is None:
             raise NorthboundError(
                 f"OVN logical switch {name} is being made: give its IPv6 subnet with a "
