@@ -1,4 +1,4 @@
-"""The libnetwork remote API: JSON in, JSON out, over twisted.web.
+"""The libnetwork remote API: JSON in, JSON out.
 
 Each method is a plain coroutine of the request's fields. This module checks the
 body's shape and field types (a 400 names the offending field), maps every
@@ -10,7 +10,6 @@ import json
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web import resource, server
 
 from ovsdriver.driver import DriverError
 from ovsdriver.firewall import FirewallError
@@ -229,40 +228,36 @@ class Handlers:
         return getattr(self, entry[0]) if entry else None
 
 
-class PluginResource(resource.Resource):
-    """The plugin's HTTP face on the UNIX socket."""
+class Plugin:
+    """The API as the plugin socket serves it (`ovsdriver.plugin_http`): a
+    method's name and raw body in, an HTTP status and a JSON object out."""
 
-    isLeaf = True
     metrics = NO_METRICS
 
     def __init__(self, handlers):
-        super().__init__()
         self.handlers = handlers
 
-    def render_POST(self, request):
-        request.setHeader(b"Content-Type", b"application/vnd.docker.plugins.v1.2+json")
-        method = request.path.decode("utf-8", "replace").lstrip("/")
+    def call(self, method, raw):
+        """Deferred (status, reply): never fails."""
         handler = self.handlers.route(method)
         if handler is None:
-            request.setResponseCode(404)
             self.metrics.api_rejected("unknown", "unknown_method")
-            return _json({"Err": f"unknown method {method[:100]!r}"})
-        raw = request.content.read(MAX_BODY + 1)
-        if len(raw) > MAX_BODY:
-            request.setResponseCode(413)
-            self.metrics.api_rejected(method, "too_large")
-            return _json({"Err": f"request body is larger than {MAX_BODY} bytes"})
+            return defer.succeed((404, {"Err": f"unknown method {method[:100]!r}"}))
         try:
             body = parse_body(method, raw)
         except BadRequest as e:
-            request.setResponseCode(400)
             self.metrics.api_rejected(method, "bad_request")
-            return _json({"Err": str(e)})
+            return defer.succeed((400, {"Err": str(e)}))
         d = defer.ensureDeferred(handler(body))
         self.metrics.api_request(method, d, USER_ERRORS)
         d.addErrback(_error_response, method)
-        d.addCallback(_respond, request)
-        return server.NOT_DONE_YET
+        d.addCallback(lambda reply: (200, reply))
+        return d
+
+    def too_large(self, method):
+        """The answer to a body longer than `MAX_BODY` (never read)."""
+        self.metrics.api_rejected(method, "too_large")
+        return 413, {"Err": f"request body is larger than {MAX_BODY} bytes"}
 
 
 def _error_response(failure, method):
@@ -273,22 +268,3 @@ def _error_response(failure, method):
         return {key: failure.getErrorMessage()}
     log.failure("{method} failed unexpectedly", failure, method=method)
     return {key: f"internal error in the ovs driver during {method}: {failure.getErrorMessage()}"}
-
-
-def _respond(response, request):
-    if request.finished or request._disconnected:
-        return
-    body = _json(response)
-    request.setHeader(b"Content-Length", b"%d" % len(body))  # not chunked
-    request.write(body)
-    request.finish()
-    # Send it now: the engine waits for it, while Twisted would send it only
-    # after this reactor turn's timed calls, such as building the next OVSDB
-    # transaction (a port CreateEndpoint has just asked for).
-    flush = getattr(request.transport, "doWrite", None)
-    if flush is not None and request.transport.connected:
-        flush()
-
-
-def _json(value):
-    return json.dumps(value).encode() + b"\n"

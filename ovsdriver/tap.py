@@ -12,10 +12,9 @@ from twisted.internet import defer, endpoints, fdesc, tcp, unix
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web import server
 from zope.interface import implementer
 
-from ovsdriver.api import Handlers, PluginResource
+from ovsdriver.api import Handlers, Plugin
 from ovsdriver.driver import Driver
 from ovsdriver.firewall import Firewall, FirewallHealer, FirewallRestorer
 from ovsdriver.hostports import HostPorts, raise_open_files_limit
@@ -24,6 +23,7 @@ from ovsdriver.netlink import Netlink
 from ovsdriver.northbound import NB_TABLES, Northbound
 from ovsdriver.ovn import OVN, ClaimCollector
 from ovsdriver.ovsdb import OVSDB, REMOTE_FORMS, SSL_FILES, check_remote, configure_ssl
+from ovsdriver.plugin_http import PluginFactory
 from ovsdriver.reconcile import Reconciler
 from ovsdriver.vswitch import VSwitch
 
@@ -300,22 +300,12 @@ def makeService(options, reactor=None):
     reconciler.setServiceParent(top)
     driver.on_join = reconciler.watch_join
     driver.recheck = reconciler.recheck
-    plugin = PluginResource(Handlers(driver, Ipam(reactor, ovn)))
+    plugin = Plugin(Handlers(driver, Ipam(reactor, ovn)))
     if options["metrics"]:
         hooked = (plugin, reconciler, firewall)
         serve_metrics(options["metrics"], reactor, ovsdb, hooked).setServiceParent(top)
-    site = _PluginSite(plugin)
-    site.displayTracebacks = False
-    ListenerService(options["listen"], site, reactor).setServiceParent(top)
+    ListenerService(options["listen"], PluginFactory(plugin), reactor).setServiceParent(top)
     return top
-
-
-class _PluginSite(server.Site):
-    """The plugin's site, without an access log: a line per engine call would
-    bury what matters in the driver's log (``--metrics`` counts the calls)."""
-
-    def log(self, request):
-        pass
 
 
 def serve_metrics(description, reactor, ovsdb, hooked):

@@ -1,18 +1,18 @@
-"""The remote API over real HTTP in memory (treq's StubTreq), with the driver
-on verified fakes of Open vSwitch and the kernel."""
+"""The remote API through the plugin socket's real protocol in memory, with the
+driver on verified fakes of Open vSwitch and the kernel."""
 
 import json
 
 import pytest
-from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from ovsdriver.api import MAX_BODY, Handlers, PluginResource
+from ovsdriver.api import MAX_BODY, Handlers, Plugin
 from ovsdriver.driver import Driver
 from ovsdriver.ovsdb import OVSDBUnavailable
 from ovsdriver.testing import FakeFirewall, FakeNetlink, FakeVSwitch
 from ovsdriver.vswitch import port_name
+from tests.unit.plugin_client import Connection, request
 
 NET = "4e" * 32
 EP = "e9" * 32
@@ -29,22 +29,20 @@ class World:
         self.vswitch = FakeVSwitch(kernel=self.kernel, clock=self.clock)
         self.firewall = FakeFirewall(clock=self.clock)
         self.driver = Driver(self.vswitch, self.kernel, self.firewall, "netdev")
-        self.http = StubTreq(PluginResource(Handlers(self.driver)))
+        self.plugin = Plugin(Handlers(self.driver))
 
-    def raw(self, method, data):
-        results = []
-        d = self.http.post("http://plugin/" + method, data=data)
-        d.addCallback(lambda r: r.content().addCallback(lambda body: (r.code, body)))
-        d.addBoth(results.append)
-        for _ in range(1000):  # turn the fakes' clock and the HTTP stub until all is done
-            self.http.flush()
+    def settle(self):
+        for _ in range(1000):  # turn the fakes' clock until all is done
             if not self.clock.getDelayedCalls():
                 break
             self.clock.advance(0)
-        (result,) = results
-        if hasattr(result, "raiseException"):
-            result.raiseException()
-        return result
+
+    def raw(self, method, data):
+        connection = Connection(self.plugin)
+        connection.send(request(method, data))
+        self.settle()
+        ((code, _, body),) = connection.answers()
+        return code, body
 
     def post(self, method, body=None, status=200):
         data = b"" if body is None else json.dumps(body).encode() + b"\n"
@@ -407,20 +405,15 @@ def test_two_containers_publishing_one_host_port_at_the_same_moment(world):
     world.create_endpoint(EP)
     world.create_endpoint(EP2, Address="10.30.0.3/24")
     options = {"com.docker.network.portmap": [{"Proto": 6, "Port": 80, "HostPort": 8080}]}
-    replies = []
+    connections = []
     for endpoint_id in (EP, EP2):
         body = dict(world.ids(endpoint_id), Options=options)
-        d = world.http.post(
-            "http://plugin/NetworkDriver.ProgramExternalConnectivity",
-            data=json.dumps(body).encode(),
+        connections.append(Connection(world.plugin))
+        connections[-1].send(
+            request("NetworkDriver.ProgramExternalConnectivity", json.dumps(body).encode())
         )
-        d.addCallback(lambda r: r.json())
-        d.addCallback(replies.append)
-    for _ in range(1000):
-        world.http.flush()
-        if len(replies) == 2 and not world.clock.getDelayedCalls():
-            break
-        world.clock.advance(0)
+    world.settle()
+    replies = [json.loads(c.answers()[0][2]) for c in connections]
     errors = [reply.get("Err") for reply in replies]
     assert len(replies) == 2 and errors.count(None) == 1, replies
     assert "8080" in next(e for e in errors if e)

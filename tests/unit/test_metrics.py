@@ -9,7 +9,7 @@ from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from ovsdriver.api import Handlers, PluginResource
+from ovsdriver.api import Handlers, Plugin
 from ovsdriver.driver import Driver
 from ovsdriver.metrics import NO_METRICS, Metrics, MetricsPage
 from ovsdriver.ovsdb import OVSDB
@@ -18,6 +18,7 @@ from ovsdriver.testing import FakeFirewall, FakeNetlink, FakeVSwitch
 from ovsdriver.values import Endpoint, Network
 from ovsdriver.vswitch import VSwitch
 from tests.scripted_idl import ScriptedIdl, ScriptedTransaction, Txn
+from tests.unit.plugin_client import Connection, request
 from tests.unit.test_firewall import Recording, network
 from tests.unit.test_ovsdb_engine import serve
 from tests.unit.test_reconcile import INTERVAL, Scene
@@ -42,27 +43,24 @@ def api_calls(metrics, method, outcome):
 # -- the API -----------------------------------------------------------------------
 
 
-class Plugin:
-    """The real resource over a driver on fakes, with metrics."""
+class Served:
+    """The real plugin socket's protocol over a driver on fakes, with metrics."""
 
     def __init__(self, metrics):
         kernel = FakeNetlink()
         self.driver = Driver(FakeVSwitch(kernel=kernel), kernel, FakeFirewall())
-        resource = PluginResource(Handlers(self.driver))
-        resource.metrics = metrics
-        self.http = StubTreq(resource)
+        self.plugin = Plugin(Handlers(self.driver))
+        self.plugin.metrics = metrics
 
     def post(self, method, data):
-        results = []
-        d = self.http.post("http://plugin/" + method, data=data)
-        d.addCallback(lambda r: r.content().addCallback(lambda body: (r.code, json.loads(body))))
-        d.addBoth(results.append)
-        self.http.flush()
-        return results[0]
+        connection = Connection(self.plugin)
+        connection.send(request(method, data))
+        ((code, _, body),) = connection.answers()
+        return code, json.loads(body)
 
 
 def test_api_calls_are_counted_by_method_and_outcome(metrics):
-    plugin = Plugin(metrics)
+    plugin = Served(metrics)
     body = json.dumps({"NetworkID": NET, "Options": {}, "IPv4Data": SUBNET}).encode()
     assert plugin.post("NetworkDriver.CreateNetwork", body) == (200, {})
     bad = json.dumps({"NetworkID": "nothex", "Options": {}}).encode()
@@ -78,7 +76,7 @@ def test_api_calls_are_counted_by_method_and_outcome(metrics):
 
 
 def test_an_unexpected_failure_is_an_internal_error(metrics, monkeypatch):
-    plugin = Plugin(metrics)
+    plugin = Served(metrics)
 
     async def broken(*args):
         raise RuntimeError("a bug")
