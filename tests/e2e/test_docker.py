@@ -37,6 +37,34 @@ def test_containers_talk_to_each_other_and_the_gateway(e2e):
     assert "setting MAC failed" not in e2e.world.ovs.log()
 
 
+def test_containers_find_each_other_by_name_and_alias(e2e):
+    """The engine's embedded DNS answers on the driver's networks as on its
+    own user-defined ones: names, --network-alias, and aliases given at
+    docker network connect, gone with the container's disconnection."""
+    e2e.network("blue", "10.51.0.0/24")
+    e2e.network("green", "10.53.0.0/24")
+    e2e.run("n1", "blue", "--network-alias", "web")
+    e2e.run("n2", "blue")
+    e2e.docker("network", "connect", "--alias", "db", "green", "n2")
+    e2e.run("n3", "green")
+    n1 = e2e.container_net("n1", "blue")["IPAddress"]
+    n2 = e2e.container_net("n2", "green")["IPAddress"]
+    assert "nameserver 127.0.0.11" in e2e.exec("n2", "cat", "/etc/resolv.conf").stdout
+
+    def ping(container, name):
+        """What `name` resolved to, if it answered (busybox has no nslookup)."""
+        result = e2e.exec(container, "ping", "-c", "1", "-W", "2", name, check=False)
+        found = re.search(r"PING \S+ \(([\d.]+)\)", result.stdout)
+        return found.group(1) if found and result.returncode == 0 else None
+
+    assert ping("n2", "n1") == n1
+    assert ping("n2", "web") == n1
+    assert ping("n3", "db") == n2
+    assert ping("n3", "web") is None  # names stay within their network
+    e2e.docker("network", "disconnect", "green", "n2")
+    assert ping("n3", "db") is None
+
+
 def test_a_restarted_container_is_reachable_at_once(e2e):
     # Its new endpoint gets its address again and, like on Docker's bridge
     # driver, the MAC that goes with it: its peers' ARP caches stay right
