@@ -4,6 +4,8 @@ on one connection, and anything else is refused by name and closed."""
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
 from ovsdriver.api import MAX_BODY, Handlers, Plugin
@@ -18,6 +20,12 @@ CREATE = json.dumps(
 ).encode()
 
 
+def served(clock=None):
+    kernel = FakeNetlink(clock=clock)
+    vswitch = FakeVSwitch(kernel=kernel, clock=clock)  # with a clock: answers on its next turn
+    return Connection(Plugin(Handlers(Driver(vswitch, kernel, FakeFirewall(clock=clock)))))
+
+
 @pytest.fixture
 def clock():
     return Clock()
@@ -25,10 +33,7 @@ def clock():
 
 @pytest.fixture
 def connection(clock):
-    kernel = FakeNetlink(clock=clock)
-    vswitch = FakeVSwitch(kernel=kernel, clock=clock)  # answers on the clock's next turn
-    driver = Driver(vswitch, kernel, FakeFirewall(clock=clock), "netdev")
-    return Connection(Plugin(Handlers(driver)))
+    return served(clock)
 
 
 def settle(clock):
@@ -125,3 +130,41 @@ def test_an_answer_after_the_engine_hung_up_is_dropped(connection, clock):
     connection.protocol.connectionLost(None)
     settle(clock)
     assert connection.transport.value() == b""
+
+
+STREAM = (
+    request("Plugin.Activate")
+    + request("NetworkDriver.CreateNetwork", CREATE)
+    + request("NetworkDriver.GetCapabilities", b"{}")
+)
+
+
+@settings(max_examples=200)
+@given(cuts=st.lists(st.integers(1, len(STREAM) - 1), max_size=12, unique=True))
+def test_however_the_bytes_arrive_the_answers_are_the_same(cuts):
+    clock = Clock()
+    connection = served(clock)
+    edges = [0, *sorted(cuts), len(STREAM)]
+    for start, end in zip(edges, edges[1:]):
+        connection.send(STREAM[start:end])
+    settle(clock)
+    assert [status for status, _ in replies(connection)] == [200, 200, 200]
+    assert not connection.closed
+
+
+PIECES = [
+    b"POST ", b"GET ", b"/Plugin.Activate", b" HTTP/1.1", b" HTTP/1.0", b"\r\n",
+    b"\r\n\r\n", b"Content-Length: ", b"5", b"-1", b"Transfer-Encoding: chunked",
+    b"Connection: close", b":", b" ", b"{}", b"\n",
+]  # fmt: skip
+
+
+@settings(max_examples=300)
+@given(data=st.binary(max_size=300) | st.lists(st.sampled_from(PIECES), max_size=20).map(b"".join))
+def test_any_bytes_get_answers_or_a_wait_never_an_exception(data):
+    connection = served()
+    connection.send(data)
+    for status, headers, body in connection.answers():
+        assert isinstance(json.loads(body), dict)
+        if status in (405, 413, 431, 501):  # the rest of the stream cannot be trusted
+            assert headers["Connection"] == "close" and connection.closed
