@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from ovsdriver.deferreds import follow
 from ovsdriver.firewall import FirewallError, check_published
+from ovsdriver.metrics import NO_METRICS
 from ovsdriver.options import check_address, check_id, ovn_request, parse_network, parse_portmap
 from ovsdriver.ovn import ADDRESS_SPACE, disabled
 from ovsdriver.ports import PortTaken, PortUnavailable, publish
@@ -122,6 +123,8 @@ class _Failed:
 
 class Driver:
     """The network driver, over a vswitch and a netlink port."""
+
+    metrics = NO_METRICS
 
     def __init__(
         self, vswitch, netlink, firewall, datapath_type="netdev", ovn=None, host_ports=None
@@ -539,6 +542,7 @@ class Driver:
 
     def _hold(self, published):
         unheld = self.host_ports.hold(published)
+        self.metrics.published_unheld(len(unheld))
         for port, why in unheld.items():
             if self._unheld.get(port) != why:
                 log.warn("a published port is not held: {why}", why=why)

@@ -57,6 +57,10 @@ class NoMetrics:
         """A firewall update; returns `deferred` (which fires when it is done)."""
         return deferred
 
+    def published_unheld(self, count):
+        """`count` published host ports are not held (another program has
+        them, or their address is gone)."""
+
 
 NO_METRICS = NoMetrics()
 
@@ -68,7 +72,7 @@ class Metrics(NoMetrics):
     """
 
     def __init__(self, registry, clock=time.monotonic):
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         self.registry = registry
         self.clock = clock
@@ -127,6 +131,11 @@ class Metrics(NoMetrics):
         )
         self.firewall_seconds = histogram(
             "ovsdriver_firewall_sync_seconds", "Duration of a firewall update."
+        )
+        self.unheld = Gauge(
+            "ovsdriver_published_ports_unheld",
+            "Published host ports the driver cannot hold (another program has them).",
+            registry=registry,
         )
 
     # -- the API -------------------------------------------------------------
@@ -189,6 +198,9 @@ class Metrics(NoMetrics):
 
     def firewall_sync(self, deferred):
         return self._outcome(deferred, self.firewall_syncs, self.firewall_seconds)
+
+    def published_unheld(self, count):
+        self.unheld.set(count)
 
     def _outcome(self, deferred, counter, histogram):
         started = self.clock()

@@ -302,7 +302,7 @@ def makeService(options, reactor=None):
     driver.recheck = reconciler.recheck
     plugin = Plugin(Handlers(driver, Ipam(reactor, ovn)))
     if options["metrics"]:
-        hooked = (plugin, reconciler, firewall)
+        hooked = (plugin, reconciler, firewall, driver)
         serve_metrics(options["metrics"], reactor, ovsdb, hooked).setServiceParent(top)
     ListenerService(options["listen"], PluginFactory(plugin), reactor).setServiceParent(top)
     return top

@@ -967,8 +967,8 @@ class FakeFirewall:
 
 class FakeHostPorts:
     """`ovsdriver.hostports.HostPorts` over an imagined host: `program_binds`
-    plays a program binding a port; every address is the host's but those
-    in `foreign`."""
+    and `program_exits` play a program binding a port and exiting; every
+    address is the host's but those in `foreign`."""
 
     #: the files the imagined driver has open besides the held ports
     OTHER_FILES = 20
@@ -1005,6 +1005,10 @@ class FakeHostPorts:
             return False
         self._programs.add(k)
         return True
+
+    def program_exits(self, port):
+        """The program that bound *port* exits."""
+        self._programs.discard(hostports.key(port))
 
     def check(self, port):
         k = hostports.key(port)

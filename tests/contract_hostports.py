@@ -6,7 +6,8 @@ namespace (``tests/integration/test_hostports_real.py``), where a "program"
 is a socket the test binds there, and `ovsdriver.testing.FakeHostPorts`.
 Each class gives `self.ports`, `program_binds(port)`: a program on the
 host binds *port*'s address and port (kept until the test ends); whether
-it could, and `limit_open_files(more)`: from now on the holder may open
+it could, `program_exits(port)`: that program exits, and
+`limit_open_files(more)`: from now on the holder may open
 *more* files besides those it has and `SPARE_FILES`.
 """
 
@@ -42,6 +43,14 @@ class HostPortsContract:
         assert "host port 18081/tcp is in use by another program" in why
         assert self.ports.hold([p]) == {p: why}
         assert not self.ports.holds(p)
+
+    def test_a_port_is_held_once_the_program_that_had_it_is_gone(self):
+        p = port(18092)
+        assert self.program_binds(p)
+        assert "in use by another program" in self.ports.hold([p])[p]
+        self.program_exits(p)
+        assert self.ports.hold([p]) == {} and self.ports.holds(p)
+        assert not self.program_binds(p)
 
     def test_a_program_on_one_address_keeps_the_port_from_every_address(self):
         assert self.program_binds(port(18082, host_ip="127.0.0.1"))

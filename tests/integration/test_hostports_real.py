@@ -24,6 +24,7 @@ class TestRealHostPorts(HostPortsContract):
         with world.Netns() as netns:
             self.netns = netns
             self.sockets = []
+            self.programs = {}  # key -> the socket a "program" holds
             self.ports = HostPorts(make_socket=self._socket)
             limit = resource.getrlimit(resource.RLIMIT_NOFILE)
             try:
@@ -81,4 +82,8 @@ class TestRealHostPorts(HostPortsContract):
             return False
         if kind == socket.SOCK_STREAM:
             sock.listen()
+        self.programs[hostports.key(port)] = sock
         return True
+
+    def program_exits(self, port):
+        self.programs.pop(hostports.key(port)).close()

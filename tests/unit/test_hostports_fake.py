@@ -15,6 +15,9 @@ class TestFakeHostPorts(HostPortsContract):
     def program_binds(self, port):
         return self.ports.program_binds(port)
 
+    def program_exits(self, port):
+        self.ports.program_exits(port)
+
     def limit_open_files(self, more):
         used = self.ports.OTHER_FILES + len(self.ports._held)
         self.ports.open_files_limit = used + SPARE_FILES + more

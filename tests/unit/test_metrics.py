@@ -14,13 +14,15 @@ from ovsdriver.driver import Driver
 from ovsdriver.metrics import NO_METRICS, Metrics, MetricsPage
 from ovsdriver.ovsdb import OVSDB
 from ovsdriver.tap import Options, makeService
-from ovsdriver.testing import FakeFirewall, FakeNetlink, FakeVSwitch
+from ovsdriver.testing import FakeFirewall, FakeHostPorts, FakeNetlink, FakeVSwitch
 from ovsdriver.values import Endpoint, Network
 from ovsdriver.vswitch import VSwitch
 from tests.scripted_idl import ScriptedIdl, ScriptedTransaction, Txn
 from tests.unit.plugin_client import Connection, request
 from tests.unit.test_firewall import Recording, network
 from tests.unit.test_ovsdb_engine import serve
+from tests.unit.test_ports import EP1, host, result_of, tcp
+from tests.unit.test_ports import World as PortsWorld
 from tests.unit.test_reconcile import INTERVAL, Scene
 
 NET = "4e" * 32
@@ -312,3 +314,18 @@ def test_metrics_are_off_by_default_and_each_driver_has_its_own_registry():
     assert isinstance(ovsdb.metrics, Metrics)
     other = services("--metrics", "tcp:0:interface=127.0.0.1")[0]
     assert other.metrics.registry is not ovsdb.metrics.registry
+
+
+def test_published_ports_a_program_took_are_counted_until_held_again(metrics):
+    world = PortsWorld()
+    result_of(world.program(EP1, tcp(80, 8080)))
+    # The driver is down: its sockets are gone, and a program takes 8080.
+    ports = FakeHostPorts()
+    assert ports.program_binds(host(8080))
+    restarted = Driver(world.vswitch, world.kernel, world.firewall, host_ports=ports)
+    restarted.metrics = metrics
+    result_of(defer.ensureDeferred(restarted.sync_firewall()))
+    assert value(metrics, "ovsdriver_published_ports_unheld") == 1
+    ports.program_exits(host(8080))
+    result_of(defer.ensureDeferred(restarted.sync_firewall()))
+    assert value(metrics, "ovsdriver_published_ports_unheld") == 0
