@@ -134,7 +134,7 @@ class Metrics(NoMetrics):
         )
         self.unheld = Gauge(
             "ovsdriver_published_ports_unheld",
-            "Published host ports the driver cannot hold (another program has them).",
+            "Published host ports the driver cannot hold (a program has them, or no address).",
             registry=registry,
         )
 
