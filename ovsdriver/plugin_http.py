@@ -152,6 +152,8 @@ def _headers(lines):
 class PluginFactory(protocol.Factory):
     """The plugin socket's factory: every connection serves `plugin`."""
 
+    noisy = False  # no "Starting factory <...>" line: the listener says where it listens
+
     def __init__(self, plugin):
         self.plugin = plugin
 
