@@ -13,6 +13,7 @@ from ovsdriver.api import Handlers, Plugin
 from ovsdriver.driver import Driver
 from ovsdriver.metrics import NO_METRICS, Metrics, MetricsPage
 from ovsdriver.ovsdb import OVSDB
+from ovsdriver.plugin_http import PluginFactory
 from ovsdriver.tap import Options, makeService
 from ovsdriver.testing import FakeFirewall, FakeHostPorts, FakeNetlink, FakeVSwitch
 from ovsdriver.values import Endpoint, Network
@@ -312,6 +313,10 @@ def test_metrics_are_off_by_default_and_each_driver_has_its_own_registry():
     ovsdb = measured[0]
     assert plain[0].metrics is NO_METRICS
     assert isinstance(ovsdb.metrics, Metrics)
+    # The plugin and the driver behind it record into the same registry.
+    factories = [getattr(s, "factory", None) for s in measured]
+    (plugin,) = [f.plugin for f in factories if isinstance(f, PluginFactory)]
+    assert plugin.metrics is ovsdb.metrics and plugin.handlers.driver.metrics is ovsdb.metrics
     other = services("--metrics", "tcp:0:interface=127.0.0.1")[0]
     assert other.metrics.registry is not ovsdb.metrics.registry
 
