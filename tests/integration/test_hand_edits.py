@@ -90,6 +90,9 @@ def test_an_unreadable_network_record_concerns_only_its_network(ovs_world, drive
 def test_unreadable_endpoint_values_concern_only_their_endpoint(ovs_world, driver):
     ok(create_network(driver, NET_B, "10.72.0"))
     ok(create_endpoint(driver, NET_B, EP_A, "10.72.0.2/24"))
+    # CreateEndpoint answers before the port is in OVSDB; any later call about
+    # the endpoint waits for it, and only a row that exists can be edited.
+    ok(driver.post("NetworkDriver.EndpointOperInfo", {"NetworkID": NET_B, "EndpointID": EP_A}))
     for key, value in (
         ("ovsdriver-portmap", "{bad json"),
         ("ovsdriver-created", "yesterday"),
