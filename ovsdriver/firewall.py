@@ -63,6 +63,7 @@ DOCKER-USER when that comes first, so users' rules there still win)
 With no network left, the chains and the jumps to them are removed.
 """
 
+import collections
 import difflib
 import functools
 import ipaddress
@@ -75,7 +76,9 @@ import attr
 from twisted.application import service
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from ovsdriver import nftwatch
 from ovsdriver.deferreds import call_hook
 from ovsdriver.metrics import NO_METRICS
 from ovsdriver.values import HEX_ID, IFNAME, PROTOCOLS, NetworkRules
@@ -608,6 +611,9 @@ class Firewall:
         #: How often the rules were found changed from outside and rewritten.
         self.heals = 0
         self._problems = []  # what the last check found (logged once)
+        #: The latest commands' PIDs: the kernel's announcements name the
+        #: process that made a change, and the driver's own are no news.
+        self._children = collections.deque(maxlen=16)
 
     def apply(self, networks):
         """Make our chains say exactly *networks* (a list of `NetworkRules`).
@@ -638,6 +644,22 @@ class Firewall:
         for ifname in sorted(localnet_interfaces(networks) - self._localnet):
             await self.enable_route_localnet(ifname)
             self._localnet.add(ifname)
+
+    @property
+    def settled(self):
+        """Whether the kernel had what was last applied, as of the last
+        update or check (else the healer checks again)."""
+        wanted = self._wanted
+        return wanted is None or all(
+            self._families[family].known for family in (4, 6) if needs(wanted, family)
+        )
+
+    def watch(self):
+        """An `NftablesWatch` of this firewall's namespace, or None where
+        changes go unannounced (iptables-legacy)."""
+        if not nftwatch.announces(which(TOOLS[4][1])):
+            return None
+        return nftwatch.NftablesWatch(self.reactor, self.netns, own=self._children)
 
     def interface_made_anew(self, ifname):
         """*ifname* was made anew, its sysctls back to their defaults: set
@@ -746,7 +768,8 @@ class Firewall:
         if self.netns is not None:
             nsenter = which("nsenter") or "nsenter"
             argv = [nsenter, f"--net={self.netns}", "--", *argv]
-        return self._in_thread(_run, name, argv, stdin, self._env, self.timeout)
+        started = self._children.append
+        return self._in_thread(_run, name, argv, stdin, self._env, self.timeout, started)
 
     def _in_thread(self, fn, *args):
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args)
@@ -777,27 +800,31 @@ class Firewall:
         return True
 
 
-def _run(name, argv, stdin, env, timeout):
-    """Run a command to completion (in a thread): its stdout, or FirewallError."""
+def _run(name, argv, stdin, env, timeout, started):
+    """Run a command to completion (in a thread), telling ``started(pid)``:
+    its stdout, or FirewallError."""
     try:
-        done = subprocess.run(
+        with subprocess.Popen(
             argv,
-            input=stdin,
-            stdin=None if stdin is not None else subprocess.DEVNULL,
-            capture_output=True,
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             env=env,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise FirewallError(f"{name} did not finish within {timeout:g} seconds") from None
+        ) as process:
+            started(process.pid)
+            try:
+                stdout, stderr = process.communicate(stdin, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
+                raise FirewallError(f"{name} did not finish within {timeout:g} seconds") from None
     except OSError as e:
         raise FirewallError(f"cannot run {name}: {e.strerror}") from None
-    if done.returncode != 0:
-        lines = done.stderr.decode("utf-8", "replace").splitlines()
+    if process.returncode != 0:
+        lines = stderr.decode("utf-8", "replace").splitlines()
         message = " ".join(line.strip() for line in lines if line.strip())
-        raise FirewallError(f"{name} failed: {message or f'exit status {done.returncode}'}")
-    return done.stdout
+        raise FirewallError(f"{name} failed: {message or f'exit status {process.returncode}'}")
+    return stdout
 
 
 def _enable(path, what="IP forwarding"):
@@ -875,49 +902,104 @@ class FirewallHealer(service.Service):
 
     ``iptables -F``, ``iptables -t nat -F``, a firewalld reload or a dockerd
     restart that rewrites its chains take the driver's rules or jumps away
-    without telling anyone. Every `interval` seconds `Firewall.check` reads
-    ``iptables-save`` (in the thread pool) and rewrites only when something
-    of ours is missing, duplicated or misplaced: a flush is repaired within
-    one interval, and nothing is duplicated.
+    without telling anyone. `Firewall.check` reads ``iptables-save`` (in the
+    thread pool) and rewrites only when something of ours is missing,
+    duplicated or misplaced. With a *watch* (`ovsdriver.nftwatch`) it runs
+    only after the kernel announced a change, `settle` seconds after it (the
+    rest of a burst, a firewalld reload, lands in the same read) and never
+    sooner than `interval` seconds after the previous check: no child process
+    while nothing changes. Without one (iptables-legacy announces nothing),
+    or when watching fails, it runs every `interval` seconds. Either way a
+    flush is repaired within one interval, a failed update is retried every
+    interval, and nothing is duplicated.
     """
 
     interval = 3.0
+    settle = 0.5
 
-    def __init__(self, reactor, firewall, interval=None):
+    def __init__(self, reactor, firewall, interval=None, watch=None):
         self.reactor = reactor
         self.firewall = firewall
         if interval is not None:
             self.interval = interval
+        self.watch = watch
+        self.checks = 0
+        self._dirty = True  # check once after the start
+        self._last = None  # when the last check began
         self._call = None
         self._busy = None
         self._last_error = None
 
     def startService(self):
         super().startService()
-        self._schedule()
+        if self.watch is not None:
+            self.watch.start(self._changed, self._stopped_watching).addErrback(
+                self._stopped_watching
+            )
+        self._schedule(self.interval)
 
     def stopService(self):
         super().stopService()
+        if self.watch is not None:
+            self.watch.stop()
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
         return self._busy  # let a check in flight finish
 
-    def _schedule(self):
-        if self.running:
-            self._call = self.reactor.callLater(self.interval, self._tick)
+    def _stopped_watching(self, error):
+        if self.watch is None:
+            return
+        self.watch = None
+        if not self.running:
+            return
+        message = error.getErrorMessage() if isinstance(error, Failure) else str(error)
+        log.info(
+            "cannot watch for firewall changes ({error}); reading the rules every {interval} s",
+            error=message,
+            interval=self.interval,
+        )
+
+    def _changed(self):
+        self._dirty = True
+        since = self.reactor.seconds() - self._last if self._last is not None else self.interval
+        self._schedule(max(self.settle, self.interval - since))
+
+    def _schedule(self, delay):
+        """Check in *delay* seconds, unless a check comes sooner or runs."""
+        if not self.running or self._busy is not None:
+            return
+        if self._call is not None:
+            if self._call.getTime() <= self.reactor.seconds() + delay:
+                return
+            self._call.cancel()
+        self._call = self.reactor.callLater(delay, self._tick)
 
     def _tick(self):
         self._call = None
+        if self.watch is not None and not self._dirty and self.firewall.settled:
+            self._schedule(self.interval)
+            return
+        self._dirty = False
+        self._last = self.reactor.seconds()
         self._busy = defer.ensureDeferred(self._check())
-        self._busy.addBoth(lambda _: setattr(self, "_busy", None) or self._schedule())
+        self._busy.addBoth(self._checked)
+
+    def _checked(self, _):
+        self._busy = None
+        if self._dirty:  # changed while reading: once more
+            self._changed()
+        else:
+            self._schedule(self.interval)
 
     async def _check(self):
+        self.checks += 1
         try:
             await self.firewall.check()
         except Exception as e:  # logged once per message; checked again next time
             if str(e) != self._last_error:
                 log.warn("cannot check the firewall rules: {e}", e=e)
             self._last_error = str(e)
+            self._dirty = True
         else:
             self._last_error = None

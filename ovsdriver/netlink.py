@@ -156,15 +156,6 @@ class _Worker:
 
     # -- the IPRoute of this thread ------------------------------------------
 
-    def _enter_netns(self):
-        """Move this thread (only this one) into the configured namespace."""
-        what = f"cannot enter network namespace {self._netns}"
-        fd = _open_namespace(self._netns, what)
-        try:
-            _setns(fd, what)
-        finally:
-            os.close(fd)
-
     def _ipr(self):
         local = self._local
         if getattr(local, "astray", False):
@@ -173,7 +164,7 @@ class _Worker:
             local.astray = False
         if not getattr(local, "in_netns", False):
             if self._netns is not None:
-                self._enter_netns()
+                enter_namespace(self._netns, f"cannot enter network namespace {self._netns}")
             local.in_netns = True
         if getattr(local, "ipr", None) is None:
             local.ipr = IPRoute()
@@ -518,6 +509,16 @@ def _setns(fd, what):
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.setns(fd, CLONE_NEWNET) != 0:
         raise LinkError(f"{what}: {os.strerror(ctypes.get_errno())}")
+
+
+def enter_namespace(path, what):
+    """Move the calling thread (only this one) into the network namespace
+    mounted at *path*; LinkError saying *what* failed otherwise."""
+    fd = _open_namespace(path, what)
+    try:
+        _setns(fd, what)
+    finally:
+        os.close(fd)
 
 
 def _open_namespace(path, what):

@@ -288,7 +288,7 @@ def makeService(options, reactor=None):
     # The firewall lives in the kernel only: rebuild it from OVSDB at start,
     # and put it back when something outside flushes it.
     FirewallRestorer(reactor, driver.sync_firewall).setServiceParent(top)
-    FirewallHealer(reactor, firewall).setServiceParent(top)
+    FirewallHealer(reactor, firewall, watch=firewall.watch()).setServiceParent(top)
     # Orphan collection and repair after ovs-vswitchd restarts (see ovsdriver.reconcile).
     reconciler = Reconciler(
         reactor,

@@ -15,6 +15,7 @@ import secrets
 import shlex
 import shutil
 import subprocess
+import time
 
 import pytest
 from twisted.internet import defer
@@ -41,6 +42,7 @@ from tests.contract_firewall import (
     tcp,
 )
 from tests.reactor_thread import get_reactor, run_in_reactor
+from tests.world import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -513,6 +515,29 @@ class TestRealFirewall(FirewallContract):
             self.call(self.firewall.run, ["sleep", "10"])
 
 
+def test_the_kernel_announces_changes_but_not_reads_nor_the_firewalls_own(namespace):
+    firewall = Firewall(get_reactor(), netns=namespace)
+    watch = firewall.watch()
+    changes = []
+    run_in_reactor(watch.start, lambda: changes.append("changed"), changes.append)
+    try:
+        in_ns(namespace, "iptables-save")
+        in_ns(namespace, "iptables", "-F")  # nothing to flush: nothing written
+        run_in_reactor(firewall.run, ["iptables", "-N", "OVSW-OWN"])
+        run_in_reactor(firewall.run, ["ip6tables", "-t", "nat", "-N", "OVSW-OWN"])
+        time.sleep(0.5)
+        assert changes == []
+        assert "OVSW-OWN" in in_ns(namespace, "iptables-save")
+        in_ns(namespace, "ip6tables", "-t", "nat", "-N", "OVSW-TEST")
+        wait_until(lambda: changes, timeout=5, message="no announcement of a new chain")
+        assert changes[0] == "changed"
+        del changes[:]
+        in_ns(namespace, "iptables", "-X", "OVSW-OWN")
+        wait_until(lambda: changes, timeout=5, message="no announcement of a deleted chain")
+    finally:
+        run_in_reactor(watch.stop)
+
+
 # -- the driver's path: no child process unless a published port changes (issue 9) ------
 
 WRAPPED = ("iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore", "sysctl")
@@ -610,3 +635,35 @@ def test_a_firewall_that_refuses_the_rules_is_a_sentence_with_the_fix(
         f"{denied} (run the driver as root, with CAP_NET_ADMIN)"
     )
     assert "obr-" + net[:11] not in ovs_world.ovs.bridges()  # nothing left behind
+
+
+def test_an_idle_driver_reads_the_rules_only_after_they_change(ovs_world, tmp_path, monkeypatch):
+    calls = tmp_path / "calls"
+    wrap_tools(tmp_path, monkeypatch, calls)
+    driver = ovs_world.start_driver()
+    status, reply = driver.post(
+        "NetworkDriver.CreateNetwork",
+        {
+            "NetworkID": "7d" * 32,
+            "Options": {"com.docker.network.generic": {}},
+            "IPv4Data": [{"Pool": "10.43.0.0/24", "Gateway": "10.43.0.1/24"}],
+        },
+    )
+    assert status == 200 and not reply.get("Err"), reply
+
+    def saves():
+        lines = calls.read_text().splitlines() if calls.exists() else []
+        return sum(line.startswith("iptables-save") for line in lines)
+
+    def forward_rules():
+        out = ovs_world.netns.run(["iptables", "-S", FORWARD]).stdout
+        return len(out.splitlines())
+
+    time.sleep(4)  # past the check after the start and the one after the write
+    idle = saves()
+    time.sleep(4)  # without a watch: another check
+    assert saves() == idle
+    rules = forward_rules()
+    ovs_world.netns.run(["iptables", "-F", FORWARD])
+    wait_until(lambda: forward_rules() == rules, timeout=10, message="the flush was not healed")
+    assert saves() > idle

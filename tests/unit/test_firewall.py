@@ -8,7 +8,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from ovsdriver import firewall
+from ovsdriver import firewall, nftwatch
 from ovsdriver.firewall import (
     Firewall,
     FirewallError,
@@ -407,7 +407,7 @@ def test_netns_runs_commands_through_nsenter(monkeypatch):
     fw = Firewall(reactor=None, netns="blue")
     monkeypatch.setattr(fw, "_in_thread", lambda fn, *args: seen.append(args) or defer.succeed(b""))
     result_of(fw.run(["/usr/sbin/iptables-save"]))
-    name, argv, stdin, _env, _timeout = seen[0]
+    name, argv, stdin, _env, _timeout, _started = seen[0]
     assert name == "iptables-save"
     assert argv == ["/usr/sbin/nsenter", "--net=/run/netns/blue", "--", "/usr/sbin/iptables-save"]
     assert Firewall(reactor=None, netns="/proc/1/ns/net").netns == "/proc/1/ns/net"
@@ -663,6 +663,126 @@ def test_healer_checks_every_interval_and_survives_failures():
     healer.stopService()
     clock.advance(30)
     assert checked.calls == 3 and not clock.getDelayedCalls()
+
+
+class Watched:
+    """A firewall whose checks are counted (each one's Deferred kept), and
+    a watch of it whose announcements the test makes."""
+
+    def __init__(self, watching=True):
+        self.checks = []
+        self.settled = True
+        self.watching = watching
+        self.stopped = False
+
+    def check(self):
+        self.checks.append(defer.Deferred())
+        return self.checks[-1]
+
+    def finish(self):
+        self.checks[-1].callback([])
+
+    # the watch
+    def start(self, changed, lost):
+        self.changed, self.lost = changed, lost
+        return defer.succeed(None) if self.watching else defer.fail(OSError("not permitted"))
+
+    def stop(self):
+        self.stopped = True
+
+
+def healer_of(watched, clock):
+    healer = firewall.FirewallHealer(clock, watched, interval=3, watch=watched)
+    healer.startService()
+    clock.advance(3)  # the check after the start
+    watched.finish()
+    return healer
+
+
+def test_with_a_watch_the_rules_are_read_only_after_a_change():
+    clock, watched = Clock(), Watched()
+    healer = healer_of(watched, clock)
+    clock.advance(60)
+    assert len(watched.checks) == 1  # nothing changed: nothing read
+    watched.changed()
+    clock.advance(0.2)
+    watched.changed()  # the rest of the burst
+    clock.advance(0.29)
+    assert len(watched.checks) == 1
+    clock.advance(0.01)  # settle (0.5 s) after the first announcement
+    assert len(watched.checks) == 2
+    watched.finish()
+    clock.advance(60)
+    assert len(watched.checks) == 2
+    healer.stopService()
+    assert watched.stopped and not clock.getDelayedCalls()
+
+
+def test_changes_are_read_at_most_once_an_interval():
+    clock, watched = Clock(), Watched()
+    healer_of(watched, clock)
+    for _ in range(35):  # a program that changes rules every 0.1 s
+        watched.changed()
+        clock.advance(0.1)
+        if not watched.checks[-1].called:
+            watched.finish()
+    assert len(watched.checks) == 2  # 3 s after the first check, not 35
+    watched.changed()
+    clock.advance(3)
+    assert len(watched.checks) == 3
+
+
+def test_a_change_while_reading_is_read_again():
+    clock, watched = Clock(), Watched()
+    healer_of(watched, clock)
+    clock.advance(10)
+    watched.changed()
+    clock.advance(0.5)
+    assert len(watched.checks) == 2
+    watched.changed()  # while the second check runs (its own rewrite, say)
+    watched.finish()
+    clock.advance(3)
+    assert len(watched.checks) == 3
+
+
+def test_an_update_that_failed_is_retried_every_interval_with_a_watch_too():
+    clock, watched = Clock(), Watched()
+    healer_of(watched, clock)
+    watched.settled = False  # the driver's last update failed
+    clock.advance(3)
+    assert len(watched.checks) == 2
+    watched.checks[-1].errback(FirewallError("iptables-restore failed: busy"))
+    watched.settled = True
+    clock.advance(3)
+    assert len(watched.checks) == 3  # a check that failed is made again
+    watched.finish()
+    clock.advance(30)
+    assert len(watched.checks) == 3
+
+
+@pytest.mark.parametrize("how", ["cannot start", "stops later"])
+def test_without_a_working_watch_the_rules_are_read_every_interval(how):
+    clock, watched = Clock(), Watched(watching=how != "cannot start")
+    healer_of(watched, clock)
+    if how == "stops later":
+        clock.advance(30)
+        assert len(watched.checks) == 1
+        watched.lost(OSError("No buffer space"))
+    for _ in range(3):
+        clock.advance(3)
+        watched.finish()
+    assert len(watched.checks) == 4
+
+
+def test_iptables_nft_announces_its_changes_iptables_legacy_does_not(tmp_path):
+    for multi in ("xtables-nft-multi", "xtables-legacy-multi"):
+        (tmp_path / multi).touch()
+    (tmp_path / "alternative").symlink_to(tmp_path / "xtables-nft-multi")
+    (tmp_path / "iptables-restore").symlink_to(tmp_path / "alternative")
+    (tmp_path / "iptables-legacy-restore").symlink_to(tmp_path / "xtables-legacy-multi")
+    assert nftwatch.announces(str(tmp_path / "iptables-restore"))
+    assert not nftwatch.announces(str(tmp_path / "iptables-legacy-restore"))
+    assert not nftwatch.announces(None)
 
 
 def test_the_forward_jump_follows_docker_user_wherever_that_is():
