@@ -349,11 +349,8 @@ class _Worker:
 
     def delete_link(self, ifname):
         def operation(ipr):
-            index = self._index(ipr, ifname)
-            if index is None:
-                return
-            try:
-                ipr.link("del", index=index)
+            try:  # by name: a lookup first would double its cost
+                ipr.link("del", ifname=ifname)
             except NetlinkError as e:
                 if e.code != errno.ENODEV:
                     raise LinkError(f"cannot delete {ifname}: {_reason(e)}") from e
