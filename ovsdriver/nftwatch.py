@@ -18,11 +18,8 @@ import struct
 import threading
 
 from twisted.internet import defer
-from twisted.logger import Logger
 
 from ovsdriver.netlink import enter_namespace
-
-log = Logger()
 
 NETLINK_NETFILTER = 12
 NFNLGRP_NFTABLES = 7
