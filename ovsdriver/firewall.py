@@ -4,7 +4,12 @@ Why iptables (and not nft directly): dockerd programs the host firewall with
 the ``iptables`` binaries, and on Debian 12 those are iptables-nft, which
 keep their own nftables tables. Rules made with the same binaries land in the
 same tables and chains as the engine's, so both see each other's rules, in a
-well-defined order, and ``iptables-save`` shows an operator everything.
+well-defined order, and ``iptables-save`` shows an operator everything. Where
+the engine writes with the other kind (iptables-legacy: a host whose
+``iptables`` is that kind, while the driver's file system, a managed plugin's,
+has iptables-nft), the driver follows it (`pick_kind`): the kernel applies
+both kinds' rules to every packet, and the engine's FORWARD policy DROP in
+one would overrule the driver's ACCEPTs in the other.
 
 The driver calls `Firewall.apply` with the *complete* desired state after
 every change (and once at startup: `FirewallRestorer`). The firewall keeps
@@ -15,9 +20,10 @@ chain declared as ``:CHAIN - [0:0]`` is flushed and refilled atomically,
 every other rule, the engine's and the user's, stays as it is). The first
 apply, and any apply after the rules were found changed from outside, reads
 ``iptables-save`` first to place the jumps into our chains exactly once.
-`FirewallHealer` compares ``iptables-save`` with what was written every few
-seconds and rewrites only when something of ours is missing or duplicated
-(``iptables -F``, a firewalld reload, a dockerd restart). Nothing is ever
+`FirewallHealer` compares ``iptables-save`` with what was written after the
+kernel announces a change (every few seconds where it cannot) and rewrites
+only when something of ours is missing or duplicated (``iptables -F``, a
+firewalld reload, a dockerd restart). Nothing is ever
 built as a shell string: every value that reaches a rule is validated
 (interface names, networks, ports, addresses, ids) and the commands run as
 argument lists.
@@ -123,6 +129,13 @@ JUMPS = {
     ),
 }
 TOOLS = {4: ("iptables-save", "iptables-restore"), 6: ("ip6tables-save", "ip6tables-restore")}
+#: The two kinds of iptables: nftables, or the older x_tables ("legacy").
+#: Debian's iptables package ships both (``iptables-nft-save``,
+#: ``iptables-legacy-save``...); ``iptables`` is whichever the alternatives
+#: system points to, in the driver's file system, which for a managed plugin
+#: is not the host's.
+KINDS = ("nft", "legacy")
+_ENGINE_CHAIN = re.compile(r"^:(DOCKER|DOCKER-USER|DOCKER-ISOLATION-STAGE-1) ", re.MULTILINE)
 FORWARDING_SYSCTL = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
 #: Users' rules go in DOCKER-USER, which the engine keeps first in FORWARD.
 DOCKER_USER = "DOCKER-USER"
@@ -414,6 +427,37 @@ def parse_save(text, family):
     return Present(frozenset(chains), tuple(found), tuple(forward), counts, len(docker) == 2)
 
 
+def tool_name(kind, family, which_tool):
+    """The name of a tool (*which_tool* 0: save, 1: restore) of *kind*
+    (None: plain ``iptables-save``... whatever kind that is)."""
+    name = TOOLS[family][which_tool]
+    return name if kind is None else name.replace("tables-", f"tables-{kind}-")
+
+
+def kind_of(path):
+    """The kind of the iptables tool at *path* (its symlinks end in
+    ``xtables-nft-multi`` or ``xtables-legacy-multi``)."""
+    return "legacy" if "legacy" in os.path.basename(os.path.realpath(path)) else "nft"
+
+
+def pick_kind(saves, default):
+    """The kind of iptables the driver's rules belong in, from each kind's
+    IPv4 ``iptables-save`` ({kind: text}). The kernel runs a packet through
+    the rules of both kinds and a DROP in either wins, so the driver's
+    ACCEPTs must sit beside the rules that would drop it: where the engine's
+    chains are, else where any other rules are (a host firewall), else
+    *default* (the kind ``iptables`` is)."""
+    engine = [kind for kind, text in saves.items() if _ENGINE_CHAIN.search(text)]
+    if len(engine) == 1:
+        return engine[0]
+    busy = [kind for kind, text in saves.items() if _others_rules(text)]
+    return busy[0] if len(busy) == 1 else default
+
+
+def _others_rules(text):
+    return any(line.startswith("-A ") and "OVSDRIVER-" not in line for line in text.splitlines())
+
+
 def _line(tokens):
     line = " ".join(tokens)
     # One match per rule (thousands with a wide -p range); the count of
@@ -605,6 +649,8 @@ class Firewall:
         self._lock = defer.DeferredLock()
         self._env = dict(os.environ, PATH=_SEARCH_PATH, LC_ALL="C")
         self._families = {4: _Family(), 6: _Family()}
+        self._kind = None  # the kind of iptables written with (None: plain names)
+        self._kinds = None  # the kinds installed, once looked for
         self._wanted = None  # the last state applied (checked), for healing
         self._forwarding = set()  # families whose forwarding we saw on
         self._localnet = set()  # interfaces whose route_localnet we saw on
@@ -631,6 +677,8 @@ class Firewall:
         return self.metrics.firewall_sync(applied)
 
     async def _apply(self, networks):
+        if self._kinds is None:
+            await self._choose_kind()
         for family in (4, 6):
             await self._apply_family(networks, family)
         self._wanted = networks
@@ -655,11 +703,64 @@ class Firewall:
         )
 
     def watch(self):
-        """An `NftablesWatch` of this firewall's namespace, or None where
-        changes go unannounced (iptables-legacy)."""
-        if not nftwatch.announces(which(TOOLS[4][1])):
-            return None
+        """An `NftablesWatch` of this firewall's namespace."""
         return nftwatch.NftablesWatch(self.reactor, self.netns, own=self._children)
+
+    @property
+    def announced(self):
+        """Whether the kernel announces every change of the rules: not once
+        x_tables (iptables-legacy) holds a table in the namespace (a firewall
+        given a namespace, in tests, cannot tell: no)."""
+        if self.netns is not None:
+            return False
+        for name in ("ip_tables_names", "ip6_tables_names"):
+            try:
+                with open(f"/proc/self/net/{name}") as f:
+                    if f.read().strip():
+                        return False
+            except OSError:  # x_tables is not even loaded
+                continue
+        return True
+
+    async def _choose_kind(self):
+        """Write with the kind of iptables `pick_kind` picks (where both are
+        installed), moving the driver's rules from any other kind there:
+        (whether they moved, the IPv4 ``iptables-save`` of the kind or None)."""
+        if self._kinds is None:
+            self._kinds = [kind for kind in KINDS if which(tool_name(kind, 4, 1))]
+        if len(self._kinds) < 2:
+            return False, None
+        saves = {}
+        for kind in self._kinds:
+            try:
+                saves[kind] = await self._tool(tool_name(kind, 4, 0), [])
+            except FirewallError as e:  # a kind that cannot be read cannot be used
+                log.info("cannot read iptables-{kind}: {e}", kind=kind, e=e)
+        if not saves:
+            return False, None
+        default = which(TOOLS[4][1])
+        default = kind_of(default) if default else KINDS[0]
+        kind = pick_kind(saves, default if default in saves else next(iter(saves)))
+        moved = False
+        for other in self._kinds:
+            if other != kind and (other == self._kind or ":OVSDRIVER-" in saves.get(other, "")):
+                log.info(
+                    "the engine's (or the host's) firewall rules are in iptables-{kind}: "
+                    "moving the ovs driver's rules there from iptables-{other}",
+                    kind=kind,
+                    other=other,
+                )
+                await self._clear(other)
+                moved = True
+        if kind != self._kind:
+            self._kind, self._families = kind, {4: _Family(), 6: _Family()}
+        return moved, saves[kind]
+
+    async def _clear(self, kind):
+        """Remove the driver's chains and jumps from *kind*."""
+        self._kind, self._families = kind, {4: _Family(), 6: _Family()}
+        for family in (4, 6):
+            await self._apply_family([], family)
 
     def interface_made_anew(self, ifname):
         """*ifname* was made anew, its sysctls back to their defaults: set
@@ -688,7 +789,7 @@ class Firewall:
         state.known = False
         wanted = needs(networks, family)
         try:
-            save = await self._tool(family, 0, [])
+            save = await self._tool(self._tool_name(family, 0), [])
         except FirewallError:
             if wanted:
                 raise
@@ -704,7 +805,7 @@ class Firewall:
 
     async def _restore(self, family, script):
         try:
-            await self._tool(family, 1, ["--noflush", "-w"], script.encode())
+            await self._tool(self._tool_name(family, 1), ["--noflush", "-w"], script.encode())
         except FirewallError as e:
             self._families[family].known = False
             raise FirewallError(
@@ -723,12 +824,18 @@ class Firewall:
     async def _check(self):
         if self._wanted is None:
             return []
+        moved, saved = await self._choose_kind()
+        if moved:
+            await self._apply(self._wanted)
+            return [f"the rules moved to iptables-{self._kind}"]
         problems = []
         for family in (4, 6):
             state = self._families[family]
             if not needs(self._wanted, family):
                 continue
-            present = parse_save(await self._tool(family, 0, []), family)
+            if family != 4 or saved is None:
+                saved = await self._tool(self._tool_name(family, 0), [])
+            present = parse_save(saved, family)
             found = drift(present, state.chains if state.known else None, family, state.docker)
             if not state.known:
                 found.append("the last update failed")
@@ -750,8 +857,10 @@ class Firewall:
         self._problems = problems
         return problems
 
-    async def _tool(self, family, which_tool, args, stdin=None):
-        name = TOOLS[family][which_tool]
+    def _tool_name(self, family, which_tool):
+        return tool_name(self._kind, family, which_tool)
+
+    async def _tool(self, name, args, stdin=None):
         path = which(name)
         if path is None:
             raise FirewallError(
@@ -904,14 +1013,16 @@ class FirewallHealer(service.Service):
     restart that rewrites its chains take the driver's rules or jumps away
     without telling anyone. `Firewall.check` reads ``iptables-save`` (in the
     thread pool) and rewrites only when something of ours is missing,
-    duplicated or misplaced. With a *watch* (`ovsdriver.nftwatch`) it runs
+    duplicated or misplaced (or moves the rules to the other kind of
+    iptables, see `pick_kind`). With a *watch* (`ovsdriver.nftwatch`) it runs
     only after the kernel announced a change, `settle` seconds after it (the
     rest of a burst, a firewalld reload, lands in the same read) and never
     sooner than `interval` seconds after the previous check: no child process
-    while nothing changes. Without one (iptables-legacy announces nothing),
-    or when watching fails, it runs every `interval` seconds. Either way a
-    flush is repaired within one interval, a failed update is retried every
-    interval, and nothing is duplicated.
+    while nothing changes. Without one, when watching fails, or while
+    x_tables (iptables-legacy, whose changes go unannounced) holds a table,
+    it runs every `interval` seconds. Either way a flush is repaired within
+    one interval, a failed update is retried every interval, and nothing is
+    duplicated.
     """
 
     interval = 3.0
@@ -977,7 +1088,9 @@ class FirewallHealer(service.Service):
 
     def _tick(self):
         self._call = None
-        if self.watch is not None and not self._dirty and self.firewall.settled:
+        # Without a watch, or with iptables-legacy in use (unannounced), every tick reads.
+        watched = self.watch is not None and self.firewall.announced
+        if watched and not self._dirty and self.firewall.settled:
             self._schedule(self.interval)
             return
         self._dirty = False

@@ -7,12 +7,11 @@ group NFNLGRP_NFTABLES of the network namespace it happens in.
 `ovsdriver.firewall.FirewallHealer` reads the rules only after such an
 announcement instead of every few seconds: no child process while the rules
 stay as they are, on a host where reading them all can take a tenth of a
-second. x_tables (``iptables-legacy``) announces nothing: `announces` says
-whether an ``iptables`` is the kind that does.
+second. x_tables (``iptables-legacy``) announces nothing (see
+`ovsdriver.firewall.Firewall.announced`).
 """
 
 import errno
-import os
 import socket
 import struct
 import threading
@@ -32,13 +31,6 @@ NFTA_GEN_PROC_PID = 2
 NLA_TYPE_MASK = 0x3FFF
 #: Datagrams read per wake-up; the reactor calls again while more wait.
 BATCH = 64
-
-
-def announces(iptables):
-    """Whether the ``iptables`` at *iptables* (a path, or None) writes
-    nftables, whose changes the kernel announces (iptables-nft does;
-    iptables-legacy, a symlink to ``xtables-legacy-multi``, does not)."""
-    return iptables is not None and "legacy" not in os.path.basename(os.path.realpath(iptables))
 
 
 def writers(datagram):

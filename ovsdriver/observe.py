@@ -193,36 +193,52 @@ def _sandbox(worker, observation, path, warnings):
 
 
 def read_firewall(timeout=10.0):
-    """(family -> iptables-save text, warnings); families that cannot be read are left out."""
+    """(family -> iptables-save text, warnings) of the kind of iptables the
+    driver's rules are in (see `firewall.pick_kind`); families that cannot be
+    read are left out."""
     saved, warnings = {}, []
-    env = dict(os.environ, LC_ALL="C")
+    kind = None
+    kinds = [k for k in firewall.KINDS if firewall.which(firewall.tool_name(k, 4, 0))]
+    if len(kinds) == 2:
+        saves = {k: _save(firewall.tool_name(k, 4, 0), timeout)[0] or "" for k in kinds}
+        ours = [k for k, text in saves.items() if ":OVSDRIVER-" in text]
+        default = firewall.which("iptables-save")
+        kind = (
+            ours[0]
+            if len(ours) == 1
+            else firewall.pick_kind(saves, firewall.kind_of(default) if default else kinds[0])
+        )
     for family in (4, 6):
-        tool = firewall.TOOLS[family][0]
-        path = firewall.which(tool)
-        if path is None:
-            warnings.append(f"cannot check the IPv{family} firewall: {tool} is not installed")
-            continue
-        try:
-            done = subprocess.run(
-                [path],
-                capture_output=True,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                timeout=timeout,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired) as e:
-            warnings.append(f"cannot check the IPv{family} firewall: {tool}: {e}")
-            continue
-        if done.returncode != 0:
-            message = done.stderr.decode("utf-8", "replace").strip().splitlines()
-            warnings.append(
-                f"cannot check the IPv{family} firewall: {tool} failed"
-                f" ({message[-1] if message else f'exit status {done.returncode}'})"
-            )
-            continue
-        saved[family] = done.stdout.decode("utf-8", "replace")
+        text, warning = _save(firewall.tool_name(kind, family, 0), timeout)
+        if text is None:
+            warnings.append(f"cannot check the IPv{family} firewall: {warning}")
+        else:
+            saved[family] = text
     return saved, warnings
+
+
+def _save(tool, timeout):
+    """(the output of *tool*, an iptables-save, or None, what went wrong)."""
+    path = firewall.which(tool)
+    if path is None:
+        return None, f"{tool} is not installed"
+    env = dict(os.environ, LC_ALL="C")
+    try:
+        done = subprocess.run(
+            [path],
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"{tool}: {e}"
+    if done.returncode != 0:
+        message = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        status = message[-1] if message else f"exit status {done.returncode}"
+        return None, f"{tool} failed ({status})"
+    return done.stdout.decode("utf-8", "replace"), None
 
 
 # -- the engine --------------------------------------------------------------------

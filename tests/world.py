@@ -800,7 +800,8 @@ class Dockerd(_Closing):
     pidfile, an empty daemon config (so /etc/docker/daemon.json cannot leak
     in), a private containerd namespace, ``--bridge=none`` and
     ``--iptables=<iptables> --ip6tables=false``.  Its output goes to
-    ``dockerd.log``.
+    ``dockerd.log``.  ``iptables_kind="legacy"`` makes it write its rules with
+    iptables-legacy, as on a host whose ``iptables`` is that kind.
 
     ``close()`` removes all containers, stops dockerd by PID, ends whatever it
     left running (containerd, shims, container processes), unmounts everything
@@ -814,8 +815,10 @@ class Dockerd(_Closing):
         iptables: bool = False,
         start: bool = True,
         extra_args: Sequence[str] = (),
+        iptables_kind: str | None = None,
     ) -> None:
         self.netns = netns
+        self.iptables_kind = iptables_kind
         self.directory = Path(directory).resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
         d = self.directory
@@ -894,6 +897,19 @@ class Dockerd(_Closing):
             return False
         return result.returncode == 0
 
+    def _env(self) -> dict[str, str]:
+        """dockerd's environment: its iptables tools first on the PATH."""
+        if self.iptables_kind is None:
+            return _env()
+        tools = self.directory / f"iptables-{self.iptables_kind}"
+        tools.mkdir(exist_ok=True)
+        for name in ("iptables", "ip6tables"):
+            for suffix in ("", "-save", "-restore"):
+                link = tools / f"{name}{suffix}"
+                if not link.exists():
+                    link.symlink_to(_tool(f"{name}-{self.iptables_kind}{suffix}"))
+        return _env(PATH=f"{tools}{os.pathsep}{_SEARCH_PATH}")
+
     def start(self, timeout: float = 60) -> None:
         """Start dockerd and wait until ``docker info`` works."""
         if self._popen is not None and self._popen.poll() is None:
@@ -920,6 +936,7 @@ class Dockerd(_Closing):
             log.flush()
             self._popen = self.netns.popen(
                 argv,
+                env=self._env(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -1408,9 +1425,11 @@ class DockerWorld(OVSWorld):
         directory: str | os.PathLike[str] | None = None,
         iptables: bool = False,
         dockerd_args: Sequence[str] = (),
+        iptables_kind: str | None = None,
     ) -> None:
         self._iptables = iptables
         self._dockerd_args = list(dockerd_args)
+        self._iptables_kind = iptables_kind
         super().__init__(directory)
 
     def _setup(self) -> None:
@@ -1420,6 +1439,7 @@ class DockerWorld(OVSWorld):
                 self.directory / "docker",
                 iptables=self._iptables,
                 extra_args=self._dockerd_args,
+                iptables_kind=self._iptables_kind,
             )
         )
         self.dockerd.import_busybox()

@@ -680,3 +680,73 @@ def test_a_dockerd_restart_leaves_the_rules_whole_and_in_place(ext_iptables):
     world.wait_until(whole, 10, 0.5, lambda: "\n".join(_ours(ext)))
     assert not ext.ping("t2", ext.ip("w2", "ours2"))
     assert not ext.ping("w2", ext.ip("t2", "theirs2"))
+
+
+def test_containers_outlive_a_live_restore_engine_restart(ext_iptables):
+    """With ``live-restore`` (usual in production) an engine restart or
+    upgrade leaves containers running, and the engine calls the driver for
+    nothing of theirs: their ports, addresses and published ports stay, and
+    the engine can still remove them afterwards."""
+    ext = ext_iptables
+    dockerd = ext.world.dockerd
+    dockerd.extra_args.append("--live-restore")
+    try:
+        dockerd.restart()
+        bridge = "obr-" + ext.network("live", "10.95.0.0/24")[:11]
+        ext.web("lw", "live", "-p", "8099:80")
+        ext.run("lc", "live")
+        url = f"http://{WORLD_IP}:8099/index.html"
+        world.wait_until(lambda: _ok(ext.outside.get(url, timeout=1)), 15, 0.5)
+        pids = ext.pid("lw"), ext.pid("lc")
+        ports = set(ext.world.ovs.vsctl("list-ports", bridge).split())
+        dockerd.restart()
+        assert (ext.pid("lw"), ext.pid("lc")) == pids  # never stopped
+        assert ext.ping("lc", ext.ip("lw", "live"))
+        ok, body = ext.outside.get(url)
+        assert ok and body.strip() == "hello from lw", body
+        time.sleep(5)  # two reconciler passes: nothing of the live containers goes
+        assert set(ext.world.ovs.vsctl("list-ports", bridge).split()) == ports
+        assert ext.ping("lc", ext.ip("lw", "live"))
+        ext.docker("rm", "-f", "lw", "lc")
+        assert not _ok(ext.outside.get(url, timeout=1))
+        assert ":8099" not in ext.nat_rules()
+        ext.docker("network", "rm", "live")
+    finally:
+        dockerd.extra_args.remove("--live-restore")
+        ext.world.dockerd.reset()
+        dockerd.restart()
+
+
+@pytest.fixture
+def ext_legacy():
+    """A world of its own whose engine writes its rules with iptables-legacy,
+    as on a host whose ``iptables`` is that kind while the driver's (a
+    managed plugin's file system) is iptables-nft."""
+    world.require(docker=True)
+    with world.DockerWorld(iptables=True, iptables_kind="legacy") as legacy:
+        driver = legacy.start_driver()
+        outside = Outside(legacy)
+        try:
+            yield External(legacy, driver, outside)
+        finally:
+            outside.close()
+            legacy.dockerd.reset()
+
+
+def test_the_rules_go_beside_an_engine_on_iptables_legacy(ext_legacy):
+    """The kernel runs a packet through both kinds of rules, and the engine's
+    FORWARD policy DROP in x_tables would drop what the driver's rules in
+    nftables accept: the driver writes where the engine's chains are."""
+    ext = ext_legacy
+    ext.network("leg", "10.97.0.0/24")
+    ext.web("lw", "leg", "-p", "8100:80")
+    url = f"http://{WORLD_IP}:8100/index.html"
+    ok, body = world.wait_until(lambda: _ok(ext.outside.get(url, timeout=1)), 15, 0.5)
+    assert body.strip() == "hello from lw"
+    ok, body = ext.wget("lw", ext.peer_server())
+    assert ok and body.strip() == f"peer={WORLD_IP}", body
+    assert "-A FORWARD -j OVSDRIVER-FORWARD" in ext.host("iptables-legacy-save")
+    assert "OVSDRIVER" not in ext.host("iptables-nft-save")
+    ext.docker("rm", "-f", "lw")
+    ext.docker("network", "rm", "leg")
+    assert "OVSDRIVER" not in ext.host("iptables-legacy-save")

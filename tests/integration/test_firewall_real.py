@@ -421,7 +421,7 @@ class TestRealFirewall(FirewallContract):
         run = self.firewall.run
 
         def counted(argv, stdin=None):
-            calls.append(os.path.basename(argv[0]))
+            calls.append(plain(os.path.basename(argv[0])))
             return run(argv, stdin)
 
         self.firewall.run = counted
@@ -479,7 +479,7 @@ class TestRealFirewall(FirewallContract):
         with pytest.raises(FirewallError) as caught:
             self.apply()
         message = str(caught.value)
-        assert "iptables-restore failed" in message and ISOLATION_2 in message
+        assert "iptables-nft-restore failed" in message and ISOLATION_2 in message
         assert "IPv4" in message
         in_ns(self.namespace, "iptables", "-D", "FORWARD", "-j", ISOLATION_2)
         assert self.snapshot() == before
@@ -538,9 +538,43 @@ def test_the_kernel_announces_changes_but_not_reads_nor_the_firewalls_own(namesp
         run_in_reactor(watch.stop)
 
 
+def test_the_rules_go_where_the_engines_chains_are_and_move_with_them(namespace):
+    firewall = Firewall(get_reactor(), netns=namespace)
+    run_in_reactor(firewall.apply, [network(1)])
+    assert "-j OVSDRIVER-FORWARD" in in_ns(namespace, "iptables-nft-save")  # iptables' kind
+    # The engine (re)starts writing with iptables-legacy.
+    for rule in (["-N", "DOCKER-USER"], ["-A", "FORWARD", "-j", "DOCKER-USER"]):
+        in_ns(namespace, "iptables-legacy", *rule)
+    in_ns(namespace, "iptables-legacy", "-P", "FORWARD", "DROP")
+    assert run_in_reactor(firewall.check) == ["the rules moved to iptables-legacy"]
+    assert "OVSDRIVER" not in in_ns(namespace, "iptables-nft-save")
+    legacy = in_ns(namespace, "iptables-legacy-save")
+    forward = [line for line in legacy.splitlines() if line.startswith("-A FORWARD")]
+    assert forward == ["-A FORWARD -j DOCKER-USER", "-A FORWARD -j OVSDRIVER-FORWARD"]
+    assert run_in_reactor(firewall.check) == []
+    restarted = Firewall(get_reactor(), netns=namespace)  # a driver started again
+    run_in_reactor(restarted.apply, [network(1), network(2)])
+    legacy = in_ns(namespace, "iptables-legacy-save")
+    assert legacy.count("-A FORWARD -j OVSDRIVER-FORWARD") == 1 and "fwc-2" in legacy
+    assert "OVSDRIVER" not in in_ns(namespace, "iptables-nft-save")
+
+
 # -- the driver's path: no child process unless a published port changes (issue 9) ------
 
-WRAPPED = ("iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore", "sysctl")
+WRAPPED = (
+    *(
+        f"{ip}{kind}-{tool}"
+        for ip in ("iptables", "ip6tables")
+        for kind in ("", "-nft", "-legacy")
+        for tool in ("save", "restore")
+    ),
+    "sysctl",
+)
+
+
+def plain(tool):
+    """The name of an iptables tool without its kind: iptables-nft-save -> iptables-save."""
+    return re.sub(r"-(nft|legacy)-", "-", tool)
 
 
 def wrap_tools(tmp_path, monkeypatch, calls, fail=()):
@@ -552,8 +586,8 @@ def wrap_tools(tmp_path, monkeypatch, calls, fail=()):
     wrappers.mkdir()
     for tool in WRAPPED:
         body = f'exec {world.which(tool)} "$@"'
-        if tool in fail:
-            body = f'echo "{tool}: {fail[tool]}" >&2; exit 1'
+        if plain(tool) in fail:
+            body = f'echo "{tool}: {fail[plain(tool)]}" >&2; exit 1'
         script = wrappers / tool
         script.write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\n{body}\n')
         script.chmod(0o755)
@@ -576,7 +610,8 @@ def test_container_lifecycles_without_ports_run_no_firewall_command(
 
     def restores():
         lines = calls.read_text().splitlines() if calls.exists() else []
-        return [line.split()[0] for line in lines if not line.startswith(("iptables-save", "ip6"))]
+        names = [plain(line.split()[0]) for line in lines]
+        return [name for name in names if not name.startswith(("iptables-save", "ip6"))]
 
     ok(
         "NetworkDriver.CreateNetwork",
@@ -631,7 +666,7 @@ def test_a_firewall_that_refuses_the_rules_is_a_sentence_with_the_fix(
     )
     assert status == 200
     assert reply["Err"] == (
-        "cannot update the IPv4 firewall rules: iptables-restore failed: iptables-restore: "
+        "cannot update the IPv4 firewall rules: iptables-nft-restore failed: iptables-nft-restore: "
         f"{denied} (run the driver as root, with CAP_NET_ADMIN)"
     )
     assert "obr-" + net[:11] not in ovs_world.ovs.bridges()  # nothing left behind
@@ -653,7 +688,7 @@ def test_an_idle_driver_reads_the_rules_only_after_they_change(ovs_world, tmp_pa
 
     def saves():
         lines = calls.read_text().splitlines() if calls.exists() else []
-        return sum(line.startswith("iptables-save") for line in lines)
+        return sum(plain(line.split()[0]) == "iptables-save" for line in lines)
 
     def forward_rules():
         out = ovs_world.netns.run(["iptables", "-S", FORWARD]).stdout

@@ -8,7 +8,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from ovsdriver import firewall, nftwatch
+from ovsdriver import firewall
 from ovsdriver.firewall import (
     Firewall,
     FirewallError,
@@ -329,7 +329,70 @@ class Recording(Firewall):
 
 @pytest.fixture(autouse=True)
 def _tools(monkeypatch):
+    """Plain ``iptables-save``... only, unless a test installs both kinds."""
+    monkeypatch.setattr(
+        firewall,
+        "which",
+        lambda name: None if "-nft-" in name or "-legacy-" in name else f"/usr/sbin/{name}",
+    )
+
+
+@pytest.fixture
+def both_kinds(monkeypatch):
+    """iptables-nft and iptables-legacy installed, ``iptables`` the former."""
     monkeypatch.setattr(firewall, "which", lambda name: f"/usr/sbin/{name}")
+    monkeypatch.setattr(firewall, "kind_of", lambda path: "nft")
+
+
+ENGINE_CHAINS = (
+    "*filter\n:FORWARD DROP [0:0]\n:DOCKER-USER - [0:0]\n-A FORWARD -j DOCKER-USER\nCOMMIT\n"
+)
+
+
+@pytest.mark.parametrize(
+    "nft, legacy, kind",
+    [
+        ("", ENGINE_CHAINS, "legacy"),  # the engine's chains decide
+        (ENGINE_CHAINS, "", "nft"),
+        ("", "*filter\n-A INPUT -p tcp --dport 22 -j ACCEPT\nCOMMIT\n", "legacy"),  # others' rules
+        ("", "", "nft"),  # nothing anywhere: what iptables is
+        (ENGINE_CHAINS, ENGINE_CHAINS, "nft"),
+    ],
+)
+def test_the_rules_go_where_the_engines_or_others_rules_are(both_kinds, nft, legacy, kind):
+    fw = Recording()
+    fw.saved = {"iptables-nft-save": nft, "iptables-legacy-save": legacy}
+    result_of(fw.apply([network(1, ipv6=["fd00::/64"])]))
+    restores = [name for name, _, _ in fw.commands if name.endswith("-restore")]
+    assert restores == [f"iptables-{kind}-restore", f"ip6tables-{kind}-restore"]
+
+
+def test_a_kind_that_cannot_be_read_is_not_chosen(both_kinds):
+    fw = Recording()
+    fw.saved = {"iptables-nft-save": "", "iptables-legacy-save": ENGINE_CHAINS}
+    fw.failures["iptables-legacy-save"] = "can't initialize iptables table `filter'"
+    result_of(fw.apply([network(1)]))
+    assert "iptables-nft-restore" in names(fw)
+
+
+def test_the_rules_move_when_the_engines_chains_appear_in_the_other_kind(both_kinds):
+    fw = Recording()
+    fw.saved = {"iptables-nft-save": "", "iptables-legacy-save": ""}
+    result_of(fw.apply([network(1)]))
+    assert "iptables-nft-restore" in names(fw)
+    ours = kernel_text([network(1)])
+    fw.saved = {"iptables-nft-save": ours, "iptables-legacy-save": ENGINE_CHAINS}
+    del fw.commands[:]
+    assert result_of(fw.check()) == ["the rules moved to iptables-legacy"]
+    restores = [(name, stdin) for name, _, stdin in fw.commands if name.endswith("-restore")]
+    assert [name for name, _ in restores] == ["iptables-nft-restore", "iptables-legacy-restore"]
+    assert b"-X OVSDRIVER-FORWARD" in restores[0][1]  # taken out of nftables
+    assert b":OVSDRIVER-FORWARD - [0:0]" in restores[1][1]
+    fw.saved["iptables-legacy-save"] = ENGINE_CHAINS + kernel_text([network(1)])
+    fw.saved["iptables-nft-save"] = ""
+    del fw.commands[:]
+    assert result_of(fw.check()) == []  # settled there
+    assert [name for name, _, _ in fw.commands] == ["iptables-nft-save", "iptables-legacy-save"]
 
 
 def test_apply_reads_then_restores_each_family_with_argument_lists():
@@ -672,6 +735,7 @@ class Watched:
     def __init__(self, watching=True):
         self.checks = []
         self.settled = True
+        self.announced = True
         self.watching = watching
         self.stopped = False
 
@@ -774,15 +838,24 @@ def test_without_a_working_watch_the_rules_are_read_every_interval(how):
     assert len(watched.checks) == 4
 
 
-def test_iptables_nft_announces_its_changes_iptables_legacy_does_not(tmp_path):
+def test_the_kind_of_an_iptables_is_where_its_symlinks_end(tmp_path):
     for multi in ("xtables-nft-multi", "xtables-legacy-multi"):
         (tmp_path / multi).touch()
     (tmp_path / "alternative").symlink_to(tmp_path / "xtables-nft-multi")
     (tmp_path / "iptables-restore").symlink_to(tmp_path / "alternative")
     (tmp_path / "iptables-legacy-restore").symlink_to(tmp_path / "xtables-legacy-multi")
-    assert nftwatch.announces(str(tmp_path / "iptables-restore"))
-    assert not nftwatch.announces(str(tmp_path / "iptables-legacy-restore"))
-    assert not nftwatch.announces(None)
+    assert firewall.kind_of(str(tmp_path / "iptables-restore")) == "nft"
+    assert firewall.kind_of(str(tmp_path / "iptables-legacy-restore")) == "legacy"
+
+
+def test_with_iptables_legacy_in_use_the_rules_are_read_every_interval():
+    clock, watched = Clock(), Watched()
+    healer_of(watched, clock)
+    watched.announced = False  # x_tables holds a table: its changes go unannounced
+    for _ in range(3):
+        clock.advance(3)
+        watched.finish()
+    assert len(watched.checks) == 4
 
 
 def test_the_forward_jump_follows_docker_user_wherever_that_is():
