@@ -747,6 +747,10 @@ def test_the_rules_go_beside_an_engine_on_iptables_legacy(ext_legacy):
     assert ok and body.strip() == f"peer={WORLD_IP}", body
     assert "-A FORWARD -j OVSDRIVER-FORWARD" in ext.host("iptables-legacy-save")
     assert "OVSDRIVER" not in ext.host("iptables-nft-save")
+    status = [sys.executable, "-m", "ovsdriver", "status", "--ovsdb", ext.world.ovs.remote]
+    status += ["--docker", ext.world.dockerd.host, "--driver", ext.driver.name]
+    done = ext.world.netns.run(status, check=False, cwd=world.REPO_ROOT, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr  # it reads iptables-legacy too
     ext.docker("rm", "-f", "lw")
     ext.docker("network", "rm", "leg")
     assert "OVSDRIVER" not in ext.host("iptables-legacy-save")
