@@ -1034,7 +1034,6 @@ class FirewallHealer(service.Service):
         if interval is not None:
             self.interval = interval
         self.watch = watch
-        self.checks = 0
         self._dirty = True  # check once after the start
         self._last = None  # when the last check began
         self._call = None
@@ -1106,7 +1105,6 @@ class FirewallHealer(service.Service):
             self._schedule(self.interval)
 
     async def _check(self):
-        self.checks += 1
         try:
             await self.firewall.check()
         except Exception as e:  # logged once per message; checked again next time

@@ -102,12 +102,13 @@ class NftablesWatch:
         self.own = own
         self._sock = None
         self._changed = self._lost = None
+        self._stopped = False
 
     def start(self, changed, lost):
         """Deferred: fires once watching, fails (OSError, LinkError) when the
         kernel cannot tell. ``lost(error)`` is called if watching stops
         working later."""
-        self._changed, self._lost = changed, lost
+        self._changed, self._lost, self._stopped = changed, lost, False
         if self.netns is not None:
             made = _subscribe_in(self.reactor, self.netns)
         else:
@@ -115,10 +116,14 @@ class NftablesWatch:
         return made.addCallback(self._watch)
 
     def _watch(self, sock):
+        if self._stopped:  # stopped while the socket was being made
+            sock.close()
+            return
         self._sock = sock
         self.reactor.addReader(self)
 
     def stop(self):
+        self._stopped = True
         if self._sock is not None:
             self.reactor.removeReader(self)
             self._sock.close()
