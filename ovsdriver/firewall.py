@@ -819,7 +819,12 @@ class Firewall:
         Reads ``iptables-save`` (only for families in use), writes nothing
         when all is in place. The result: a list of what was found wrong.
         """
-        return self._lock.run(lambda: defer.ensureDeferred(self._check()))
+        checked = self._lock.run(lambda: defer.ensureDeferred(self._check()))
+        return checked.addCallback(self._checked)
+
+    def _checked(self, problems):
+        self.metrics.firewall_checked(problems)
+        return problems
 
     async def _check(self):
         if self._wanted is None:

@@ -57,6 +57,10 @@ class NoMetrics:
         """A firewall update; returns `deferred` (which fires when it is done)."""
         return deferred
 
+    def firewall_checked(self, problems):
+        """The rules were read and compared with what was written; the
+        `problems` found were mended."""
+
     def published_unheld(self, count):
         """`count` published host ports are not held (another program has
         them, or their address is gone)."""
@@ -132,6 +136,14 @@ class Metrics(NoMetrics):
         self.firewall_seconds = histogram(
             "ovsdriver_firewall_sync_seconds", "Duration of a firewall update."
         )
+        self.firewall_checks = counter(
+            "ovsdriver_firewall_checks",
+            "Reads of the firewall rules to compare them with what the driver wrote.",
+        )
+        self.firewall_heals = counter(
+            "ovsdriver_firewall_heals",
+            "Rewrites of the firewall rules after a check found them changed from outside.",
+        )
         self.unheld = Gauge(
             "ovsdriver_published_ports_unheld",
             "Published host ports the driver cannot hold (a program has them, or no address).",
@@ -198,6 +210,11 @@ class Metrics(NoMetrics):
 
     def firewall_sync(self, deferred):
         return self._outcome(deferred, self.firewall_syncs, self.firewall_seconds)
+
+    def firewall_checked(self, problems):
+        self.firewall_checks.inc()
+        if problems:
+            self.firewall_heals.inc()
 
     def published_unheld(self, count):
         self.unheld.set(count)

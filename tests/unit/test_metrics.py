@@ -20,7 +20,7 @@ from ovsdriver.values import Endpoint, Network
 from ovsdriver.vswitch import VSwitch
 from tests.scripted_idl import ScriptedIdl, ScriptedTransaction, Txn
 from tests.unit.plugin_client import Connection, request
-from tests.unit.test_firewall import Recording, network
+from tests.unit.test_firewall import Recording, kernel_text, network
 from tests.unit.test_ovsdb_engine import serve
 from tests.unit.test_ports import EP1, host, result_of, tcp
 from tests.unit.test_ports import World as PortsWorld
@@ -280,6 +280,22 @@ def test_firewall_syncs_are_counted_by_outcome(metrics, monkeypatch):
     assert value(metrics, "ovsdriver_firewall_syncs_total", outcome="ok") == 1
     assert value(metrics, "ovsdriver_firewall_syncs_total", outcome="failed") == 1
     assert value(metrics, "ovsdriver_firewall_sync_seconds_count") == 2
+
+
+def test_firewall_checks_and_heals_are_counted(metrics, monkeypatch):
+    from ovsdriver import firewall
+
+    plain = {"iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore"}
+    monkeypatch.setattr(firewall, "which", lambda name: name if name in plain else None)
+    fw = Recording()
+    fw.metrics = metrics
+    fw.apply([network(1)])
+    fw.saved["iptables-save"] = kernel_text([network(1)])
+    fw.check()  # all in place
+    fw.saved["iptables-save"] = ""  # flushed from outside
+    fw.check()
+    assert value(metrics, "ovsdriver_firewall_checks_total") == 2
+    assert value(metrics, "ovsdriver_firewall_heals_total") == 1
 
 
 # -- serving them ------------------------------------------------------------------------
