@@ -440,6 +440,12 @@ def kind_of(path):
     return "legacy" if "legacy" in os.path.basename(os.path.realpath(path)) else "nft"
 
 
+def default_kind():
+    """The kind plain ``iptables`` is here."""
+    path = which(TOOLS[4][1])
+    return kind_of(path) if path else KINDS[0]
+
+
 def pick_kind(saves, default):
     """The kind of iptables the driver's rules belong in, from each kind's
     IPv4 ``iptables-save`` ({kind: text}). The kernel runs a packet through
@@ -738,8 +744,7 @@ class Firewall:
                 log.info("cannot read iptables-{kind}: {e}", kind=kind, e=e)
         if not saves:
             return False, None
-        default = which(TOOLS[4][1])
-        default = kind_of(default) if default else KINDS[0]
+        default = default_kind()
         kind = pick_kind(saves, default if default in saves else next(iter(saves)))
         moved = False
         for other in self._kinds:

@@ -202,12 +202,7 @@ def read_firewall(timeout=10.0):
     if len(kinds) == 2:
         saves = {k: _save(firewall.tool_name(k, 4, 0), timeout)[0] or "" for k in kinds}
         ours = [k for k, text in saves.items() if ":OVSDRIVER-" in text]
-        default = firewall.which("iptables-save")
-        kind = (
-            ours[0]
-            if len(ours) == 1
-            else firewall.pick_kind(saves, firewall.kind_of(default) if default else kinds[0])
-        )
+        kind = ours[0] if len(ours) == 1 else firewall.pick_kind(saves, firewall.default_kind())
     for family in (4, 6):
         text, warning = _save(firewall.tool_name(kind, family, 0), timeout)
         if text is None:
