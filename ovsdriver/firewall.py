@@ -746,9 +746,13 @@ class Firewall:
             return False, None
         default = default_kind()
         kind = pick_kind(saves, default if default in saves else next(iter(saves)))
-        moved = False
-        for other in self._kinds:
-            if other != kind and (other == self._kind or ":OVSDRIVER-" in saves.get(other, "")):
+        stale = [
+            other
+            for other in self._kinds
+            if other != kind and (other == self._kind or ":OVSDRIVER-" in saves.get(other, ""))
+        ]
+        try:
+            for other in stale:
                 log.info(
                     "the engine's (or the host's) firewall rules are in iptables-{kind}: "
                     "moving the ovs driver's rules there from iptables-{other}",
@@ -756,10 +760,10 @@ class Firewall:
                     other=other,
                 )
                 await self._clear(other)
-                moved = True
-        if kind != self._kind:
-            self._kind, self._families = kind, {4: _Family(), 6: _Family()}
-        return moved, saves[kind]
+        finally:  # a clearing that failed is done again at the next check
+            if kind != self._kind:
+                self._kind, self._families = kind, {4: _Family(), 6: _Family()}
+        return bool(stale), saves[kind]
 
     async def _clear(self, kind):
         """Remove the driver's chains and jumps from *kind*."""

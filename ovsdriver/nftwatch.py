@@ -31,6 +31,10 @@ NFTA_GEN_PROC_PID = 2
 NLA_TYPE_MASK = 0x3FFF
 #: Datagrams read per wake-up; the reactor calls again while more wait.
 BATCH = 64
+#: Seconds before the writers of changes are judged: the driver records a
+#: command's PID once ``Popen`` returns in its worker thread, and a quick
+#: command may have committed by then.
+JUDGE_AFTER = 0.1
 
 
 def writers(datagram):
@@ -103,6 +107,8 @@ class NftablesWatch:
         self._sock = None
         self._changed = self._lost = None
         self._stopped = False
+        self._writers = set()  # of the changes read and not yet judged
+        self._judging = None
 
     def start(self, changed, lost):
         """Deferred: fires once watching, fails (OSError, LinkError) when the
@@ -124,6 +130,8 @@ class NftablesWatch:
 
     def stop(self):
         self._stopped = True
+        if self._judging is not None and self._judging.active():
+            self._judging.cancel()
         if self._sock is not None:
             self.reactor.removeReader(self)
             self._sock.close()
@@ -135,7 +143,6 @@ class NftablesWatch:
         return self._sock.fileno() if self._sock is not None else -1
 
     def doRead(self):
-        news = False
         for _ in range(BATCH):
             try:
                 datagram = self._sock.recv(65536)
@@ -146,14 +153,22 @@ class NftablesWatch:
                     self.stop()
                     self._lost(e)
                     return
-                news = True  # announcements were lost: changes all the same
+                self._writers.add(None)  # announcements were lost: changes all the same
                 continue
-            news = news or any(pid not in self.own for pid in writers(datagram))
-        if news:
+            self._writers.update(writers(datagram))
+        if self._writers and (self._judging is None or not self._judging.active()):
+            self._judging = self.reactor.callLater(JUDGE_AFTER, self._judge)
+
+    def _judge(self):
+        foreign = any(pid not in self.own for pid in self._writers)
+        self._writers.clear()
+        if foreign:
             self._changed()
 
     def connectionLost(self, reason):
-        self.stop()
+        if not self._stopped:  # the reactor dropped it: say so
+            self.stop()
+            self._lost(reason.value)
 
     def logPrefix(self):
         return "nftwatch"

@@ -267,11 +267,16 @@ def test_a_repair_is_counted(metrics):
     assert value(metrics, "ovsdriver_reconciler_repaired_endpoints_total") == 1
 
 
-def test_firewall_syncs_are_counted_by_outcome(metrics, monkeypatch):
+@pytest.fixture
+def plain_iptables(monkeypatch):
+    """Only plain ``iptables-save``... installed: no choice of kind."""
     from ovsdriver import firewall
 
     plain = {"iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore"}
     monkeypatch.setattr(firewall, "which", lambda name: name if name in plain else None)
+
+
+def test_firewall_syncs_are_counted_by_outcome(metrics, plain_iptables):
     fw = Recording()
     fw.metrics = metrics
     fw.apply([network(1)])
@@ -282,11 +287,7 @@ def test_firewall_syncs_are_counted_by_outcome(metrics, monkeypatch):
     assert value(metrics, "ovsdriver_firewall_sync_seconds_count") == 2
 
 
-def test_firewall_checks_and_heals_are_counted(metrics, monkeypatch):
-    from ovsdriver import firewall
-
-    plain = {"iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore"}
-    monkeypatch.setattr(firewall, "which", lambda name: name if name in plain else None)
+def test_firewall_checks_and_heals_are_counted(metrics, plain_iptables):
     fw = Recording()
     fw.metrics = metrics
     fw.apply([network(1)])

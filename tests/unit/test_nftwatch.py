@@ -59,6 +59,7 @@ def watching(*received, own=()):
     watch._changed, watch._lost = lambda: events.append("changed"), events.append
     watch._watch(FakeSocket(*received))  # what start() does with the subscribed socket
     watch.doRead()
+    watch.reactor.advance(nftwatch.JUDGE_AFTER)
     return watch, events
 
 
@@ -66,6 +67,18 @@ def test_the_writers_of_a_datagram_are_read_from_each_change():
     datagram = newrule() + newgen(41) + newrule() + newgen(42) + newgen()
     assert list(nftwatch.writers(datagram)) == [41, 42, None]
     assert list(nftwatch.writers(b"\x03\x00")) == []  # truncated: nothing, no error
+
+
+def test_changes_are_judged_once_the_drivers_commands_are_recorded():
+    own = []
+    events = []
+    watch = nftwatch.NftablesWatch(Reactor(), own=own)
+    watch._changed, watch._lost = lambda: events.append("changed"), events.append
+    watch._watch(FakeSocket(newgen(41)))
+    watch.doRead()  # the command committed before its PID was recorded
+    own.append(41)
+    watch.reactor.advance(nftwatch.JUDGE_AFTER)
+    assert events == []
 
 
 def test_changes_by_the_drivers_own_commands_are_no_news():
@@ -78,3 +91,14 @@ def test_lost_announcements_are_a_change_and_a_broken_socket_ends_the_watch():
     assert watching(OSError(errno.ENOBUFS, "No buffer space"), own=[41])[1] == ["changed"]
     watch, events = watching(OSError(errno.EBADF, "Bad file descriptor"))
     assert [type(e) for e in events] == [OSError] and watch._sock is None
+
+
+def test_a_watch_the_reactor_drops_says_so():
+    from twisted.python.failure import Failure
+
+    watch, events = watching()
+    watch.connectionLost(Failure(OSError(errno.EBADF, "Bad file descriptor")))
+    assert [type(e) for e in events] == [OSError] and watch._sock is None
+    watch.stop()
+    watch.connectionLost(Failure(OSError(errno.EBADF, "again")))  # stopped: nothing more
+    assert len(events) == 1
