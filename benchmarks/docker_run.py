@@ -35,7 +35,9 @@ docker CLI, whose own time and spread per command widen the intervals.
 without calls, and prints the CPU each daemon (ovsdriver, ovsdb-server,
 ovs-vswitchd, dockerd) spent per start and per removal on each network,
 those 0.3 s included: what a container costs the machine, not only the
-caller.
+caller; and how many times ovs-vswitchd reconfigured all its bridges
+meanwhile (its ``bridge_reconfigure`` count), which varies far less than
+CPU time does.
 
 ``--trace`` starts the driver through ``benchmarks/trace.py`` and dockerd with
 ``--debug`` and prints, for one ``docker run`` on each network, the driver's
@@ -255,28 +257,45 @@ def cpu_seconds(pid):
     return total / 1e9
 
 
+#: The column of ovs-vswitchd's reconfigurations in `bench_cpu`'s samples.
+RECONFIGURATIONS = "ovs-vswitchd reconfigurations"
+
+
+def reconfigurations(world):
+    """How many times ovs-vswitchd has reconfigured every bridge: it does for
+    any change it sees (an OVSDB row, an external_ids key included, or a link
+    appearing, changing or going anywhere in its network namespace), once per
+    turn of its main loop however many changes came together."""
+    shown = world.ovs.appctl("coverage/show")
+    found = re.search(r"^bridge_reconfigure .*total: (\d+)$", shown, re.MULTILINE)
+    return int(found.group(1)) if found else 0
+
+
 def bench_cpu(world, driver, networks, rounds):
     """Per network, call ("start", "remove") and daemon, the CPU seconds of
     each call and the `CPU_SETTLE` seconds after it, the networks interleaved
-    as in `bench`."""
+    as in `bench`; and how many times ovs-vswitchd reconfigured meanwhile."""
     daemons = {
         "ovsdriver": read_pidfile(driver.pidfile),
         "ovsdb-server": read_pidfile(world.ovs.ovsdb_pidfile),
         "ovs-vswitchd": read_pidfile(world.ovs.vswitchd_pidfile),
         "dockerd": world.dockerd.pid,
     }
+    columns = [*daemons, RECONFIGURATIONS]
     cpu = {
-        name: {"start": {d: [] for d in daemons}, "remove": {d: [] for d in daemons}}
+        name: {"start": {c: [] for c in columns}, "remove": {c: [] for c in columns}}
         for name in networks
     }
     engine = Engine(world.dockerd)
 
     def measure(name, call, method, url):
+        count = reconfigurations(world)  # ovs-appctl: outside the CPU counted
         before = {d: cpu_seconds(pid) for d, pid in daemons.items()}
         engine.call(method, url)
         time.sleep(CPU_SETTLE)
         for d, pid in daemons.items():
             cpu[name][call][d].append(cpu_seconds(pid) - before[d])
+        cpu[name][call][RECONFIGURATIONS].append(reconfigurations(world) - count)
 
     try:
         for i in range(rounds):
@@ -292,19 +311,22 @@ def bench_cpu(world, driver, networks, rounds):
 
 
 def print_cpu_table(cpu, rounds):
-    daemons = list(next(iter(cpu.values()))["start"])
+    columns = list(next(iter(cpu.values()))["start"])
     print(
         f"\nCPU per call and the {CPU_SETTLE:g} s after it, through the engine's API, "
         f"{rounds} rounds, means: start / remove"
     )
-    print("| network | " + " | ".join(daemons) + " |")
-    print("|---|" + "---|" * len(daemons))
+    print("| network | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
+
+    def cell(calls, column):
+        start, remove = (statistics.mean(calls[call][column]) for call in ("start", "remove"))
+        if column == RECONFIGURATIONS:
+            return f"{start:.1f} / {remove:.1f}"
+        return f"{start * 1000:.1f} / {remove * 1000:.1f} ms"
+
     for name, calls in cpu.items():
-        cells = [
-            f"{statistics.mean(calls['start'][d]) * 1000:.1f} / "
-            f"{statistics.mean(calls['remove'][d]) * 1000:.1f} ms"
-            for d in daemons
-        ]
+        cells = [cell(calls, column) for column in columns]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
