@@ -7,7 +7,9 @@ pyroute2 talks to the kernel synchronously (0.9 even runs its own asyncio loop
 inside each thread that uses it), so calling it on the reactor thread would
 stall every request and break under Twisted's asyncio reactor. `Netlink` runs
 all of it on one dedicated worker thread that keeps one ``IPRoute`` and hands
-the reactor Deferreds. Every operation is idempotent, so the driver can repeat
+the reactor Deferreds (making a veth pair and deleting a link, on every veth
+endpoint's path, go through `ovsdriver.rtnl`'s requests packed by hand
+instead). Every operation is idempotent, so the driver can repeat
 a request Docker retried. Only the ``IPRoute`` calls that pyroute2 0.7.2
 (Debian 12) shares with 0.9 are used: ``link_lookup``, ``link``, ``addr``,
 ``route``, ``get_links``, ``get_addr`` and ``get_routes``.
@@ -38,6 +40,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from ovsdriver import values
+from ovsdriver.rtnl import Rtnl
 
 #: How often `Netlink.wait_for_link` looks for the link, in seconds.
 POLL_INTERVAL = 0.02
@@ -170,6 +173,14 @@ class _Worker:
             local.ipr = IPRoute()
         return local.ipr
 
+    def _rtnl(self):
+        """This thread's `Rtnl`, in the configured namespace."""
+        self._ipr()  # enters the configured namespace first
+        local = self._local
+        if getattr(local, "rtnl", None) is None:
+            local.rtnl = Rtnl()
+        return local.rtnl
+
     def _home(self):
         """A descriptor of this thread's own namespace, to come back from sandboxes."""
         self._ipr()  # enters the configured namespace first
@@ -187,12 +198,13 @@ class _Worker:
             os.close(home)
 
     def close(self):
-        """Close this thread's IPRoute; the next call opens a fresh one."""
-        ipr = getattr(self._local, "ipr", None)
-        self._local.ipr = None
-        if ipr is not None:
-            with contextlib.suppress(Exception):  # it is being thrown away
-                ipr.close()
+        """Close this thread's IPRoute and Rtnl; the next call opens fresh ones."""
+        for name in ("ipr", "rtnl"):
+            held = getattr(self._local, name, None)
+            setattr(self._local, name, None)
+            if held is not None:
+                with contextlib.suppress(Exception):  # it is being thrown away
+                    held.close()
 
     def call(self, what, operation):
         """Run ``operation(ipr)``; a broken IPRoute is replaced and retried once.
@@ -314,11 +326,8 @@ class _Worker:
         def operation(ipr):
             # One request makes the whole pair (MTUs, MAC, host end up): it is
             # on the path of every container start.
-            peer = {"ifname": peer_name, "mtu": int(mtu)}
-            if peer_mac is not None:
-                peer["address"] = peer_mac
             try:
-                ipr.link("add", ifname=host_name, kind="veth", mtu=int(mtu), state="up", peer=peer)
+                self._rtnl().create_veth(host_name, peer_name, mtu, peer_mac)
             except NetlinkError as e:
                 if e.code != errno.EEXIST:
                     settings = _describe_settings(mtu, peer_mac, None)
@@ -350,7 +359,7 @@ class _Worker:
     def delete_link(self, ifname):
         def operation(ipr):
             try:  # by name: a lookup first would double its cost
-                ipr.link("del", ifname=ifname)
+                self._rtnl().delete_link(ifname)
             except NetlinkError as e:
                 if e.code != errno.ENODEV:
                     raise LinkError(f"cannot delete {ifname}: {_reason(e)}") from e
