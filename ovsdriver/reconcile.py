@@ -385,13 +385,16 @@ class Reconciler(service.Service):
         if not self.running:
             return  # stopping: OVSDB may be gone, don't wait for it
         endpoints = await self.vswitch.endpoints()
-        links = await self.netlink.links()
-        await self._restore_gateways(links)
         self._forget_all_but(endpoints)
         joined = [ep for ep in endpoints if ep.sandbox]
         observation = None
         if joined:
             observation = await self._look({ep.sandbox for ep in joined})
+        # After the look: a starting container's interface read in the host
+        # before its sandbox showed up mounted looks like a tap ovs-vswitchd
+        # made anew, and its sandbox would be searched for a dead copy.
+        links = await self.netlink.links()
+        await self._restore_gateways(links)
         now = self.clock()
         self._complain("pass", None)
         orphans, broken, seen, taken = self._classify(endpoints, links, observation, now)

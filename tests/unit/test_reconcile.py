@@ -752,6 +752,29 @@ def test_a_link_the_engine_has_not_moved_yet_is_left_alone(scene):
     assert ep.port in scene.ports()
 
 
+def test_a_link_moved_in_while_a_pass_looks_is_not_searched_for(scene, monkeypatch):
+    """The engine moves a starting container's interface in right after its
+    sandbox is mounted: a pass that read the links before the sandboxes must
+    not take it for a tap made anew (and visit the sandbox for nothing)."""
+    ep = scene.endpoint()
+    sandbox = scene.sandbox()
+    scene.join(ep, sandbox, move=False)
+    look, visit, visits = scene.views.observe, scene.kernel.sandbox_links, []
+
+    def the_engine_moves_it_meanwhile(*args, **kwargs):
+        looked = look(*args, **kwargs)
+        if scene.kernel.state(ep.ifname) is not None:
+            scene.kernel.move_to_sandbox(ep.ifname, sandbox, "eth0")
+        return looked
+
+    monkeypatch.setattr(scene.views, "observe", the_engine_moves_it_meanwhile)
+    monkeypatch.setattr(scene.kernel, "sandbox_links", lambda p: visits.append(p) or visit(p))
+    scene.start()
+    scene.run_for(2 * INTERVAL)
+    assert visits == []
+    assert ep.port in scene.ports()
+
+
 def test_a_live_link_with_the_same_mac_is_not_taken_for_a_dead_copy(scene):
     ep = scene.endpoint()
     sandbox = scene.sandbox()
