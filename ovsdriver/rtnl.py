@@ -4,7 +4,7 @@ pyroute2 spends ~0.8 ms of Python encoding the RTM_NEWLINK that makes a veth
 pair and decoding the answer (~1 ms for an RTM_DELLINK), holding the
 interpreter lock the reactor needs, while the kernel spends ~0.6 ms making
 the pair; packed with `struct`, the same request costs ~0.01 ms of Python.
-Everything else the driver asks the kernel goes through pyroute2.
+The driver's other rtnetlink requests go through pyroute2.
 """
 
 import os
@@ -81,8 +81,8 @@ class Rtnl:
             data = self._sock.recv(65536)
             at = 0
             while at + _HEADER.size <= len(data):
-                length, kind, _, seq, _ = _HEADER.unpack_from(data, at)
-                if kind == NLMSG_ERROR and seq == self._seq:
+                length, answer, _, seq, _ = _HEADER.unpack_from(data, at)
+                if answer == NLMSG_ERROR and seq == self._seq:
                     (error,) = struct.unpack_from("=i", data, at + _HEADER.size)
                     if error:
                         raise NetlinkError(-error, os.strerror(-error))
