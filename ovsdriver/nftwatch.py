@@ -19,6 +19,7 @@ import threading
 from twisted.internet import defer
 
 from ovsdriver.netlink import enter_namespace
+from ovsdriver.rtnl import messages
 
 NETLINK_NETFILTER = 12
 NFNLGRP_NFTABLES = 7
@@ -40,14 +41,9 @@ JUDGE_AFTER = 0.1
 def writers(datagram):
     """The PID that made each change *datagram* announces (None where the
     kernel does not say)."""
-    offset = 0
-    while offset + 16 <= len(datagram):
-        length, kind = struct.unpack_from("=IH", datagram, offset)
-        if length < 16:
-            break
+    for kind, _, payload in messages(datagram):
         if kind == NEWGEN:
-            yield _pid(datagram[offset + 20 : offset + length])  # after nlmsghdr, nfgenmsg
-        offset += (length + 3) & ~3
+            yield _pid(payload[4:])  # after the nfgenmsg
 
 
 def _pid(attributes):

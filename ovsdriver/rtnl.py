@@ -4,7 +4,8 @@ pyroute2 spends ~0.8 ms of Python encoding the RTM_NEWLINK that makes a veth
 pair and decoding the answer (~1 ms for an RTM_DELLINK), holding the
 interpreter lock the reactor needs, while the kernel spends ~0.6 ms making
 the pair; packed with `struct`, the same request costs ~0.01 ms of Python.
-The driver's other rtnetlink requests go through pyroute2.
+The driver's other rtnetlink requests go through pyroute2. `messages` walks
+a netlink datagram of any family (`ovsdriver.nftwatch` reads with it too).
 """
 
 import os
@@ -43,6 +44,18 @@ def _mtu(mtu):
     return _attr(IFLA_MTU, struct.pack("=I", int(mtu)))
 
 
+def messages(datagram):
+    """(type, sequence number, payload) of each netlink message in
+    *datagram*, of any netlink family; a malformed one ends it."""
+    offset = 0
+    while offset + _HEADER.size <= len(datagram):
+        length, kind, _, seq, _ = _HEADER.unpack_from(datagram, offset)
+        if length < _HEADER.size:
+            return
+        yield kind, seq, datagram[offset + _HEADER.size : offset + length]
+        offset += (length + 3) & ~3
+
+
 class Rtnl:
     """A NETLINK_ROUTE socket in the network namespace of the thread that
     made it, for that thread alone. Requests fail with pyroute2's
@@ -78,15 +91,9 @@ class Rtnl:
         flags |= NLM_F_REQUEST | NLM_F_ACK
         self._sock.send(_HEADER.pack(_HEADER.size + len(body), kind, flags, self._seq, 0) + body)
         while True:  # the kernel always acknowledges (NLM_F_ACK)
-            data = self._sock.recv(65536)
-            at = 0
-            while at + _HEADER.size <= len(data):
-                length, answer, _, seq, _ = _HEADER.unpack_from(data, at)
+            for answer, seq, payload in messages(self._sock.recv(65536)):
                 if answer == NLMSG_ERROR and seq == self._seq:
-                    (error,) = struct.unpack_from("=i", data, at + _HEADER.size)
+                    (error,) = struct.unpack_from("=i", payload)
                     if error:
                         raise NetlinkError(-error, os.strerror(-error))
                     return
-                if length < _HEADER.size:
-                    break  # malformed: never loop on it
-                at += (length + 3) & ~3
