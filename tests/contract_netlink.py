@@ -10,6 +10,7 @@ import time
 
 import attr
 import pytest
+from twisted.internet import defer
 
 from ovsdriver.netlink import LinkError
 
@@ -280,6 +281,17 @@ class NetlinkContract:
 
     def test_delete_link_of_a_missing_link_is_fine(self):
         self.call(self.netlink.delete_link, "nlc-none")
+
+    def test_a_pair_made_again_as_it_is_deleted_is_made_after_the_deletion(self):
+        self.call(self.netlink.create_veth, "nlc-h", "nlc-p", 1500)
+
+        def both():
+            deleted = self.netlink.delete_link("nlc-h")
+            return defer.gatherResults([deleted, self.netlink.create_veth("nlc-h", "nlc-p", 1400)])
+
+        self.call(both)
+        assert {"nlc-h", "nlc-p"} <= set(self.call(self.netlink.links))
+        assert self.observe("nlc-p").mtu == 1400
 
     # -- wait_for_link ------------------------------------------------------------
 

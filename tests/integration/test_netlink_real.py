@@ -196,6 +196,29 @@ def test_links_are_made_in_the_namespace_not_the_tests_own(netlink, namespace):
     assert ip("link", "show", "nlr-h", check=False) == ""
 
 
+def test_deletions_hold_up_no_other_request_but_a_pair_of_the_same_name(netlink):
+    """A deletion waits ~16 ms for the kernel: a pair made meanwhile is made
+    at once (on one thread it came after all of them, each time), unless it
+    takes a name being deleted, which it gets once the deletion is done."""
+    names = [f"nld-{n}" for n in range(8)]
+    for name in names:
+        run_in_reactor(netlink.create_veth, name, name + "p", 1500)
+    finished = []
+
+    def together():
+        ds = [netlink.delete_link(name) for name in names]
+        ds.append(netlink.create_veth("nld-new", "nld-newp", 1500))
+        ds.append(netlink.create_veth("nld-0", "nld-0p", 1500))
+        for d, what in zip(ds, [*names, "new", "again"]):
+            d.addCallback(lambda _, what=what: finished.append(what))
+        return defer.gatherResults(ds)
+
+    run_in_reactor(together, timeout=30)
+    assert finished.index("new") < len(names), finished
+    assert finished.index("again") > finished.index("nld-0"), finished
+    assert {"nld-new", "nld-0", "nld-0p"} <= set(run_in_reactor(netlink.links))
+
+
 def test_wait_for_link_keeps_polling_until_its_timeout(netlink):
     started = time.monotonic()
     with pytest.raises(Exception, match="nlr-none"):
