@@ -42,6 +42,7 @@ from ovsdriver.ovsdb import OVSDB  # noqa: E402
 from tests.world import OVSWorld, plugin_post, wait_until  # noqa: E402
 
 NETWORK = "be" * 32
+BURST = 8  # clients attaching at once in the bursts
 
 
 def call(socket, method, body):
@@ -107,6 +108,38 @@ def attach_after_delete(socket, cycles, prefix, pause, gap=0.0):
     call(socket, "NetworkDriver.Leave", ids)
     call(socket, "NetworkDriver.DeleteEndpoint", ids)
     return p50_p90(times), p50_p90(attach)
+
+
+def burst_after_burst(socket, rounds, prefix, gap):
+    """8 clients each attach (CreateEndpoint + Join) `gap` seconds after the
+    8 endpoints before them were left and deleted: one attach's p50 / p90."""
+    times, previous = [], []
+
+    def attach(n):
+        eid = endpoint_id(prefix, n)
+        start = time.perf_counter()
+        create_endpoint(socket, eid, f"10.99.250.{n % BURST + 10}/16")
+        call(socket, "NetworkDriver.Join", dict(joined(eid), SandboxKey=INVISIBLE_SANDBOX))
+        return eid, time.perf_counter() - start
+
+    def detach(eid):
+        call(socket, "NetworkDriver.Leave", joined(eid))
+        call(socket, "NetworkDriver.DeleteEndpoint", joined(eid))
+
+    with ThreadPoolExecutor(BURST) as pool:
+        for r in range(rounds + 1):
+            list(pool.map(detach, previous))
+            time.sleep(gap)
+            attached = list(pool.map(attach, range(r * BURST, (r + 1) * BURST)))
+            previous = [eid for eid, _ in attached]
+            if r:
+                times += [took for _, took in attached]
+        list(pool.map(detach, previous))
+    return p50_p90(times)
+
+
+def joined(eid):
+    return {"NetworkID": NETWORK, "EndpointID": eid}
 
 
 class RawOVSDB:
@@ -249,7 +282,8 @@ def phase(driver, raw, bridge, args, prefix):
     during_p = attach_after_delete(driver.socket, args.cycles, prefix + "d", args.pause, gap)
     alone_p = attach_after_delete(driver.socket, args.cycles, prefix + "s", args.pause, args.pause)
     floor_p = floor(raw, bridge, args.cycles, args.pause)
-    return cycle_p, attach_p, during_p, alone_p, floor_p
+    bursts = [burst_after_burst(driver.socket, 10, prefix + "b" + str(g), g) for g in (gap, 0.5)]
+    return cycle_p, attach_p, during_p, alone_p, floor_p, bursts
 
 
 def main():
@@ -311,11 +345,17 @@ def main():
         def ms(pair):
             return f"{pair[0] * 1000:.1f} / {pair[1] * 1000:.1f} ms"
 
-        for existing, cycle_p, (create_p, attach_p), during, alone, floor_p in rows:
+        for existing, cycle_p, (create_p, attach_p), during, alone, floor_p, _ in rows:
             print(
                 f"| {existing} | {ms(cycle_p)} | {ms(create_p)}, {ms(attach_p)} | "
                 f"{ms(during[0])}, {ms(during[1])} | {ms(alone[0])}, {ms(alone[1])} | {ms(floor_p)}"
                 f" | {(attach_p[0] - floor_p[0]) * 1000:+.1f} ms |"
+            )
+        print(f"\n{BURST} clients each attaching (CreateEndpoint + Join), one attach p50 / p90:")
+        for existing, *_, (during, alone) in rows:
+            print(
+                f"  {existing} endpoints: as the {BURST} endpoints before are deleted "
+                f"{ms(during)}; alone {ms(alone)}"
             )
         print(
             f"\n{args.clients} clients, {args.lifecycles} lifecycles (create, join, leave, delete)"
