@@ -22,9 +22,9 @@ other operation has been queued, committing or waiting for ovs-vswitchd for
 ``background_quiet`` seconds. Under constant load, once it has waited
 ``background_limit`` seconds, it joins the next batch (sharing the
 reconfiguration, which with many ports costs far more than closing a tap).
-Background batches go one at a time, the next once ovs-vswitchd has applied
-the one before (or `background_limit` after it was queued), and are small
-(`background_batch`): an addition then waits for one batch at most.
+Background batches are small (`background_batch`) and go one at a time, the
+next once ovs-vswitchd has applied the one before (or `background_limit`
+after it was queued): an addition then waits for one batch at most.
 """
 
 import errno
@@ -359,8 +359,8 @@ class OVSDB(service.Service):
     background_limit = 1.0  # seconds a background operation waits at most for quiet
     #: A background batch holds at most 1 + (ports in OVSDB) / this many
     #: operations (deletions): closing a tap costs ovs-vswitchd ~17 ms, a
-    #: transaction of its own ~10 ms more with 20 ports, ~75 ms with 300 and
-    #: ~300 ms with 1000, so a batch costs it about twice what its taps do.
+    #: transaction of its own ~10 ms more with 20 ports, ~60 ms with 300 and
+    #: ~280 ms with 1000, so a batch costs it about twice what its taps do.
     ports_per_background_op = 100
 
     def __init__(
@@ -389,6 +389,7 @@ class OVSDB(service.Service):
         self._background = []  # background operations not yet taken into a batch
         self._busy_until = 0.0  # when the last foreground operation was queued or ended
         self._background_cfg = None  # the next_cfg of the latest background batch
+        self._counting = False  # whether the transaction in flight increments next_cfg
         self._txn = None
         self._in_flight = []
         self._waiting_cfg = []  # (cfg, operation)
@@ -667,15 +668,20 @@ class OVSDB(service.Service):
         ports = self.idl.tables.get("Port")
         return 1 + (len(ports.rows) if ports is not None else 0) // self.ports_per_background_op
 
+    def _applying_background(self):
+        """Whether ovs-vswitchd is still applying the latest background batch."""
+        if self._background_cfg is None:
+            return False
+        root = _root(self.idl)
+        return root is not None and root.cur_cfg < self._background_cfg
+
     def _quiet(self, oldest):
         """Whether a background batch may go now; if not, tick again when it may."""
         now = self.reactor.seconds()
         limit = oldest.queued_at + self.background_limit
         if limit <= now:
             return True
-        root = _root(self.idl)
-        behind = self._background_cfg is not None and root is not None
-        if (behind and root.cur_cfg < self._background_cfg) or any(
+        if self._applying_background() or any(
             not op.background and not op.done for _, op in self._waiting_cfg
         ):
             self._schedule(limit - now)  # or earlier, when ovs-vswitchd catches up
@@ -698,7 +704,11 @@ class OVSDB(service.Service):
             batch = built
         if not batch:
             return
-        if any(op.wait for op in batch):
+        # A background batch others wait behind needs to know when
+        # ovs-vswitchd has applied it, as the operations that wait do.
+        paced = batch[0].background and bool(self._background)
+        self._counting = paced or any(op.wait for op in batch)
+        if self._counting:
             root = _root(self.idl)
             if root is None:
                 txn.abort()
@@ -742,12 +752,12 @@ class OVSDB(service.Service):
         self._txn, self._in_flight = None, []
         self.metrics.ovsdb_committed(status, len(ops))
         if status in (Txn.SUCCESS, Txn.UNCHANGED):
-            waits = status == Txn.SUCCESS and any(op.wait for op in ops)
-            cfg = txn.get_increment_new_value() if waits else None
+            counted = status == Txn.SUCCESS and self._counting
+            cfg = txn.get_increment_new_value() if counted else None
             if cfg is not None:
                 self._committed_cfg = max(cfg, self._committed_cfg or cfg)
-                if ops[0].background:
-                    self._background_cfg = cfg
+            if ops[0].background:
+                self._background_cfg = cfg
             self.metrics.ovsdb_applying(cfg)
             for op in ops:
                 if op.wait and op.until_applied and cfg is not None:

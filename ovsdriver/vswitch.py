@@ -463,12 +463,12 @@ class VSwitch:
                 veth = bool(port.interfaces) and PEER in _ids(port.interfaces[0])
                 _delete_port(ctx, _bridge_of(ctx, port), port)
                 removed.append((name, veth))
-            # Nothing waits for ovs-vswitchd to close the ports (the next
-            # background batch does: `OVSDB.background_batch`).
-            ctx.wait_for_vswitchd = bool(removed)
+            # Nothing waits for the port to be gone from the datapath (and
+            # ovs-vswitchd takes its time closing a tap): don't wait either.
+            ctx.wait_for_vswitchd = False
             return lambda idl: removed
 
-        return self.ovsdb.transact(build, background=True, applied=False)
+        return self.ovsdb.transact(build, background=True)
 
     def forget_port_macs(self):
         """Clear the Interface mac that drivers before 2026-12 gave endpoint

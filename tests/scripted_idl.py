@@ -200,6 +200,8 @@ class ScriptedTransaction:
             self.idl.txn = None
 
     def get_increment_new_value(self):
+        if self.new_cfg is None:  # python-ovs sets the attribute only for an increment
+            raise AttributeError("'Transaction' object has no attribute '_inc_new_value'")
         return self.new_cfg
 
     def get_error(self):

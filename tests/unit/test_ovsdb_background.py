@@ -76,6 +76,29 @@ def test_background_operations_go_in_batches_of_their_own_one_at_a_time(clock, i
     assert clock.seconds() - caught_up <= ovsdb.fallback_tick + TICK
 
 
+def test_only_a_background_batch_others_wait_behind_asks_ovs_vswitchd_to_say_when_done(
+    clock, idl, ovsdb
+):
+    """A deletion costs ovs-vswitchd nothing to wait for (no next_cfg to
+    apply and write back) unless another batch is to follow it."""
+
+    bridge_row = idl._load("Bridge", {"name": "br"})
+
+    def mark(key):  # like a port's deletion: nothing waits for ovs-vswitchd
+        return lambda ctx: bridge_row.setkey("external_ids", key, "x") and None
+
+    for key in ("k1", "k2"):
+        ovsdb.transact(mark(key), background=True)
+    run_for(clock, ovsdb.background_quiet + 2 * TICK)
+    assert [txn.writes["increment"] is not None for txn in idl.outstanding] == [True]
+    idl.answer(Txn.SUCCESS)
+    run_for(clock, 0.2)
+    assert idl.outstanding == []
+    idl.catch_up()
+    run_for(clock, ovsdb.fallback_tick + TICK)
+    assert [txn.writes["increment"] is not None for txn in idl.outstanding] == [False]
+
+
 def test_a_background_batch_holds_more_the_more_ports_there_are(clock, idl, ovsdb):
     """With many ports a transaction of its own costs ovs-vswitchd more than
     closing taps: one more operation per `ports_per_background_op` ports."""
