@@ -57,6 +57,10 @@ def endpoint_id(prefix, n):
     return hashlib.sha256(f"{prefix}{n}".encode()).hexdigest()
 
 
+def ids_of(eid):
+    return {"NetworkID": NETWORK, "EndpointID": eid}
+
+
 def create_endpoint(socket, eid, address):
     body = {"NetworkID": NETWORK, "EndpointID": eid, "Interface": {"Address": address}}
     call(socket, "NetworkDriver.CreateEndpoint", body)
@@ -64,7 +68,7 @@ def create_endpoint(socket, eid, address):
 
 def cycle(socket, eid):
     """One container's life at the API; returns its duration in seconds."""
-    ids = {"NetworkID": NETWORK, "EndpointID": eid}
+    ids = ids_of(eid)
     start = time.perf_counter()
     create_endpoint(socket, eid, "10.99.255.254/16")
     call(socket, "NetworkDriver.Join", dict(ids, SandboxKey="/var/run/docker/netns/bench"))
@@ -90,21 +94,21 @@ def attach_after_delete(socket, cycles, prefix, pause, gap=0.0):
     for n in range(cycles + 1):
         eid = endpoint_id(prefix, n)
         if previous is not None:
-            ids = {"NetworkID": NETWORK, "EndpointID": previous}
+            ids = ids_of(previous)
             call(socket, "NetworkDriver.Leave", ids)
             call(socket, "NetworkDriver.DeleteEndpoint", ids)
             time.sleep(gap)
         start = time.perf_counter()
         create_endpoint(socket, eid, "10.99.255.253/16")
         created = time.perf_counter()
-        ids = {"NetworkID": NETWORK, "EndpointID": eid}
+        ids = ids_of(eid)
         call(socket, "NetworkDriver.Join", dict(ids, SandboxKey="/var/run/docker/netns/bench"))
         if previous is not None:
             times.append(created - start)
             attach.append(time.perf_counter() - start)
         previous = eid
         time.sleep(pause)
-    ids = {"NetworkID": NETWORK, "EndpointID": previous}
+    ids = ids_of(previous)
     call(socket, "NetworkDriver.Leave", ids)
     call(socket, "NetworkDriver.DeleteEndpoint", ids)
     return p50_p90(times), p50_p90(attach)
@@ -119,12 +123,12 @@ def burst_after_burst(socket, rounds, prefix, gap):
         eid = endpoint_id(prefix, n)
         start = time.perf_counter()
         create_endpoint(socket, eid, f"10.99.250.{n % BURST + 10}/16")
-        call(socket, "NetworkDriver.Join", dict(joined(eid), SandboxKey=INVISIBLE_SANDBOX))
+        call(socket, "NetworkDriver.Join", dict(ids_of(eid), SandboxKey=INVISIBLE_SANDBOX))
         return eid, time.perf_counter() - start
 
     def detach(eid):
-        call(socket, "NetworkDriver.Leave", joined(eid))
-        call(socket, "NetworkDriver.DeleteEndpoint", joined(eid))
+        call(socket, "NetworkDriver.Leave", ids_of(eid))
+        call(socket, "NetworkDriver.DeleteEndpoint", ids_of(eid))
 
     with ThreadPoolExecutor(BURST) as pool:
         for r in range(rounds + 1):
@@ -136,10 +140,6 @@ def burst_after_burst(socket, rounds, prefix, gap):
                 times += [took for _, took in attached]
         list(pool.map(detach, previous))
     return p50_p90(times)
-
-
-def joined(eid):
-    return {"NetworkID": NETWORK, "EndpointID": eid}
 
 
 class RawOVSDB:

@@ -372,18 +372,13 @@ class _Worker:
         """On a deleting thread, which keeps no socket: one per deletion."""
         self._enter()
         try:
-            rtnl = Rtnl()
-        except OSError as e:
-            raise LinkError(f"cannot delete {ifname}: {_reason(e)}") from e
-        try:  # by name: a lookup first would double its cost
-            rtnl.delete_link(ifname)
+            with contextlib.closing(Rtnl()) as rtnl:
+                rtnl.delete_link(ifname)  # by name: a lookup first would double its cost
         except NetlinkError as e:
             if e.code != errno.ENODEV:
                 raise LinkError(f"cannot delete {ifname}: {_reason(e)}") from e
         except OSError as e:
             raise LinkError(f"cannot delete {ifname}: {_reason(e)}") from e
-        finally:
-            rtnl.close()
 
     # -- inside sandboxes -------------------------------------------------------
 
