@@ -20,7 +20,9 @@ OVSDB transactions), the median and 90th percentile of:
   the driver itself sends);
 
 and, with 1000 endpoints, the lifecycles per second of 8 concurrent clients,
-through the driver and through one ``ovs-vsctl`` call per step.
+through the driver (with the CPU each daemon spent per lifecycle, the
+scheduler's count: the driver's moves by a few percent between runs, where
+wall times move by tens) and through one ``ovs-vsctl`` call per step.
 
     sudo python3 benchmarks/endpoint_cycle.py [--cycles 100] [--fill 1000]
 """
@@ -38,8 +40,9 @@ import ovs.poller
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.docker_run import cpu_seconds  # noqa: E402
 from ovsdriver.ovsdb import OVSDB  # noqa: E402
-from tests.world import OVSWorld, plugin_post, wait_until  # noqa: E402
+from tests.world import OVSWorld, plugin_post, read_pidfile, wait_until  # noqa: E402
 
 NETWORK = "be" * 32
 BURST = 8  # clients attaching at once in the bursts
@@ -324,8 +327,18 @@ def main():
             def through_driver(n):
                 cycle(driver.socket, endpoint_id("t", n))
 
+            daemons = {
+                "ovsdriver": driver.pid,
+                "ovsdb-server": read_pidfile(world.ovs.ovsdb_pidfile),
+                "ovs-vswitchd": read_pidfile(world.ovs.vswitchd_pidfile),
+            }
+            before = {name: cpu_seconds(pid) for name, pid in daemons.items()}
             ours = lifecycles_per_second(args.lifecycles, args.clients, through_driver)
-            settle(world)
+            settle(world)  # the ports' deletions count too
+            cpu = {
+                name: (cpu_seconds(pid) - before[name]) * 1000 / args.lifecycles
+                for name, pid in daemons.items()
+            }
             theirs = lifecycles_per_second(
                 args.lifecycles, args.clients, lambda n: vsctl_lifecycle(world, bridge, n)
             )
@@ -361,6 +374,10 @@ def main():
             f"\n{args.clients} clients, {args.lifecycles} lifecycles (create, join, leave, delete)"
             f" on {args.fill}+ endpoints: driver {ours:.1f}/s, ovs-vsctl per call {theirs:.1f}/s"
             f" ({ours / theirs:.1f}x)"
+        )
+        print(
+            "  CPU per lifecycle through the driver, its port's deletion included: "
+            + ", ".join(f"{name} {ms:.2f} ms" for name, ms in cpu.items())
         )
         # Batching: the same 50 CreateEndpoints (+ Join) one at a time, then concurrently.
         one_by_one = fill(driver.socket, 50, 1, "b1", first=args.fill)
