@@ -127,12 +127,12 @@ def _endpoint_from_rows(bridge_name, port, iface):
         endpoint_id=endpoint_id,
         network_id=ids.get(NETWORK_ID),
         bridge=bridge_name,
-        port=port.name,
-        ifname=ids.get(PEER, iface.name),
+        port=column(port, "name"),
+        ifname=ids[PEER] if PEER in ids else column(iface, "name"),
         mac=read("attached-mac", lambda v: check_mac("attached-mac", v)),
-        mtu=_one(iface.mtu_request) or 1500,
-        vlan=_one(port.tag),
-        protected=bool(port.protected),
+        mtu=_one(column(iface, "mtu_request")) or 1500,
+        vlan=_one(column(port, "tag")),
+        protected=bool(column(port, "protected")),
         port_type="veth" if PEER in ids else "internal",
         ipv4=read(IPV4, lambda v: _cidr(v, 4)),
         ipv6=read(IPV6, lambda v: _cidr(v, 6)),
@@ -702,7 +702,8 @@ def _endpoint(idl, endpoint_id, networks=None, removing=False):
     if port is None:
         return None
     network = (networks if networks is not None else _networks(idl)).get(_ids(port).get(NETWORK_ID))
-    return _endpoint_from_rows(network.bridge if network else None, port, port.interfaces[0])
+    iface = column(port, "interfaces")[0]
+    return _endpoint_from_rows(network.bridge if network else None, port, iface)
 
 
 @attr.s(frozen=True, slots=True)
