@@ -21,8 +21,8 @@ OVSDB transactions), the median and 90th percentile of:
 
 and, with 1000 endpoints, the lifecycles per second of 8 concurrent clients,
 through the driver (with the CPU each daemon spent per lifecycle, the
-scheduler's count: the driver's moves by a few percent between runs, where
-wall times move by tens) and through one ``ovs-vsctl`` call per step.
+scheduler's count: it moves by up to a tenth between runs, wall times by
+tens of percent) and through one ``ovs-vsctl`` call per step.
 
     sudo python3 benchmarks/endpoint_cycle.py [--cycles 100] [--fill 1000]
 """

@@ -145,7 +145,9 @@ def _endpoint_from_rows(bridge_name, port, iface):
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def _cidr(value, version):
+    """`value`, checked (cached: every read of an endpoint checks its addresses)."""
     address = ipaddress.ip_interface(value)
     if address.version != version or "/" not in value:
         raise ValueError(f"not an IPv{version} address in CIDR form")
