@@ -227,7 +227,10 @@ def test_wait_for_link_keeps_polling_until_its_timeout(netlink):
 
 
 def test_kernel_work_does_not_block_the_reactor(netlink):
-    """A reactor timer fires promptly while the worker is busy with the kernel."""
+    """A reactor timer fires promptly while the worker is busy with the kernel:
+    in one of three tries, as a pause of the whole process (a garbage
+    collection, the VM's CPU taken away) can delay a timer now and then (once
+    by 118 ms in CI), where a reactor that waits for the kernel waits every time."""
     pairs = [(f"nlr-h{i}", f"nlr-p{i}") for i in range(40)]
 
     def scenario():
@@ -244,9 +247,13 @@ def test_kernel_work_does_not_block_the_reactor(netlink):
         both = defer.gatherResults([tick, work], consumeErrors=True)
         return both.addCallback(lambda times: (started, *times))
 
-    started, ticked, finished = run_in_reactor(scenario, timeout=60)
-    assert ticked < finished, "the timer waited for the kernel work: reactor blocked"
-    assert ticked - started < 0.1
+    tries = []
+    for _ in range(3):
+        started, ticked, finished = run_in_reactor(scenario, timeout=60)
+        tries.append((round(ticked - started, 3), round(finished - started, 3)))
+        if ticked < finished and ticked - started < 0.1:
+            return
+    pytest.fail(f"the timer waited for the kernel work, (timer, work) in s: {tries}")
 
 
 @pytest.mark.skipif(shutil.which("ethtool") is None, reason="ethtool is not installed")
