@@ -293,7 +293,9 @@ def _count(idl):
                 unreadable += not isinstance(record, Network)
         for port in bridge.ports:
             ids = port.external_ids
-            if vswitch.ENDPOINT_ID in ids and vswitch.OWNER in ids:
+            # A port DeleteEndpoint marked is no endpoint any more, though
+            # it stays until its deletion in the background.
+            if vswitch.ENDPOINT_ID in ids and vswitch.OWNER in ids and vswitch.REMOVING not in ids:
                 if vswitch.SANDBOX in port.interfaces[0].external_ids:
                     joined += 1
                 else:
