@@ -292,10 +292,7 @@ def _count(idl):
                 record = vswitch._read_network(bridge.name, key, network_id, value)
                 unreadable += not isinstance(record, Network)
         for port in bridge.ports:
-            ids = port.external_ids
-            # A port DeleteEndpoint marked is no endpoint any more, though
-            # it stays until its deletion in the background.
-            if vswitch.ENDPOINT_ID in ids and vswitch.OWNER in ids and vswitch.REMOVING not in ids:
+            if vswitch.is_endpoint_port(port.external_ids):
                 if vswitch.SANDBOX in port.interfaces[0].external_ids:
                     joined += 1
                 else:

@@ -739,10 +739,15 @@ def _interface(port):
     return interfaces[0] if interfaces else None
 
 
+def is_endpoint_port(port_ids):
+    """Whether a Port (by its external_ids) is an endpoint's: the driver's,
+    and not marked by DeleteEndpoint (it stays until deleted in the background)."""
+    return ENDPOINT_ID in port_ids and OWNER in port_ids and REMOVING not in port_ids
+
+
 def _endpoint_of_port(bridge_name, port, iface):
     """The endpoint a port is (not one being removed), or None."""
-    ids = column(port, "external_ids")
-    if iface is None or ENDPOINT_ID not in ids or OWNER not in ids or REMOVING in ids:
+    if iface is None or not is_endpoint_port(column(port, "external_ids")):
         return None
     return _endpoint_from_rows(bridge_name, port, iface)
 

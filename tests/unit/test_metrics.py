@@ -223,7 +223,7 @@ def test_networks_and_endpoints_gauges_follow_the_replica(metrics):
     # DeleteEndpoint: its port, marked, stays until a background deletion.
     do(vswitch.set_sandbox(endpoints[1].endpoint_id, None))
     do(vswitch.mark_removed(endpoints[1].endpoint_id))
-    assert vswitch.ovsdb.idl.tables["Port"].rows  # not deleted yet
+    assert idl.tables["Port"].rows  # not deleted yet
     assert value(metrics, "ovsdriver_endpoints", state="joined") == 1
     assert value(metrics, "ovsdriver_endpoints", state="unjoined") == 0
     idl.tables["Bridge"].rows.clear()  # as if it were edited away
