@@ -71,13 +71,22 @@ class Cluster:
             return False
         return True
 
-    def endpoint_ports(self, host):
-        """The driver's ports on the host's integration bridge (endpoints only)."""
-        ovs = self.hosts[host].ovs
-        out = ovs.vsctl(
-            "--bare", "--columns=name", "find", "Port", "external_ids:docker-endpoint-id!=x"
+    def endpoint_ports(self, host, removing=False):
+        """The driver's endpoint ports on the host's integration bridge: those
+        of live endpoints, and with ``removing`` also those DeleteEndpoint
+        marked, which a background transaction deletes within a second."""
+        out = self.hosts[host].ovs.vsctl(
+            "--format=json",
+            "--columns=name,external_ids",
+            "find",
+            "Port",
+            "external_ids:docker-endpoint-id!=x",
         )
-        return sorted(out.split())
+        return sorted(
+            name
+            for name, (_, pairs) in json.loads(out)["data"]
+            if removing or "ovsdriver-removing" not in dict(pairs)
+        )
 
     def reset(self):
         for host in range(2):
@@ -438,6 +447,11 @@ def test_a_network_removed_on_one_host_keeps_working_on_the_other(cluster):
     assert c.central.switches() == []
     assert c.central.ports() == []
     assert c.endpoint_ports(0) == [] and c.endpoint_ports(1) == []
+    world.wait_until(
+        lambda: not c.endpoint_ports(0, removing=True) and not c.endpoint_ports(1, removing=True),
+        5,
+        message="the removed endpoints' ports were not deleted",
+    )
 
 
 def test_restarts_and_a_northbound_outage_lose_nothing(cluster):
