@@ -4,6 +4,8 @@ Open vSwitch (userspace datapath) all in one network namespace of their own."""
 import re
 import signal
 
+from tests import world
+
 
 def test_containers_talk_to_each_other_and_the_gateway(e2e):
     e2e.network("blue", "10.51.0.0/24")
@@ -101,8 +103,13 @@ def test_connect_and_disconnect_a_running_container(e2e):
     assert e2e.ping("c1", e2e.container_net("c2", "right")["IPAddress"])
     e2e.docker("network", "disconnect", "right", "c1")
     assert "eth1" not in e2e.exec("c1", "ip", "-o", "link").stdout
+    port = "oep-" + endpoint[:11]
+
+    def port_deleted():  # DeleteEndpoint marks it; a background transaction deletes it
+        return port not in e2e.vsctl("--bare", "--columns=name", "list", "Port")
+
+    world.wait_until(port_deleted, 5, message=f"{port} was not deleted after disconnect")
     ports = e2e.vsctl("--bare", "--columns=name", "list", "Port")
-    assert "oep-" + endpoint[:11] not in ports
     # The driver has no per-container options: one is refused, not ignored.
     refused = e2e.docker(
         "network", "connect", "--driver-opt", "ovs.vlan=7", "right", "c1", check=False
