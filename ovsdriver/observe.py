@@ -81,7 +81,8 @@ def _fetch_schema(remote, deadline):
 
 
 def read_replica(idl):
-    """(network facts, endpoint facts, whether ovs-vswitchd is behind) of a live replica."""
+    """(network facts, endpoint facts, whether ovs-vswitchd is behind) of a live
+    replica; a port DeleteEndpoint marked is no endpoint, as for the driver."""
     networks, endpoints = [], []
     for bridge in idl.tables["Bridge"].rows.values():
         ids = dict(bridge.external_ids)
@@ -90,9 +91,9 @@ def read_replica(idl):
             port_ids = dict(port.external_ids)
             if vswitch.OWNER not in port_ids:
                 continue
-            if vswitch.ENDPOINT_ID in port_ids:
+            if vswitch.is_endpoint_port(port_ids):
                 endpoints.append(_endpoint_facts(bridge.name, port))
-            else:
+            elif vswitch.ENDPOINT_ID not in port_ids:
                 made[port.name] = _interface_facts(port.interfaces[0])
         for key, value in ids.items():
             if key.startswith(vswitch.NETWORK_RECORD):

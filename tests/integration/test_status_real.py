@@ -113,6 +113,16 @@ def test_it_works_with_the_driver_stopped_and_sees_a_sandbox_go(ovs_world, drive
     assert endpoints[EP2]["problems"][0].startswith(f"its sandbox {other.path} is gone")
 
 
+def test_a_port_being_deleted_is_no_endpoint(ovs_world, driver, sandbox):
+    create(driver, EP, EP2)
+    join(ovs_world, driver, sandbox)
+    driver.stop()  # DeleteEndpoint's mark, with its background deletion not run yet
+    ovs_world.ovs.vsctl("set", "Port", PORT2, "external_ids:ovsdriver-removing=1")
+    code, text = status(ovs_world)
+    assert code == 0 and EP2[:12] not in text, text
+    assert text.endswith("healthy: 1 network, 1 endpoint\n")
+
+
 def test_a_sandbox_mounted_only_in_another_mount_view_is_judged_there(ovs_world, driver):
     """As when status runs in a container with a stale copy of the engine's
     mounts: the sandbox is mounted only in the mount namespace of another
