@@ -378,12 +378,12 @@ def paired_cells(samples, name, key, bridge_cost):
     return cell, f"{1 + d / b:.2f}x ({1 + low / b:.2f}-{1 + high / b:.2f}x)"
 
 
-def paired_difference(samples, name, key, draws=2000):
-    """The median of *name* minus the bridge round by round (the two ran
-    side by side in each round, so the machine's drift cancels), and its
-    bootstrap 90% interval, resampling rounds: (median, low, high) seconds."""
+def paired_difference(samples, name, key, base="docker bridge", draws=2000):
+    """The median of *name* minus *base* round by round (the two ran side by
+    side in each round, so the machine's drift cancels), and its bootstrap
+    90% interval, resampling rounds: (median, low, high) seconds."""
     rng = random.Random(9)
-    diffs = [a - b for a, b in zip(samples[name][key], samples["docker bridge"][key])]
+    diffs = [a - b for a, b in zip(samples[name][key], samples[base][key])]
     medians = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(draws))
     return statistics.median(diffs), medians[int(draws * 0.05)], medians[int(draws * 0.95) - 1]
 
@@ -433,6 +433,18 @@ def print_table(samples, count, rounds):
             cells.append(cell)
             ratios.append(ratio)
         print(f"| {name} | {cells[0]} | {cells[1]} | {' / '.join(ratios)} |")
+    # What a remote driver costs beyond the engine's own handling of one.
+    floor = "remote driver doing nothing"
+    print(f"\n| network | minus the {floor}, paired by round: one at a time | 8 at once |")
+    print("|---" * 3 + "|")
+    for name in ("ovs (internal ports)", "ovs (veth ports)"):
+        cells = [
+            "{:+.1f} ms ({:+.1f} to {:+.1f})".format(
+                *(1000 * v for v in paired_difference(samples, name, key, floor))
+            )
+            for key in ("run", "batch")
+        ]
+        print(f"| {name} | {cells[0]} | {cells[1]} |")
 
 
 # -- tracing ------------------------------------------------------------------------
