@@ -273,8 +273,11 @@ class Driver:
             if network.ovn_switch:
                 endpoint = await self._ovn().bind_endpoint(network, endpoint)
             if endpoint.port_type == "veth":
+                # The userspace datapath needs the container's end to checksum
+                # what it sends; on the kernel's, offloads (and TSO) stay on.
+                kernel = await self.vswitch.kernel_datapath(network.bridge)
                 await self.netlink.create_veth(
-                    endpoint.port, endpoint.ifname, endpoint.mtu, endpoint.mac
+                    endpoint.port, endpoint.ifname, endpoint.mtu, endpoint.mac, kernel
                 )
             added = self.vswitch.add_endpoint(endpoint)
             if queued is not None:

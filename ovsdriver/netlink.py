@@ -332,7 +332,7 @@ class _Worker:
 
         return self.call(f"cannot configure {ifname}", operation)
 
-    def create_veth(self, host_name, peer_name, mtu, peer_mac):
+    def create_veth(self, host_name, peer_name, mtu, peer_mac, tx_checksum):
         what = f"cannot create veth pair {host_name}/{peer_name}"
 
         def operation(ipr):
@@ -344,10 +344,12 @@ class _Worker:
                 if e.code != errno.EEXIST:
                     settings = _describe_settings(mtu, peer_mac, None)
                     raise LinkError(f"{what} ({settings}): {_reason(e)}") from e
-                self._reuse_veth(ipr, what, host_name, peer_name, mtu, peer_mac)
+                self._reuse_veth(ipr, what, host_name, peer_name, mtu, peer_mac, tx_checksum)
+                return
+            if tx_checksum:
                 return
             try:
-                disable_tx_checksum(peer_name)
+                set_tx_checksum(peer_name, False)
             except LinkError:
                 with contextlib.suppress(NetlinkError):  # leave nothing half-made behind
                     ipr.link("del", ifname=host_name)
@@ -355,7 +357,7 @@ class _Worker:
 
         return self.call(what, operation)
 
-    def _reuse_veth(self, ipr, what, host_name, peer_name, mtu, peer_mac):
+    def _reuse_veth(self, ipr, what, host_name, peer_name, mtu, peer_mac, tx_checksum):
         """Bring a pair an earlier attempt made to what `create_veth` makes."""
         host = self._index(ipr, host_name)
         peer = self._index(ipr, peer_name)
@@ -366,7 +368,7 @@ class _Worker:
             )
         self._set(ipr, peer_name, peer, mtu=mtu, mac=peer_mac)
         self._set(ipr, host_name, host, mtu=mtu, up=True)
-        disable_tx_checksum(peer_name)
+        set_tx_checksum(peer_name, tx_checksum)
 
     def delete_link(self, ifname):
         """On a deleting thread, which keeps no socket: one per deletion."""
@@ -647,23 +649,25 @@ def _describe_route(route):
     return f"{route.dst} via {route.gateway}" if route.gateway else route.dst
 
 
-def disable_tx_checksum(ifname):
-    """Turn TX checksum offload off (``ethtool -K IFNAME tx off``).
+def set_tx_checksum(ifname, on):
+    """Turn TX checksum offload on or off (``ethtool -K IFNAME tx on|off``).
 
     A veth leaves checksums to the receiver, but OVS's userspace datapath
     never fills them in, so TCP through it breaks unless the sender computes
-    them. Uses the SIOCETHTOOL ioctl (struct ethtool_value), which works on
-    every kernel and pyroute2 version; it acts in the calling thread's network
-    namespace, so it must run on the worker thread.
+    them; the kernel datapath does, and there the offload (and with it TSO)
+    stays on. Uses the SIOCETHTOOL ioctl (struct ethtool_value), which works
+    on every kernel and pyroute2 version; it acts in the calling thread's
+    network namespace, so it must run on the worker thread.
     """
-    value = array.array("B", struct.pack("=II", ETHTOOL_STXCSUM, 0))
+    value = array.array("B", struct.pack("=II", ETHTOOL_STXCSUM, int(on)))
     pointer, _ = value.buffer_info()
     ifreq = struct.pack("16sP", ifname.encode(), pointer).ljust(_IFREQ_SIZE, b"\0")
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             fcntl.ioctl(sock.fileno(), SIOCETHTOOL, ifreq)
     except OSError as e:
-        raise LinkError(f"cannot turn off TX checksum offload on {ifname}: {_reason(e)}") from e
+        state = "on" if on else "off"
+        raise LinkError(f"cannot turn {state} TX checksum offload on {ifname}: {_reason(e)}") from e
 
 
 class Netlink:
@@ -783,11 +787,12 @@ class Netlink:
                 return defer.fail()
         return self._run(self._worker.set_link, ifname, mtu, mac, up)
 
-    def create_veth(self, host_name, peer_name, mtu, peer_mac=None):
+    def create_veth(self, host_name, peer_name, mtu, peer_mac=None, tx_checksum=False):
         """Create a veth pair (or reuse one): both ends *mtu*, host end up.
 
-        The peer (the container's end) gets *peer_mac* if given and TX checksum
-        offload off, which TCP over OVS's userspace datapath needs.
+        The peer (the container's end) gets *peer_mac* if given, and TX
+        checksum offload off unless *tx_checksum*: TCP over OVS's userspace
+        datapath needs it off, the kernel datapath does not.
         """
         try:
             check_ifname(host_name)
@@ -796,7 +801,7 @@ class Netlink:
                 check_mac(peer_name, peer_mac)
         except LinkError:
             return defer.fail()
-        create = (self._worker.create_veth, host_name, peer_name, mtu, peer_mac)
+        create = (self._worker.create_veth, host_name, peer_name, mtu, peer_mac, tx_checksum)
         return self._in_turn((host_name, peer_name), lambda: self._run(*create))
 
     def delete_link(self, ifname):

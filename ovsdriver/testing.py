@@ -354,7 +354,7 @@ class FakeNetlink:
         if up is not None:
             link.up = up
 
-    def create_veth(self, host_name, peer_name, mtu, peer_mac=None):
+    def create_veth(self, host_name, peer_name, mtu, peer_mac=None, tx_checksum=False):
         def create():
             what = f"cannot create veth pair {host_name}/{peer_name}"
             check_ifname(host_name)
@@ -379,7 +379,7 @@ class FakeNetlink:
                 )
             self._set(peer_name, peer, mtu=mtu, mac=peer_mac)
             self._set(host_name, host, mtu=mtu, up=True)
-            peer.tx_checksum = False
+            peer.tx_checksum = tx_checksum
 
         return self._answers.answer(create)
 
@@ -607,6 +607,7 @@ class FakeMountViews:
 @attr.s(slots=True)
 class _FakeBridge:
     owned = attr.ib()
+    datapath_type = attr.ib(default="netdev")
     networks = attr.ib(factory=dict)  # network id -> Network
     ports = attr.ib(factory=dict)  # port name -> Endpoint or None (other ports)
 
@@ -627,6 +628,7 @@ class FakeVSwitch:
         "endpoints",
         "network_and_endpoint",
         "endpoint",
+        "kernel_datapath",
         "add_network",
         "remove_network",
         "add_endpoint",
@@ -656,8 +658,8 @@ class FakeVSwitch:
 
     # -- helpers for tests ---------------------------------------------------
 
-    def add_foreign_bridge(self, name):
-        self.bridges[name] = _FakeBridge(owned=False, ports={name: None})
+    def add_foreign_bridge(self, name, datapath_type="netdev"):
+        self.bridges[name] = _FakeBridge(False, datapath_type, ports={name: None})
 
     def break_port(self, name):
         self._broken.add(name)
@@ -699,6 +701,10 @@ class FakeVSwitch:
     def endpoint(self, endpoint_id):
         return defer.succeed(self._endpoint(endpoint_id))
 
+    def kernel_datapath(self, bridge):
+        found = self.bridges.get(bridge)
+        return defer.succeed(found is not None and found.datapath_type in ("", "system"))
+
     def add_network(self, network):
         bridge = self.bridges.get(network.bridge)
         try:  # check everything first: a refused network leaves nothing
@@ -717,7 +723,8 @@ class FakeVSwitch:
         except VSwitchError as e:
             return defer.fail(e)
         if bridge is None:
-            bridge = self.bridges[network.bridge] = _FakeBridge(owned=True)
+            bridge = _FakeBridge(owned=True, datapath_type=network.datapath_type)
+            self.bridges[network.bridge] = bridge
             bridge.ports[network.bridge] = None
             self._plug(network.bridge, 1500 if network.shared_bridge else network.mtu)
         bridge.networks[network.network_id] = network

@@ -268,6 +268,16 @@ class VSwitch:
         self._snapshots = snapshots
         return found
 
+    def kernel_datapath(self, bridge):
+        """Whether `bridge` is on the kernel datapath (``system``, or OVS's
+        default: empty); False when it is missing or on another one."""
+
+        def read(idl):
+            row = by_name(idl, "Bridge", bridge)
+            return row is not None and column(row, "datapath_type") in ("", "system")
+
+        return self.ovsdb.query(read)
+
     def network_and_endpoint(self, network_id, endpoint_id):
         """(network or None, endpoint or None), read together in one query;
         fails like `network` when the network's record cannot be read."""

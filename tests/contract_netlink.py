@@ -243,6 +243,16 @@ class NetlinkContract:
         self.call(self.netlink.create_veth, "nlc-h", "nlc-p", 1500)
         assert self.observe("nlc-p").tx_checksum in (False, None)
 
+    def test_create_veth_can_leave_tx_checksum_offload_on(self):
+        # The kernel datapath fills checksums in: offloads (and TSO) stay on.
+        self.call(self.netlink.create_veth, "nlc-h", "nlc-p", 1500, tx_checksum=True)
+        assert self.observe("nlc-p").tx_checksum in (True, None)
+
+    def test_create_veth_again_sets_tx_checksum_offload_as_asked(self):
+        self.call(self.netlink.create_veth, "nlc-h", "nlc-p", 1500, tx_checksum=True)
+        self.call(self.netlink.create_veth, "nlc-h", "nlc-p", 1500)
+        assert self.observe("nlc-p").tx_checksum in (False, None)
+
     def test_create_veth_for_an_existing_pair_is_fine(self):
         for _ in range(2):
             self.call(

@@ -5,7 +5,8 @@ A module using this contract imports the tests with ``from ... import *`` and
 provides a ``harness`` fixture with: ``vswitch``, ``call(method, *args)`` (run a
 port method and return its result or raise), ``bridge_exists(name)``,
 ``port_exists(name)``, ``link_exists(name)`` (a kernel interface of that
-name exists, as ovs-vswitchd makes them), ``break_port(name)``, ``add_foreign_bridge(name)`` and
+name exists, as ovs-vswitchd makes them), ``break_port(name)``,
+``add_foreign_bridge(name, datapath_type="netdev")`` and
 ``add_host_link(name)`` (a host interface to use as an uplink).
 """
 
@@ -240,6 +241,15 @@ def test_no_network_joins_a_bridge_with_an_untagged_one(harness):
     other = network(NET_B, bridge="shared0", shared_bridge=True, vlan=30)
     with pytest.raises(VSwitchError, match="untagged network"):
         harness.call(harness.vswitch.add_network, other)
+
+
+def test_only_a_system_bridge_is_on_the_kernel_datapath(harness):
+    net = network(datapath_type="netdev")
+    harness.call(harness.vswitch.add_network, net)
+    harness.add_foreign_bridge("theirs0", datapath_type="system")
+    assert harness.call(harness.vswitch.kernel_datapath, net.bridge) is False
+    assert harness.call(harness.vswitch.kernel_datapath, "theirs0") is True
+    assert harness.call(harness.vswitch.kernel_datapath, "missing0") is False
 
 
 def test_a_bridge_the_driver_did_not_make_is_never_removed(harness):

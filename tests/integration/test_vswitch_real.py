@@ -33,8 +33,10 @@ class RealHarness:
     def break_port(self, name):
         """Nothing to do: a veth port whose host end is missing fails for real."""
 
-    def add_foreign_bridge(self, name):
-        self.world.ovs.vsctl("add-br", name, "--", "set", "bridge", name, "datapath_type=netdev")
+    def add_foreign_bridge(self, name, datapath_type="netdev"):
+        self.world.ovs.vsctl(
+            "add-br", name, "--", "set", "bridge", name, f"datapath_type={datapath_type}"
+        )
 
     def add_host_link(self, name):
         """A host interface (a veth end) to use as an uplink."""

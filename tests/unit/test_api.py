@@ -277,6 +277,16 @@ def test_internal_network_has_no_gateway(world):
     assert "Gateway" not in join and join["DisableGatewayService"] is True
 
 
+@pytest.mark.parametrize("datapath, offload", [("netdev", False), ("system", True)])
+def test_a_veths_container_end_checksums_itself_only_on_the_userspace_datapath(
+    world, datapath, offload
+):
+    world.create_network({"ovs.port_type": "veth", "ovs.datapath_type": datapath})
+    world.create_endpoint()
+    world.post("NetworkDriver.Join", dict(world.ids(), SandboxKey="/x"))
+    assert world.kernel.state("oep-" + EP[:11]).tx_checksum is offload
+
+
 def test_a_port_ovs_refuses_fails_join_and_goes_with_the_endpoint(world):
     world.create_network({"ovs.port_type": "veth"})
     world.vswitch.break_port("ove-" + EP[:11])
