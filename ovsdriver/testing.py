@@ -659,7 +659,9 @@ class FakeVSwitch:
     # -- helpers for tests ---------------------------------------------------
 
     def add_foreign_bridge(self, name, datapath_type="netdev"):
-        self.bridges[name] = _FakeBridge(False, datapath_type, ports={name: None})
+        self.bridges[name] = _FakeBridge(
+            owned=False, datapath_type=datapath_type, ports={name: None}
+        )
 
     def break_port(self, name):
         self._broken.add(name)
