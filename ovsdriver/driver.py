@@ -20,7 +20,15 @@ from twisted.python.failure import Failure
 from ovsdriver.deferreds import follow
 from ovsdriver.firewall import FirewallError, check_published
 from ovsdriver.metrics import NO_METRICS
-from ovsdriver.options import check_address, check_id, ovn_request, parse_network, parse_portmap
+from ovsdriver.options import (
+    GENERIC,
+    KERNEL_MODULE,
+    check_address,
+    check_id,
+    ovn_request,
+    parse_network,
+    parse_portmap,
+)
 from ovsdriver.ovn import ADDRESS_SPACE, disabled
 from ovsdriver.ports import PortTaken, PortUnavailable, publish
 from ovsdriver.values import Endpoint, Network, NetworkRules, check_mac
@@ -125,6 +133,7 @@ class Driver:
     """The network driver, over a vswitch and a netlink port."""
 
     metrics = NO_METRICS
+    kernel_module = KERNEL_MODULE
 
     def __init__(
         self, vswitch, netlink, firewall, datapath_type="netdev", ovn=None, host_ports=None
@@ -173,6 +182,8 @@ class Driver:
             if self.ovn is None:
                 raise disabled()
             network = await self.ovn.prepare_network(network, switch, mtu_given)
+        else:
+            self._refuse_missing_datapath(network, options)
         await self._refuse_overlaps(network)
         try:
             await self.vswitch.add_network(network)
@@ -186,6 +197,22 @@ class Driver:
         except Exception:
             await self._undo(self.delete_network(network_id))
             raise
+
+    def _refuse_missing_datapath(self, network, options):
+        """Without its kernel module ovs-vswitchd cannot make a ``system``
+        bridge, and would only say so in its log."""
+        if network.datapath_type != "system" or os.path.isdir(self.kernel_module):
+            return
+        generic = (options or {}).get(GENERIC) or {}
+        asked = (
+            "ovs.datapath_type=system"
+            if "ovs.datapath_type" in generic
+            else "the driver's --datapath-type system"
+        )
+        raise DriverError(
+            f"{asked} needs Open vSwitch's kernel module, which is not loaded on this "
+            "host: load it (modprobe openvswitch) or use -o ovs.datapath_type=netdev"
+        )
 
     async def _refuse_overlaps(self, network):
         """Two networks routing overlapping subnets through the host would

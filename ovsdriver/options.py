@@ -28,6 +28,8 @@ MASQUERADE_KEY = BRIDGE_PREFIX + "enable_ip_masquerade"
 HOST_BINDING_KEY = BRIDGE_PREFIX + "host_binding_ipv4"
 PORT_TYPES = ("internal", "veth")
 DATAPATH_TYPES = ("system", "netdev")
+#: There while Open vSwitch's kernel module (the ``system`` datapath) is loaded.
+KERNEL_MODULE = "/sys/module/openvswitch"
 
 
 class OptionError(InvalidValue):

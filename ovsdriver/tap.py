@@ -21,6 +21,7 @@ from ovsdriver.hostports import HostPorts, raise_open_files_limit
 from ovsdriver.ipam import Ipam
 from ovsdriver.netlink import Netlink
 from ovsdriver.northbound import NB_TABLES, Northbound
+from ovsdriver.options import KERNEL_MODULE
 from ovsdriver.ovn import OVN, ClaimCollector
 from ovsdriver.ovsdb import OVSDB, REMOTE_FORMS, SSL_FILES, check_remote, configure_ssl
 from ovsdriver.plugin_http import PluginFactory
@@ -33,7 +34,7 @@ DEFAULT_LISTEN = "unix:/run/docker/plugins/ovs.sock:mode=660"
 DEFAULT_OVSDB = "unix:/var/run/openvswitch/db.sock"
 
 
-def detect_datapath_type(module_dir="/sys/module/openvswitch"):
+def detect_datapath_type(module_dir=KERNEL_MODULE):
     """The kernel datapath when its module is loaded, else the userspace one."""
     return "system" if os.path.isdir(module_dir) else "netdev"
 

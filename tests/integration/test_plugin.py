@@ -11,6 +11,8 @@ import subprocess
 import threading
 import time
 
+import pytest
+
 from tests.world import REPO_ROOT, plugin_post, twistd_argv, unique_driver_name, wait_until
 
 NET = "7a" * 32
@@ -171,3 +173,24 @@ def test_socket_directory_is_made_and_the_socket_is_private(ovs_world, tmp_path)
             if os.path.lexists(path):
                 os.unlink(path)
         os.rmdir(directory)
+
+
+@pytest.mark.skipif(
+    os.path.isdir("/sys/module/openvswitch"), reason="the openvswitch kernel module is loaded"
+)
+def test_a_system_datapath_without_its_kernel_module_is_refused_at_once(ovs_world, driver):
+    start = time.monotonic()
+    status, reply = driver.post(
+        "NetworkDriver.CreateNetwork",
+        {
+            "NetworkID": NET,
+            "Options": {"com.docker.network.generic": {"ovs.datapath_type": "system"}},
+            "IPv4Data": [{"Pool": "10.41.0.0/24", "Gateway": "10.41.0.1/24"}],
+            "IPv6Data": [],
+        },
+    )
+    # Before, ovs-vswitchd only logged that it could not make the datapath,
+    # and the driver failed 5 s later: "interface obr-... did not appear".
+    assert status == 200 and "kernel module, which is not loaded" in reply["Err"]
+    assert time.monotonic() - start < 2
+    assert vsctl_get(ovs_world, "Bridge", "obr-" + NET[:11], "name") == ""

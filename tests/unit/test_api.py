@@ -279,12 +279,28 @@ def test_internal_network_has_no_gateway(world):
 
 @pytest.mark.parametrize("datapath, offload", [("netdev", False), ("system", True)])
 def test_a_veths_container_end_checksums_itself_only_on_the_userspace_datapath(
-    world, datapath, offload
+    world, tmp_path, datapath, offload
 ):
+    world.driver.kernel_module = str(tmp_path)  # loaded
     world.create_network({"ovs.port_type": "veth", "ovs.datapath_type": datapath})
     world.create_endpoint()
     world.post("NetworkDriver.Join", dict(world.ids(), SandboxKey="/x"))
     assert world.kernel.state("oep-" + EP[:11]).tx_checksum is offload
+
+
+def test_a_system_datapath_without_its_kernel_module_is_refused_at_once(world, tmp_path):
+    world.driver.kernel_module = str(tmp_path / "openvswitch")  # not loaded
+    reply = world.create_network({"ovs.datapath_type": "system"})
+    assert reply["Err"].startswith(
+        "ovs.datapath_type=system needs Open vSwitch's kernel module, which is not loaded"
+    )
+    assert "modprobe openvswitch" in reply["Err"]
+    assert world.vswitch.bridges == {}
+    world.driver.datapath_type = "system"  # twistd ovsdriver --datapath-type system
+    assert "--datapath-type system needs" in world.create_network()["Err"]
+    assert world.vswitch.bridges == {}
+    world.driver.kernel_module = str(tmp_path)  # loaded
+    assert "Err" not in world.create_network()
 
 
 def test_a_port_ovs_refuses_fails_join_and_goes_with_the_endpoint(world):
