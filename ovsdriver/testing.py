@@ -33,7 +33,7 @@ from ovsdriver.netlink import (
     parse_addresses,
 )
 from ovsdriver.sandboxes import INVISIBLE, MISSING, MOUNTED, PLAIN, Observation, Probe, Sighting
-from ovsdriver.vswitch import VSwitchError, check_shareable, gateway_port_name
+from ovsdriver.vswitch import VSwitchError, check_shareable, gateway_port_name, is_kernel_datapath
 
 #: The addresses of ``lo`` once it is up.
 LOOPBACK = ("127.0.0.1/8", "::1/128")
@@ -705,7 +705,7 @@ class FakeVSwitch:
 
     def kernel_datapath(self, bridge):
         found = self.bridges.get(bridge)
-        return defer.succeed(found is not None and found.datapath_type in ("", "system"))
+        return defer.succeed(found is not None and is_kernel_datapath(found.datapath_type))
 
     def add_network(self, network):
         bridge = self.bridges.get(network.bridge)

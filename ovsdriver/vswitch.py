@@ -58,6 +58,12 @@ def veth_host_name(endpoint_id):
     return "ove-" + endpoint_id[:11]
 
 
+def is_kernel_datapath(datapath_type):
+    """Whether a bridge's ``datapath_type`` is the kernel's (``system``, or
+    OVS's default: empty)."""
+    return datapath_type in ("", "system")
+
+
 def gateway_port_name(network_id):
     """The host's gateway port of a network on a shared bridge."""
     return "ogw-" + network_id[:11]
@@ -274,7 +280,7 @@ class VSwitch:
 
         def read(idl):
             row = by_name(idl, "Bridge", bridge)
-            return row is not None and column(row, "datapath_type") in ("", "system")
+            return row is not None and is_kernel_datapath(column(row, "datapath_type"))
 
         return self.ovsdb.query(read)
 

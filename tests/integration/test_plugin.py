@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from ovsdriver.options import KERNEL_MODULE
 from tests.world import REPO_ROOT, plugin_post, twistd_argv, unique_driver_name, wait_until
 
 NET = "7a" * 32
@@ -175,9 +176,7 @@ def test_socket_directory_is_made_and_the_socket_is_private(ovs_world, tmp_path)
         os.rmdir(directory)
 
 
-@pytest.mark.skipif(
-    os.path.isdir("/sys/module/openvswitch"), reason="the openvswitch kernel module is loaded"
-)
+@pytest.mark.skipif(os.path.isdir(KERNEL_MODULE), reason="the openvswitch kernel module is loaded")
 def test_a_system_datapath_without_its_kernel_module_is_refused_at_once(ovs_world, driver):
     start = time.monotonic()
     status, reply = driver.post(
