@@ -253,7 +253,9 @@ class Driver:
             # The bridge or gateway port may outlive this network (shared or
             # not ours): take the addresses off explicitly.
             await self.netlink.remove_addresses(gateway_ifname(network), list(network.gateways))
-        await self.vswitch.remove_network(network_id)
+        # The engine may delete the network right after its last endpoint,
+        # whose port (and veth host end) then goes with the bridge.
+        await self._delete_veths(await self.vswitch.remove_network(network_id))
         await self.sync_firewall()
 
     # -- endpoints -------------------------------------------------------------

@@ -742,6 +742,7 @@ class FakeVSwitch:
         return next((name for name, b in self.bridges.items() if port in b.ports), None)
 
     def remove_network(self, network_id):
+        removed = []
         for name, bridge in list(self.bridges.items()):
             network = bridge.networks.pop(network_id, None)
             if network is None:
@@ -750,15 +751,18 @@ class FakeVSwitch:
                 del bridge.ports[gateway_port_name(network_id)]
                 self._unplug(gateway_port_name(network_id))
             if bridge.owned and not bridge.networks:
-                for port in bridge.ports:
+                for port, ep in bridge.ports.items():
                     if port != network.uplink:  # the interface itself stays
-                        self._unplug(port, bridge.ports[port])
+                        self._unplug(port, ep)
+                    if ep is not None:
+                        self._removing.discard(port)
+                        removed.append((port, ep.port_type == "veth"))
                 del self.bridges[name]
             elif network.uplink and all(
                 n.uplink != network.uplink for n in bridge.networks.values()
             ):
                 bridge.ports.pop(network.uplink, None)
-        return defer.succeed(None)
+        return defer.succeed(removed)
 
     def add_endpoint(self, endpoint):
         if endpoint.port in self._removing:

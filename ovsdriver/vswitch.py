@@ -333,9 +333,13 @@ class VSwitch:
         return self.ovsdb.transact(build)
 
     def remove_network(self, network_id):
-        """Forget a network; delete what the driver made for it alone."""
+        """Forget a network; delete what the driver made for it alone. Fires
+        with the (name, is the host end of a veth) of each endpoint port
+        deleted with its bridge, as `finish_removals` does: one the engine
+        removed just before may still have been waiting for its deletion."""
 
         def build(ctx):
+            removed = []
             key = NETWORK_RECORD + network_id
             for bridge in list(ctx.rows("Bridge")):
                 ids = _ids(bridge)
@@ -348,12 +352,15 @@ class VSwitch:
                 if gateway is not None:
                     _delete_port(ctx, bridge, gateway)
                 if ids.get(OWNER) == OWNER_VALUE and not others:
+                    ports = [port for port in bridge.ports if ENDPOINT_ID in _ids(port)]
+                    removed += [(port.name, _is_veth(port)) for port in ports]
                     _delete_bridge(ctx, bridge)
                     continue
                 # Unreadable records might use the uplink: then it stays.
                 uplink = getattr(mine, "uplink", None)
                 if uplink and all(getattr(o, "uplink", uplink) != uplink for o in others.values()):
                     _remove_uplink(ctx, bridge, uplink)
+            return lambda idl: removed
 
         return self.ovsdb.transact(build)
 
@@ -478,9 +485,8 @@ class VSwitch:
                 port = ctx.find("Port", name)
                 if port is None or REMOVING not in _ids(port):
                     continue
-                veth = bool(port.interfaces) and PEER in _ids(port.interfaces[0])
+                removed.append((name, _is_veth(port)))
                 _delete_port(ctx, _bridge_of(ctx, port), port)
-                removed.append((name, veth))
             # Nothing waits for the port to be gone from the datapath (and
             # ovs-vswitchd takes its time closing a tap): don't wait either.
             ctx.wait_for_vswitchd = False
@@ -634,6 +640,11 @@ def _delete_port(ctx, bridge, port):
     for iface in port.interfaces:
         ctx.delete(iface)
     ctx.delete(port)
+
+
+def _is_veth(port):
+    """Whether `port` is the host end of a veth pair the driver made."""
+    return bool(port.interfaces) and PEER in _ids(port.interfaces[0])
 
 
 def _delete_bridge(ctx, bridge):

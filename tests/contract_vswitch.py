@@ -66,6 +66,24 @@ def test_remove_network_deletes_the_bridge_it_made(harness):
     harness.call(harness.vswitch.remove_network, NET_A)  # unknown: fine
 
 
+def test_remove_network_reports_the_endpoint_ports_deleted_with_its_bridge(harness):
+    # The engine deletes a network right after its last endpoint, whose
+    # port may still be waiting for its deletion: the caller deletes the
+    # host ends of veth ports.
+    net = network()
+    harness.call(harness.vswitch.add_network, net)
+    veth = endpoint(net, port="ove-" + EP_1[:11], ifname="oep-" + EP_1[:11], port_type="veth")
+    internal = endpoint(net, endpoint_id=EP_2, mac="02:00:00:00:00:02")
+    for ep in (veth, internal):
+        harness.call(harness.vswitch.add_endpoint, ep)
+    harness.call(harness.vswitch.mark_removed, EP_1)
+    removed = harness.call(harness.vswitch.remove_network, NET_A)
+    assert sorted(removed) == [(internal.port, False), (veth.port, True)]
+    assert not harness.port_exists(veth.port) and not harness.port_exists(internal.port)
+    assert harness.call(harness.vswitch.finish_removals) == []
+    assert harness.call(harness.vswitch.remove_network, NET_A) == []
+
+
 def test_endpoint_round_trip(harness):
     net = network()
     harness.call(harness.vswitch.add_network, net)

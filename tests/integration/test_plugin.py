@@ -140,6 +140,27 @@ def test_a_removal_cut_short_by_a_kill_is_finished_once_the_driver_is_back(ovs_w
     wait_until(lambda: port not in ovs_world.netns.links(), timeout=10)
 
 
+def test_a_network_deleted_right_after_its_last_veth_endpoint_leaves_no_veth(ovs_world, driver):
+    """The engine deletes a network at once after its last endpoint (docker
+    compose down): the port still waiting for its deletion goes with the
+    bridge, and its veth pair with it, not 20 s later with the reconciler."""
+    ok(
+        driver,
+        "NetworkDriver.CreateNetwork",
+        {
+            "NetworkID": NET,
+            "Options": {"com.docker.network.generic": {"ovs.port_type": "veth"}},
+            "IPv4Data": [{"Pool": "10.41.0.0/24", "Gateway": "10.41.0.1/24"}],
+        },
+    )
+    ok(driver, "NetworkDriver.CreateEndpoint", dict(IDS, Interface={"Address": "10.41.0.2/24"}))
+    host_end = "ove-" + EP[:11]
+    assert host_end in ovs_world.netns.links()
+    ok(driver, "NetworkDriver.DeleteEndpoint", IDS)
+    ok(driver, "NetworkDriver.DeleteNetwork", {"NetworkID": NET})
+    wait_until(lambda: host_end not in ovs_world.netns.links(), timeout=5)
+
+
 def test_ovsdb_outage_fails_fast_and_capabilities_still_answer(ovs_world, driver):
     ovs_world.ovs.stop_ovsdb()
     began = time.monotonic()

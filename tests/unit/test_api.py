@@ -316,6 +316,18 @@ def test_a_port_ovs_refuses_fails_join_and_goes_with_the_endpoint(world):
     assert world.kernel.state("oep-" + EP[:11]) is None
 
 
+def test_a_network_deletes_the_veth_of_a_port_whose_deletion_was_pending(world):
+    # A DeleteNetwork right after DeleteEndpoint, or after a restart, finds
+    # the port marked but not deleted yet: its veth goes with the bridge.
+    world.create_network({"ovs.port_type": "veth"})
+    world.create_endpoint()
+    world.vswitch.mark_removed(EP)  # what DeleteEndpoint did, before the deletion
+    world.settle()
+    assert world.post("NetworkDriver.DeleteNetwork", {"NetworkID": NET}) == {}
+    assert world.kernel.state("ove-" + EP[:11]) is None
+    assert world.kernel.state("oep-" + EP[:11]) is None
+
+
 def test_swarm_only_methods_answer(world):
     assert world.post("NetworkDriver.AllocateNetwork", {}) == {"Options": {}}
     assert world.post("NetworkDriver.FreeNetwork", {}) == {}
