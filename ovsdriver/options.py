@@ -20,6 +20,7 @@ from ovsdriver.values import (
 
 GENERIC = "com.docker.network.generic"
 MTU_KEY = "com.docker.network.driver.mtu"
+IPV6_MIN_MTU = 1280  # RFC 8200
 #: Options of Docker's bridge driver the ovs driver has too; it refuses the
 #: others of that prefix rather than ignore them.
 BRIDGE_PREFIX = "com.docker.network.bridge."
@@ -218,6 +219,13 @@ def parse_network(network_id, options, ipv4_data, ipv6_data, default_datapath):
     fields["internal"] = options.get("com.docker.network.internal") in (True, "true")
     fields["ipv4"] = _subnets("IPv4Data", ipv4_data, 4)
     fields["ipv6"] = _subnets("IPv6Data", ipv6_data, 6)
+    if fields["ipv6"] and fields.get("mtu", IPV6_MIN_MTU) < IPV6_MIN_MTU:
+        # The kernel turns IPv6 off on a link below it: the gateway's
+        # address would be refused with a bare "Invalid argument".
+        raise OptionError(
+            f"{MTU_KEY}={generic[MTU_KEY]!r} is below {IPV6_MIN_MTU}, the least IPv6 "
+            f"allows: give {IPV6_MIN_MTU} or more, or leave --ipv6 out"
+        )
     if fields["internal"]:
         fields["nat"] = False
     return Network(**fields)

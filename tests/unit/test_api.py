@@ -145,6 +145,19 @@ def test_bad_options_are_refused_by_name_and_leave_nothing(world, generic, named
     assert world.vswitch.bridges == {}
 
 
+def test_an_ipv6_network_below_ipv6s_least_mtu_is_refused_by_name(world):
+    v6 = [{"AddressSpace": "LocalDefault", "Pool": "fd00:30::/64", "Gateway": "fd00:30::1/64"}]
+    err = world.create_network({"com.docker.network.driver.mtu": "1279"}, IPv6Data=v6)["Err"]
+    assert err.startswith("com.docker.network.driver.mtu='1279' is below 1280")
+    assert world.vswitch.bridges == {}
+    assert world.create_network({"com.docker.network.driver.mtu": "1280"}, IPv6Data=v6) == {}
+    v4 = [{"AddressSpace": "LocalDefault", "Pool": "10.31.0.0/24", "Gateway": "10.31.0.1/24"}]
+    ipv4_only = world.create_network(
+        {"com.docker.network.driver.mtu": "576"}, "5f" * 32, IPv4Data=v4
+    )
+    assert ipv4_only == {}
+
+
 def test_the_bridge_drivers_icc_and_masquerade_options_are_honoured(world):
     world.create_network(
         {
