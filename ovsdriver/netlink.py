@@ -299,7 +299,8 @@ class _Worker:
                 except NetlinkError as e:
                     if e.code == errno.ENODEV:
                         return  # the link went away meanwhile: nothing to remove
-                    if e.code != errno.EADDRNOTAVAIL:
+                    # ENXIO: the link has no IPv6 (its MTU is below 1280).
+                    if e.code not in (errno.EADDRNOTAVAIL, errno.ENXIO):
                         raise LinkError(
                             f"cannot remove address {address} from {ifname}: {_reason(e)}"
                         ) from e

@@ -175,6 +175,15 @@ class NetlinkContract:
         addresses = self.observe("nlc-a").addresses
         assert not {cidr("10.9.0.1/24"), cidr("fd09::1/64")} & addresses
 
+    def test_remove_addresses_from_a_link_without_ipv6_is_fine(self):
+        # Below an MTU of 1280 the kernel turns IPv6 off on a link: an undo
+        # then finds no IPv6 address to remove, and removes the others.
+        self.make_link("nlc-a")
+        self.call(self.netlink.set_link, "nlc-a", mtu=1000)
+        self.call(self.netlink.add_addresses, "nlc-a", ["10.9.0.1/24"])
+        self.call(self.netlink.remove_addresses, "nlc-a", ["fd09::1/64", "10.9.0.1/24"])
+        assert cidr("10.9.0.1/24") not in self.observe("nlc-a").addresses
+
     def test_remove_addresses_from_a_missing_link_is_fine(self):
         self.call(self.netlink.remove_addresses, "nlc-none", ["10.9.0.1/24"])
 
