@@ -253,10 +253,11 @@ class Driver:
             # The bridge or gateway port may outlive this network (shared or
             # not ours): take the addresses off explicitly.
             await self.netlink.remove_addresses(gateway_ifname(network), list(network.gateways))
-        # The engine may delete the network right after its last endpoint,
-        # whose port (and veth host end) then goes with the bridge.
-        await self._delete_veths(await self.vswitch.remove_network(network_id))
+        removed = await self.vswitch.remove_network(network_id)
         await self.sync_firewall()
+        # The engine may delete the network right after its last endpoint,
+        # whose port (and veth host end) then went with the bridge.
+        await self._delete_veths(removed)
 
     # -- endpoints -------------------------------------------------------------
 
@@ -383,11 +384,14 @@ class Driver:
         )
 
     def _delete_veths(self, removed):
-        """Delete the host ends of the veth ports just removed from OVS."""
-        return defer.gatherResults(
-            [self.netlink.delete_link(name) for name, veth in removed if veth],
-            consumeErrors=True,
-        )
+        """Delete the host ends of the veth ports just removed from OVS; one
+        that cannot be is the reconciler's (a veth no endpoint owns)."""
+
+        def left(failure, name):
+            log.warn("cannot delete veth {name} yet: {e}", name=name, e=failure.getErrorMessage())
+
+        hosts = [name for name, veth in removed if veth]
+        return defer.gatherResults([self.netlink.delete_link(h).addErrback(left, h) for h in hosts])
 
     async def _endpoint(self, network_id, endpoint_id):
         await self._plug_done(check_id("EndpointID", endpoint_id))

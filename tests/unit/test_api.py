@@ -341,6 +341,17 @@ def test_a_network_deletes_the_veth_of_a_port_whose_deletion_was_pending(world):
     assert world.kernel.state("oep-" + EP[:11]) is None
 
 
+def test_a_veth_that_cannot_be_deleted_does_not_fail_the_networks_deletion(world):
+    world.create_network({"ovs.port_type": "veth"})
+    world.create_endpoint()
+    world.vswitch.mark_removed(EP)
+    world.settle()
+    world.kernel.delete_link = lambda name: defer.fail(OSError("simulated: busy"))
+    assert world.post("NetworkDriver.DeleteNetwork", {"NetworkID": NET}) == {}
+    assert world.firewall.network(NET) is None  # its rules went all the same
+    assert world.kernel.state("ove-" + EP[:11]) is not None  # the reconciler's now
+
+
 def test_swarm_only_methods_answer(world):
     assert world.post("NetworkDriver.AllocateNetwork", {}) == {"Options": {}}
     assert world.post("NetworkDriver.FreeNetwork", {}) == {}
