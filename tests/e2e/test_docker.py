@@ -5,6 +5,7 @@ import re
 import signal
 
 from tests import world
+from tests.e2e.cli import IMAGE
 
 
 def test_containers_talk_to_each_other_and_the_gateway(e2e):
@@ -158,3 +159,21 @@ def test_teardown_leaves_nothing_behind(e2e):
     links = e2e.host("ip", "-o", "link")
     assert bridge not in links and "oep-" + endpoint[:11] not in links
     assert "10.57.0.1" not in e2e.host("ip", "-o", "addr")
+
+
+def test_compose_down_through_the_engines_api_leaves_no_veth(e2e):
+    """Containers removed and their network deleted at once, through the
+    engine's API: the network went before the ports' background deletion,
+    which until 2026-12-03 left 1-2 veth pairs of 3 each time (the
+    reconciler collected them 20 s later)."""
+    e2e.network("down", "10.58.0.0/24", "ovs.port_type=veth")
+    spec = {"Image": IMAGE, "Cmd": ["sleep", "600"], "HostConfig": {"NetworkMode": "down"}}
+    ids = [e2e.api("POST", "/containers/create", spec)["Id"] for _ in range(3)]
+    for container in ids:
+        e2e.api("POST", f"/containers/{container}/start")
+    for container in ids:
+        e2e.api("DELETE", f"/containers/{container}?force=1")
+    e2e.api("DELETE", "/networks/down")
+    assert e2e.vsctl("list-br") == ""
+    links = e2e.host("ip", "-o", "link")
+    assert not re.findall(r"\d+: ((?:obr|ove|oep)-[^:@ ]*)", links), links
