@@ -74,6 +74,7 @@ from tests.world import (  # noqa: E402
     DockerWorld,
     Driver,
     UnixHTTPConnection,
+    engine_call,
     read_pidfile,
     stop_process,
     wait_until,
@@ -201,13 +202,7 @@ class Engine:
         self._conn = UnixHTTPConnection(str(dockerd.socket), timeout=120)
 
     def call(self, method, url, body=None):
-        data = json.dumps(body).encode() if body is not None else None
-        self._conn.request(method, url, body=data, headers={"Content-Type": "application/json"})
-        response = self._conn.getresponse()
-        reply = response.read()
-        if response.status >= 300:
-            raise RuntimeError(f"{method} {url}: {response.status} {reply[:300]!r}")
-        return json.loads(reply) if reply else None
+        return engine_call(self._conn, method, url, body)
 
     def create(self, network):
         spec = {"Image": BUSYBOX_IMAGE, "Cmd": ["sleep", "600"]}

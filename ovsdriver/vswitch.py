@@ -275,8 +275,7 @@ class VSwitch:
         return found
 
     def kernel_datapath(self, bridge):
-        """Whether `bridge` is on the kernel datapath (``system``, or OVS's
-        default: empty); False when it is missing or on another one."""
+        """Whether `bridge` is on the kernel datapath; False when it is missing."""
 
         def read(idl):
             row = by_name(idl, "Bridge", bridge)

@@ -2,7 +2,7 @@
 
 import json
 
-from tests.world import UnixHTTPConnection
+from tests.world import UnixHTTPConnection, engine_call
 
 IMAGE = "ovsdriver-test/busybox"
 
@@ -19,18 +19,12 @@ class E2E:
         return self.world.dockerd.docker(*args, check=check)
 
     def api(self, method, url, body=None):
-        """One call to the engine's API, without the docker CLI's ~0.1 s
-        per command: the pace of clients such as docker compose."""
+        """One call to the engine's API (`engine_call`), on a connection of its own."""
         conn = UnixHTTPConnection(str(self.world.dockerd.socket), timeout=60)
         try:
-            data = json.dumps(body).encode() if body is not None else None
-            conn.request(method, url, body=data, headers={"Content-Type": "application/json"})
-            response = conn.getresponse()
-            reply = response.read()
+            return engine_call(conn, method, url, body)
         finally:
             conn.close()
-        assert response.status < 300, f"{method} {url}: {response.status} {reply[:300]!r}"
-        return json.loads(reply) if reply else None
 
     def vsctl(self, *args):
         return self.world.ovs.vsctl(*args)
