@@ -139,6 +139,7 @@ _ENGINE_CHAIN = re.compile(r"^:(DOCKER|DOCKER-USER|DOCKER-ISOLATION-STAGE-1) ", 
 FORWARDING_SYSCTL = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
 #: Users' rules go in DOCKER-USER, which the engine keeps first in FORWARD.
 DOCKER_USER = "DOCKER-USER"
+_USER_JUMP = f"-A FORWARD -j {DOCKER_USER}"
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
 _SEARCH_PATH = os.pathsep.join(
@@ -479,13 +480,17 @@ def _forward_position(present, line):
     other than itself): right after DOCKER-USER when FORWARD jumps there
     (a dockerd restart may put other rules before it), else first."""
     others = [rule for rule in present.forward if rule != line]
-    user = f"-A FORWARD -j {DOCKER_USER}"
-    return others.index(user) + 1 if user in others else 0
+    return others.index(_USER_JUMP) + 1 if _USER_JUMP in others else 0
 
 
 def _forward_jump_placed(present, line):
-    """Whether our FORWARD jump *line* is where it belongs."""
+    """Whether our FORWARD jump *line* is where it belongs, or after further
+    copies of the DOCKER-USER jump that follow that place: the engine,
+    creating networks at once, deletes and re-inserts its jump for each and
+    can leave several."""
     position = _forward_position(present, line)
+    while present.forward[position : position + 1] == (_USER_JUMP,):
+        position += 1
     return present.forward[position : position + 1] == (line,)
 
 

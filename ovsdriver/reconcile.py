@@ -657,7 +657,7 @@ class Reconciler(service.Service):
                 "gateway " + ifname,
                 f"cannot put the gateway addresses of network {network.network_id[:12]} "
                 f"back on {ifname}",
-                lambda n=network, i=ifname: self.netlink.add_addresses(i, list(n.gateways)),
+                lambda n=network, i=ifname: self._put_gateway_back(n, i),
             )
             if added is FAILED:
                 continue
@@ -676,6 +676,16 @@ class Reconciler(service.Service):
                         f"cannot finish restoring {ifname}",
                         lambda i=ifname: call_hook(self.after_restore, i),
                     )
+
+    async def _put_gateway_back(self, network, ifname):
+        """Add *network*'s gateway addresses to *ifname*; a network deleted
+        meanwhile (its bridge with it) has none to put back."""
+        try:
+            return await self.netlink.add_addresses(ifname, list(network.gateways))
+        except LinkError:
+            if network.network_id in await self.vswitch.networks():
+                raise
+            return []
 
     async def _finish_removals(self):
         """Delete the ports DeleteEndpoint marked and that are still there."""

@@ -876,6 +876,33 @@ def test_the_forward_jump_follows_docker_user_wherever_that_is():
     ]
 
 
+@pytest.mark.parametrize("after", [1, 2, 3])
+def test_copies_of_the_docker_user_jump_before_ours_are_not_drift(after):
+    # Seen with networks created at once: the engine deletes and re-inserts
+    # its DOCKER-USER jump for each, and leaves copies of it around ours.
+    user = "-A FORWARD -j DOCKER-USER"
+    ours = "-A FORWARD -j OVSDRIVER-FORWARD"
+    forward = [user] * 3
+    forward.insert(after, ours)
+    text = kernel_text([network(1)]).replace(ours, "\n".join(forward))
+    present = parse_save(text, 4)
+    chains = firewall.written(check_networks([network(1)]), 4, False)
+    assert firewall.drift(present, chains, 4, False) == []
+    assert not [line for line in script([network(1)], 4, present) if line.startswith(("-I", "-D"))]
+
+
+def test_our_jump_before_the_docker_user_jump_is_drift():
+    text = kernel_text([network(1)]).replace(
+        "-A FORWARD -j OVSDRIVER-FORWARD",
+        "-A FORWARD -j OVSDRIVER-FORWARD\n-A FORWARD -j DOCKER-USER",
+    )
+    chains = firewall.written(check_networks([network(1)]), 4, False)
+    problems = firewall.drift(parse_save(text, 4), chains, 4, False)
+    assert problems == [
+        "the jump '-A FORWARD -j OVSDRIVER-FORWARD' is not first (or right after DOCKER-USER)"
+    ]
+
+
 @pytest.mark.parametrize("token", ["a b", "", "x;y", '--comment="x"', "é"])
 def test_a_rule_token_that_is_not_a_plain_word_is_refused(token):
     with pytest.raises(FirewallError, match="refusing to write the unexpected rule token"):

@@ -944,6 +944,22 @@ def test_a_gateway_that_cannot_be_put_back_is_warned_about_once_and_retried(scen
     assert "10.9.0.1/24" in state.addresses
 
 
+def test_a_network_deleted_while_its_gateway_is_put_back_is_not_warned_about(scene):
+    # A pass puts a new bridge's addresses on again (adding those there does
+    # nothing); DeleteNetwork may take the bridge meanwhile.
+    netlink = scene.reconciler.netlink = Flaky(scene.kernel)
+    adding = netlink.hanging["add_addresses"] = defer.Deferred()
+    scene.start()
+    scene.run_for(INTERVAL)
+    assert "add_addresses" in netlink.calls
+    scene.vswitch.remove_network(NET)
+    scene.kernel.delete_link(scene.network.bridge)
+    scene.settle()
+    adding.errback(LinkError(f"cannot set {scene.network.bridge} up: No such device"))
+    scene.run_for(2 * INTERVAL)
+    assert scene.warnings() == []
+
+
 def test_a_network_being_created_is_not_taken_for_one_made_anew(scene):
     restored = []
     scene.reconciler.after_restore = restored.append
