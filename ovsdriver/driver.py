@@ -52,6 +52,8 @@ UNKNOWN = Network(network_id="", bridge="")
 #: Ports CreateEndpoint could not make, kept for Join or DeleteEndpoint to
 #: report; beyond this many (an engine that never sent them) the oldest go.
 MAX_FAILED_PLUGS = 256
+#: The address space of Docker's default IPAM, in CreateNetwork's IPv4Data.
+DEFAULT_ADDRESS_SPACE = "LocalDefault"
 
 
 class DriverError(Exception):
@@ -217,22 +219,39 @@ class Driver:
     async def _refuse_overlaps(self, network):
         """Two networks routing overlapping subnets through the host would
         share its routes, and the newer one would not work. The older one may
-        be left over from a `docker network rm` while the driver was down.
-        Nor may it overlap the host's own interfaces (`host_clash`)."""
+        be left over (`_left_over`): then it goes. Nor may it overlap the
+        host's own interfaces (`host_clash`)."""
         mine = routed(network)
         if not mine:
             return
-        networks = (await self.vswitch.networks()).values()
-        for other in networks:
+        networks = list((await self.vswitch.networks()).values())
+        for other in list(networks):
             theirs = routed(other) if other.network_id != network.network_id else []
-            for a, b in ((a, b) for a in mine for b in theirs if a.version == b.version):
-                if a.overlaps(b):
-                    raise DriverError(
-                        f"subnet {a} overlaps subnet {b} of network {other.network_id[:12]} "
-                        f"(bridge {other.bridge}), and the host would be the gateway of both; "
-                        "if the engine no longer has that network ('ovsdriver status' says "
-                        f"so), remove what is left of it: {_leftover_remedy(other)}"
-                    )
+            overlaps = [(a, b) for a in mine for b in theirs if a.version == b.version]
+            overlaps = [(a, b) for a, b in overlaps if a.overlaps(b)]
+            if not overlaps:
+                continue
+            a, b = overlaps[0]
+            if await self._left_over(network, other):
+                log.info(
+                    "removing network {other} (bridge {bridge}, subnet {b}), left over in "
+                    "Open vSwitch: the engine has no such network any more, as its IPAM "
+                    "gave the overlapping subnet {a} to network {network}",
+                    other=other.network_id[:12],
+                    bridge=other.bridge,
+                    a=a,
+                    b=b,
+                    network=network.network_id[:12],
+                )
+                await self.delete_network(other.network_id)
+                networks.remove(other)
+                continue
+            raise DriverError(
+                f"subnet {a} overlaps subnet {b} of network {other.network_id[:12]} "
+                f"(bridge {other.bridge}), and the host would be the gateway of both; "
+                "if the engine no longer has that network ('ovsdriver status' says "
+                f"so), remove what is left of it: {_leftover_remedy(other)}"
+            )
         clash = host_clash(mine, await self.netlink.host_links(), (network, *networks))
         if clash:
             raise DriverError(
@@ -258,6 +277,18 @@ class Driver:
         # The engine may delete the network right after its last endpoint,
         # whose port (and veth host end) then went with the bridge.
         await self._delete_veths(removed)
+
+    async def _left_over(self, network, other):
+        """Whether *other*, whose subnet overlaps *network*'s, is left over:
+        removed while the driver was down, or made by a CreateNetwork whose
+        answer a crash lost. Docker's default IPAM never gives two of the
+        engine's networks overlapping pools (its restarts included), so when
+        it gave both theirs, the engine no longer has *other*. One with
+        endpoints stays all the same: their ports may be in containers."""
+        if not network.address_space == other.address_space == DEFAULT_ADDRESS_SPACE:
+            return False
+        endpoints = await self.vswitch.endpoints()
+        return all(endpoint.network_id != other.network_id for endpoint in endpoints)
 
     # -- endpoints -------------------------------------------------------------
 

@@ -118,6 +118,13 @@ def _subnets(name, data, version):
     return subnets
 
 
+def _address_space(*data):
+    """The IPAM address space all the pools came from, or None."""
+    spaces = {entry.get("AddressSpace") for pools in data for entry in pools or ()}
+    space = spaces.pop() if len(spaces) == 1 else None
+    return space if isinstance(space, str) and space else None
+
+
 #: The driver's own option keys and how each is checked.
 NETWORK_OPTIONS = {
     "ovs.bridge": "bridge name (at most 15 characters)",
@@ -219,6 +226,7 @@ def parse_network(network_id, options, ipv4_data, ipv6_data, default_datapath):
     fields["internal"] = options.get("com.docker.network.internal") in (True, "true")
     fields["ipv4"] = _subnets("IPv4Data", ipv4_data, 4)
     fields["ipv6"] = _subnets("IPv6Data", ipv6_data, 6)
+    fields["address_space"] = _address_space(ipv4_data, ipv6_data)
     if fields["ipv6"] and fields.get("mtu", IPV6_MIN_MTU) < IPV6_MIN_MTU:
         # The kernel turns IPv6 off on a link below it: the gateway's
         # address would be refused with a bare "Invalid argument".

@@ -77,6 +77,9 @@ class Network:
     ipv4 = attr.ib(default=(), converter=tuple)
     ipv6 = attr.ib(default=(), converter=tuple)
     ovn_switch = attr.ib(default=None)  # an OVN network's Logical_Switch (see ovsdriver.ovn)
+    #: The engine's IPAM address space its pools came from (``LocalDefault``:
+    #: Docker's default IPAM); None when not known (records before 2026-12-03).
+    address_space = attr.ib(default=None)
 
     @property
     def gateways(self):
@@ -233,6 +236,7 @@ _NETWORK_FIELDS = {
     "internal": ("true or false", _is_bool),
     "ipv4": ("a list of [pool, gateway]", lambda v: isinstance(v, list)),
     "ipv6": ("a list of [pool, gateway]", lambda v: isinstance(v, list)),
+    "address_space": ("null or a string", _optional(lambda v: isinstance(v, str))),
 }
 _PUBLISHED_FIELDS = {
     "proto": (", ".join(PROTOCOLS.values()), lambda v: v in PROTOCOLS.values()),

@@ -43,7 +43,7 @@ def endpoint(net, endpoint_id=EP_1, **fields):
 
 
 def test_add_network_creates_its_bridge_and_records_it(harness):
-    net = network(mtu=1400)
+    net = network(mtu=1400, address_space="LocalDefault")
     harness.call(harness.vswitch.add_network, net)
     assert harness.bridge_exists(net.bridge)
     assert harness.call(harness.vswitch.network, NET_A) == net

@@ -247,6 +247,38 @@ def test_a_subnet_overlapping_another_networks_is_refused_with_what_to_do(world)
     assert world.post("NetworkDriver.CreateNetwork", body) == {}
 
 
+def _overlapping(space="LocalDefault"):
+    pool = {"Pool": "10.30.0.128/25", "Gateway": "10.30.0.129/25", "AddressSpace": space}
+    return {"NetworkID": "b2" * 32, "Options": {}, "IPv4Data": [pool], "IPv6Data": []}
+
+
+def test_a_network_the_engine_no_longer_has_gives_way_to_a_subnet_its_ipam_gave_again(world):
+    # Docker's default IPAM gave both subnets: it never gives overlapping
+    # ones to two networks the engine has, so the older one is left over
+    # (removed while the driver was down, or its CreateNetwork's answer lost).
+    world.create_network()  # 10.30.0.0/24, gateway 10.30.0.1
+    assert world.post("NetworkDriver.CreateNetwork", _overlapping()) == {}
+    assert list(world.vswitch.bridges) == ["obr-" + "b2" * 5 + "b"]
+    assert [rules.network_id for rules in world.firewall.networks] == ["b2" * 32]
+    assert world.kernel.state("obr-" + "b2" * 5 + "b").addresses == {"10.30.0.129/25"}
+
+
+@pytest.mark.parametrize("space", ["OtherIPAM", None])
+def test_a_network_from_another_address_space_is_never_taken_for_left_over(world, space):
+    world.create_network()
+    err = world.post("NetworkDriver.CreateNetwork", _overlapping(space))["Err"]
+    assert "overlaps subnet 10.30.0.0/24 of network " + NET[:12] in err
+    assert list(world.vswitch.bridges) == ["obr-" + NET[:11]]
+
+
+def test_a_network_with_endpoints_is_never_taken_for_left_over(world):
+    world.create_network()
+    world.create_endpoint()
+    err = world.post("NetworkDriver.CreateNetwork", _overlapping())["Err"]
+    assert "overlaps subnet 10.30.0.0/24 of network " + NET[:12] in err
+    assert world.vswitch.port_exists(port_name(EP))
+
+
 def test_a_subnet_of_one_of_the_hosts_interfaces_is_refused_by_name(world):
     world.kernel.add_link("eth9")
     world.kernel.add_addresses("eth9", ["10.30.0.200/16"])  # the host's LAN
