@@ -104,7 +104,11 @@ def parse_body(method, raw):
     fields = METHODS[method][1]
     if not raw.strip():
         if any(required for _, required in fields.values()):
-            raise BadRequest(f"{method} needs a JSON object body, got an empty body")
+            raise BadRequest(
+                f"{method} needs a JSON object body, got an empty body (the engine "
+                "retries a request whose answer it lost, a restarting driver's, "
+                "without its body: run the command again)"
+            )
         return {}
     try:
         body = json.loads(raw)
