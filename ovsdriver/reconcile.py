@@ -719,11 +719,16 @@ class Reconciler(service.Service):
     # -- repair ----------------------------------------------------------------
 
     async def _repair(self, endpoint, path):
-        doing = f"cannot repair endpoint {endpoint.endpoint_id[:12]}"
-        name = await self._safely(
-            (endpoint.endpoint_id, "repair"), doing, lambda: self.repair(endpoint, path)
-        )
-        if name and name is not FAILED:
+        what = (endpoint.endpoint_id, "repair")
+        try:
+            name = await self.repair(endpoint, path)
+        except Exception as e:
+            if await self._torn_down(endpoint.sandbox):
+                return  # its container is going: the next pass sees to it
+            self._complain(what, f"cannot repair endpoint {endpoint.endpoint_id[:12]}: {e}")
+            return
+        self._complain(what, None)
+        if name:
             self.metrics.reconciler_repaired()
             log.info(
                 "repaired endpoint {endpoint} after an ovs-vswitchd restart: moved the new "
@@ -733,6 +738,15 @@ class Reconciler(service.Service):
                 sandbox=endpoint.sandbox,
                 name=name,
             )
+
+    async def _torn_down(self, sandbox):
+        """Whether *sandbox* is mounted in no view any more (False when a
+        look cannot tell)."""
+        try:
+            observation = await self.views.observe([sandbox])
+        except Exception:
+            return False
+        return not observation.sightings[sandbox].mounted_in()
 
     async def repair(self, endpoint, path):
         """Put the endpoint's fresh link (in the driver's namespace) in the

@@ -741,6 +741,39 @@ def test_an_endpoint_whose_tap_was_recreated_is_repaired(scene):
     assert ep.port in scene.ports()
 
 
+def test_a_repair_cut_short_by_the_containers_removal_is_not_warned_about(scene):
+    # The engine tears the sandbox down while the pass repairs it: entering
+    # it fails (EINVAL on an unmounted file), and the next pass collects it.
+    ep = scene.endpoint()
+    sandbox = scene.sandbox()
+    scene.join(ep, sandbox)
+    scene.start()
+    scene.restart_vswitchd(ep, sandbox)
+    netlink = scene.reconciler.netlink = Flaky(scene.kernel)
+    moving = netlink.hanging["move_link_to_netns"] = defer.Deferred()
+    scene.run_for(INTERVAL)
+    scene.tear_down(sandbox)
+    moving.errback(LinkError(f"cannot enter sandbox {sandbox}: Invalid argument"))
+    scene.run_for(3 * INTERVAL)
+    assert scene.warnings() == []
+    assert ep.port not in scene.ports()
+
+
+def test_a_repair_that_fails_in_a_live_sandbox_is_warned_about(scene):
+    ep = scene.endpoint()
+    sandbox = scene.sandbox()
+    scene.join(ep, sandbox)
+    scene.start()
+    scene.restart_vswitchd(ep, sandbox)
+    netlink = scene.reconciler.netlink = Flaky(scene.kernel)
+    netlink.failures["move_link_to_netns"] = [LinkError("cannot move it: no luck")]
+    scene.run_for(2 * INTERVAL)
+    assert [w for w in scene.warnings() if "cannot repair endpoint" in w] == [
+        f"cannot repair endpoint {ep.endpoint_id[:12]}: cannot move it: no luck"
+    ]
+    assert scene.kernel.sandbox_state(sandbox, "eth0").up  # repaired by the next pass
+
+
 def test_a_link_the_engine_has_not_moved_yet_is_left_alone(scene):
     ep = scene.endpoint()
     sandbox = scene.sandbox()
