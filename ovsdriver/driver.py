@@ -227,11 +227,10 @@ class Driver:
         networks = list((await self.vswitch.networks()).values())
         for other in list(networks):
             theirs = routed(other) if other.network_id != network.network_id else []
-            overlaps = [(a, b) for a in mine for b in theirs if a.version == b.version]
-            overlaps = [(a, b) for a, b in overlaps if a.overlaps(b)]
-            if not overlaps:
+            pairs = ((a, b) for a in mine for b in theirs if a.version == b.version)
+            a, b = next(((a, b) for a, b in pairs if a.overlaps(b)), (None, None))
+            if a is None:
                 continue
-            a, b = overlaps[0]
             if await self._left_over(network, other):
                 log.info(
                     "removing network {other} (bridge {bridge}, subnet {b}), left over in "
