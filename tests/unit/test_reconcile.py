@@ -741,15 +741,22 @@ def test_an_endpoint_whose_tap_was_recreated_is_repaired(scene):
     assert ep.port in scene.ports()
 
 
-def test_a_repair_cut_short_by_the_containers_removal_is_not_warned_about(scene):
-    # The engine tears the sandbox down while the pass repairs it: entering
-    # it fails (EINVAL on an unmounted file), and the next pass collects it.
+def _to_repair(scene):
+    """A joined endpoint whose tap an ovs-vswitchd restart made anew, and the
+    reconciler's netlink port made `Flaky`."""
     ep = scene.endpoint()
     sandbox = scene.sandbox()
     scene.join(ep, sandbox)
     scene.start()
     scene.restart_vswitchd(ep, sandbox)
     netlink = scene.reconciler.netlink = Flaky(scene.kernel)
+    return ep, sandbox, netlink
+
+
+def test_a_repair_cut_short_by_the_containers_removal_is_not_warned_about(scene):
+    # The engine tears the sandbox down while the pass repairs it: entering
+    # it fails (EINVAL on an unmounted file), and the next pass collects it.
+    ep, sandbox, netlink = _to_repair(scene)
     moving = netlink.hanging["move_link_to_netns"] = defer.Deferred()
     scene.run_for(INTERVAL)
     scene.tear_down(sandbox)
@@ -760,12 +767,7 @@ def test_a_repair_cut_short_by_the_containers_removal_is_not_warned_about(scene)
 
 
 def test_a_repair_that_fails_in_a_live_sandbox_is_warned_about(scene):
-    ep = scene.endpoint()
-    sandbox = scene.sandbox()
-    scene.join(ep, sandbox)
-    scene.start()
-    scene.restart_vswitchd(ep, sandbox)
-    netlink = scene.reconciler.netlink = Flaky(scene.kernel)
+    ep, sandbox, netlink = _to_repair(scene)
     netlink.failures["move_link_to_netns"] = [LinkError("cannot move it: no luck")]
     scene.run_for(2 * INTERVAL)
     assert [w for w in scene.warnings() if "cannot repair endpoint" in w] == [
