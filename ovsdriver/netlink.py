@@ -272,9 +272,13 @@ class _Worker:
                     if _add_address(ipr, index, address):
                         added.append(str(address))
                 except NetlinkError as e:
-                    raise LinkError(
-                        f"cannot add address {address} to {ifname}: {_reason(e)}"
-                    ) from e
+                    reason = _reason(e)
+                    if e.code == errno.EACCES and address.version == 6:
+                        reason = (
+                            "IPv6 is disabled on it (net.ipv6.conf.default.disable_ipv6=1 "
+                            "on this host?): enable IPv6, or leave --ipv6 out"
+                        )
+                    raise LinkError(f"cannot add address {address} to {ifname}: {reason}") from e
             try:
                 ipr.link("set", index=index, state="up")
             except NetlinkError as e:

@@ -18,7 +18,7 @@ import time
 import pytest
 from twisted.internet import defer
 
-from ovsdriver.netlink import Netlink
+from ovsdriver.netlink import LinkError, Netlink
 from tests.contract_netlink import LinkView, NetlinkContract, cidr
 from tests.reactor_thread import get_reactor, run_in_reactor
 
@@ -263,6 +263,14 @@ def test_create_veth_peer_has_tx_checksumming_off_as_ethtool_reports(netlink, na
     assert "tx-checksumming: off" in shown
     shown = ip("netns", "exec", namespace, "ethtool", "-k", "nlr-h")
     assert "tx-checksumming: on" in shown
+
+
+def test_an_ipv6_address_on_a_host_without_ipv6_says_so(netlink, namespace):
+    make_standalone_link(namespace, "nlr-6")
+    ip("netns", "exec", namespace, "sysctl", "-qw", "net.ipv6.conf.nlr-6.disable_ipv6=1")
+    with pytest.raises(LinkError, match="IPv6 is disabled on it .*leave --ipv6 out"):
+        run_in_reactor(netlink.add_addresses, "nlr-6", ["fd00:6::1/64"])
+    assert run_in_reactor(netlink.add_addresses, "nlr-6", ["10.6.0.1/24"]) == ["10.6.0.1/24"]
 
 
 def test_the_worker_comes_back_from_a_sandbox(netlink, namespace):
