@@ -814,6 +814,11 @@ def _check_interfaces(idl, bridge_name):
         if OWNER not in ids or ENDPOINT_ID in ids:
             continue
         failure = _interface_failure(port.interfaces[0])
+        if failure and port.name == bridge_name:  # the bridge's own port
+            failure += (
+                f"; is {bridge_name} a host interface? ovs.bridge names an Open vSwitch "
+                f"bridge (made if missing): give a host interface as -o ovs.uplink={bridge_name}"
+            )
         if failure:
             raise VSwitchError(
                 f"Open vSwitch could not set up {port.name} on bridge {bridge_name}: {failure}"

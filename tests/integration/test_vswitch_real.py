@@ -4,7 +4,7 @@ userspace ovs-vswitchd (the fake must behave like this)."""
 import pytest
 
 from ovsdriver.ovsdb import OVSDB
-from ovsdriver.vswitch import VSwitch
+from ovsdriver.vswitch import VSwitch, VSwitchError
 from tests.contract_vswitch import *  # noqa: F403
 from tests.contract_vswitch import endpoint, network
 from tests.reactor_thread import get_reactor, run_in_reactor
@@ -76,3 +76,13 @@ def test_endpoints_follow_changes_made_outside_the_driver(harness):
     )
     harness.world.ovs.vsctl("set", "Port", ep.port, "external_ids:ovsdriver-removing=1")
     wait_until(lambda: harness.call(harness.vswitch.endpoints) == [], timeout=10)
+
+
+def test_a_bridge_named_like_a_host_interface_is_refused_with_what_to_do(harness):
+    harness.add_host_link("hostif0")
+    clash = network(bridge="hostif0", shared_bridge=True, vlan=5)
+    with pytest.raises(VSwitchError, match="is hostif0 a host interface.*ovs.uplink=hostif0"):
+        harness.call(harness.vswitch.add_network, clash)
+    harness.call(harness.vswitch.remove_network, clash.network_id)  # the driver's undo
+    assert not harness.bridge_exists("hostif0")
+    assert harness.link_exists("hostif0")
