@@ -35,11 +35,10 @@ from ovsdriver.values import Endpoint, Network, NetworkRules, check_mac
 from ovsdriver.vswitch import (
     IPV4,
     IPV6,
-    NETWORK_RECORD,
     UnreadableRecord,
     gateway_ifname,
-    gateway_port_name,
     host_clash,
+    leftover_remedy,
     port_name,
     routed,
     veth_host_name,
@@ -90,15 +89,6 @@ def _publishable(endpoint, port):
         )
         return False
     return True
-
-
-def _leftover_remedy(network):
-    if not network.shared_bridge:
-        return f"ovs-vsctl del-br {network.bridge}"
-    return (
-        f"ovs-vsctl del-port {gateway_port_name(network.network_id)} -- remove Bridge "
-        f"{network.bridge} external_ids {NETWORK_RECORD}{network.network_id}"
-    )
 
 
 def _unknown_network(network_id):
@@ -249,7 +239,7 @@ class Driver:
                 f"subnet {a} overlaps subnet {b} of network {other.network_id[:12]} "
                 f"(bridge {other.bridge}), and the host would be the gateway of both; "
                 "if the engine no longer has that network ('ovsdriver status' says "
-                f"so), remove what is left of it: {_leftover_remedy(other)}"
+                f"so), remove what is left of it: {leftover_remedy(other)}"
             )
         clash = host_clash(mine, await self.netlink.host_links(), (network, *networks))
         if clash:

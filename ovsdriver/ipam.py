@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from ovsdriver.northbound import CONFLICT, NorthboundError, check_switch_name
 from ovsdriver.ovn import ADDRESS_SPACE, disabled
 from ovsdriver.ovsdb import OVSDBUnavailable
+from ovsdriver.vswitch import leftover_remedy
 
 log = Logger()
 
@@ -145,7 +146,9 @@ class Ipam:
             if network.ovn_switch == switch:
                 raise IpamError(
                     f"OVN switch {switch} is already Docker network "
-                    f"{network.network_id[:12]} on this host"
+                    f"{network.network_id[:12]} on this host; if the engine no longer has "
+                    "that network ('ovsdriver status' says so), remove what is left of it: "
+                    + leftover_remedy(network)
                 )
         info = await ovn.northbound.request_pool(switch, subnet, chassis.system_id, version)
         subnet, gateway = (info.subnet6, info.gateway6) if v6 else (info.subnet, info.gateway)

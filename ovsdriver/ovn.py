@@ -139,7 +139,11 @@ class OVN:
                 else f"OVN switch {switch.name} is IPv4 only: leave --ipv6 out"
             )
         held = switch.host(settings.system_id)
-        if held not in (None, "pending", network.network_id):
+        # A network this host no longer has (its record removed by hand after
+        # a `docker network rm` the driver missed) holds the switch no more.
+        if held not in (None, "pending", network.network_id) and held in (
+            await self.vswitch.networks()
+        ):
             raise NorthboundError(
                 f"OVN switch {switch.name} is already Docker network {held[:12]} on this host"
             )

@@ -74,6 +74,16 @@ def gateway_ifname(network):
     return gateway_port_name(network.network_id) if network.shared_bridge else network.bridge
 
 
+def leftover_remedy(network):
+    """The ``ovs-vsctl`` command that removes what is left of *network*."""
+    if not network.shared_bridge:
+        return f"ovs-vsctl del-br {network.bridge}"
+    return (
+        f"ovs-vsctl del-port {gateway_port_name(network.network_id)} -- remove Bridge "
+        f"{network.bridge} external_ids {NETWORK_RECORD}{network.network_id}"
+    )
+
+
 def routed(network):
     """The subnets the host routes to *network* (it is their gateway)."""
     if not network.gateways:

@@ -454,6 +454,29 @@ def test_a_network_removed_on_one_host_keeps_working_on_the_other(cluster):
     )
 
 
+def test_a_network_removed_while_the_driver_was_down_is_made_again_once_its_leftover_goes(cluster):
+    c = cluster
+    c.network(0, "blue", "blue", "--subnet", SUBNET)
+    old = c.docker(0, "network", "inspect", "-f", "{{.Id}}", "blue").stdout.strip()
+    c.drivers[0].kill()
+    try:
+        c.docker(0, "network", "rm", "blue")  # the engine forgets it anyway
+    finally:
+        c.drivers[0].start()
+    refused = c.network(0, check=False)
+    assert refused.returncode != 0
+    remedy = (
+        f"ovs-vsctl del-port ogw-{old[:11]} -- remove Bridge br-int external_ids "
+        f"ovsdriver-network-{old}"
+    )
+    assert f"remove what is left of it: {remedy}" in refused.stderr
+    c.hosts[0].ovs.vsctl(*remedy.split()[1:])
+    # The switch's record of this host's network names the old one: no matter.
+    c.network(0)
+    c.run(0, "again")
+    assert c.reaches(0, "again", "10.60.0.1")
+
+
 def test_restarts_and_a_northbound_outage_lose_nothing(cluster):
     c = cluster
     c.network(0, "blue", "blue", "--subnet", SUBNET)
