@@ -20,6 +20,7 @@ from ovsdriver.vswitch import (
     gateway_ifname,
     gateway_port_name,
     host_clash,
+    leftover_remedy,
     port_name,
     routed,
     veth_host_name,
@@ -243,6 +244,7 @@ def _network_report(facts, network_id, found, endpoint_facts):
         problems.append(
             "the engine has no such network: it is left over in Open vSwitch "
             "(the driver may have missed its DeleteNetwork)"
+            + (f"; remove what is left of it: {leftover_remedy(network)}" if network else "")
         )
     endpoints = [_endpoint_report(facts, ep, network) for ep in endpoint_facts or ()]
     known = {ep.endpoint_id for ep in endpoint_facts or ()}

@@ -211,7 +211,8 @@ def test_a_network_the_engine_does_not_know_is_left_over():
     (network,) = report.networks
     assert network.problems == (
         "the engine has no such network: it is left over in Open vSwitch "
-        "(the driver may have missed its DeleteNetwork)",
+        f"(the driver may have missed its DeleteNetwork); remove what is left of it: "
+        f"ovs-vsctl del-br {network.bridge}",
     )
 
 
