@@ -694,6 +694,7 @@ def test_networks_created_at_once_leave_the_rules_in_place_and_quiet(ext_iptable
     def forward():
         return ext.host("iptables", "-S", "FORWARD").splitlines()[1:]
 
+    copied = False
     try:
         # First the usual order, DOCKER-USER first and ours next (after a
         # dockerd restart the engine's isolation jump leads until it creates
@@ -706,12 +707,15 @@ def test_networks_created_at_once_leave_the_rules_in_place_and_quiet(ext_iptable
             list(pool.map(ext.network, names[1:], subnets[1:]))
         # What the engine leaves when the race comes out that way (most runs):
         ext.host("iptables", "-I", "FORWARD", "-j", "DOCKER-USER")
+        copied = True
         time.sleep(2)  # the healer reads the rules on the kernel's announcements
         rules = forward()
         position = rules.index(ours)
         assert position > 1 and set(rules[:position]) == {user}, rules
         assert "changed from outside" not in ext.driver.log()[logged:]
     finally:
+        if copied:
+            ext.host("iptables", "-D", "FORWARD", "-j", "DOCKER-USER")
         ext.docker("network", "rm", *names, check=False)
 
 
