@@ -214,8 +214,8 @@ class Driver:
         mine = routed(network)
         if not mine:
             return
-        networks = list((await self.vswitch.networks()).values())
-        for other in list(networks):
+        networks = (await self.vswitch.networks()).values()
+        for other in networks:
             theirs = routed(other) if other.network_id != network.network_id else []
             pairs = ((a, b) for a in mine for b in theirs if a.version == b.version)
             a, b = next(((a, b) for a, b in pairs if a.overlaps(b)), (None, None))
@@ -233,7 +233,6 @@ class Driver:
                     network=network.network_id[:12],
                 )
                 await self.delete_network(other.network_id)
-                networks.remove(other)
                 continue
             raise DriverError(
                 f"subnet {a} overlaps subnet {b} of network {other.network_id[:12]} "

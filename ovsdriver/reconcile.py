@@ -719,16 +719,11 @@ class Reconciler(service.Service):
     # -- repair ----------------------------------------------------------------
 
     async def _repair(self, endpoint, path):
-        what = (endpoint.endpoint_id, "repair")
-        try:
-            name = await self.repair(endpoint, path)
-        except Exception as e:
-            if await self._torn_down(endpoint.sandbox):
-                return  # its container is going: the next pass sees to it
-            self._complain(what, f"cannot repair endpoint {endpoint.endpoint_id[:12]}: {e}")
-            return
-        self._complain(what, None)
-        if name:
+        doing = f"cannot repair endpoint {endpoint.endpoint_id[:12]}"
+        name = await self._safely(
+            (endpoint.endpoint_id, "repair"), doing, lambda: self._repair_if_there(endpoint, path)
+        )
+        if name and name is not FAILED:
             self.metrics.reconciler_repaired()
             log.info(
                 "repaired endpoint {endpoint} after an ovs-vswitchd restart: moved the new "
@@ -738,6 +733,16 @@ class Reconciler(service.Service):
                 sandbox=endpoint.sandbox,
                 name=name,
             )
+
+    async def _repair_if_there(self, endpoint, path):
+        """`repair`; a sandbox torn down meanwhile (its container is going)
+        has nothing to repair: the next pass sees to it."""
+        try:
+            return await self.repair(endpoint, path)
+        except Exception:
+            if not await self._torn_down(endpoint.sandbox):
+                raise
+            return None
 
     async def _torn_down(self, sandbox):
         """Whether *sandbox* is mounted in no view any more (False when a
