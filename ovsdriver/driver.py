@@ -324,9 +324,12 @@ class Driver:
             if endpoint.port_type == "veth":
                 # The userspace datapath needs the container's end to checksum
                 # what it sends; on the kernel's, offloads (and TSO) stay on.
+                # The engine gives it its MAC as it moves it in (as for an
+                # internal port): until then it has another one, so that the
+                # reconciler can tell a container's end the engine moved back.
                 kernel = await self.vswitch.kernel_datapath(network.bridge)
                 await self.netlink.create_veth(
-                    endpoint.port, endpoint.ifname, endpoint.mtu, endpoint.mac, kernel
+                    endpoint.port, endpoint.ifname, endpoint.mtu, None, kernel
                 )
             added = self.vswitch.add_endpoint(endpoint)
             if queued is not None:

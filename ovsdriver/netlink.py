@@ -252,6 +252,18 @@ class _Worker:
             lambda ipr: self._index(ipr, ifname) is not None,
         )
 
+    def link_mac(self, ifname):
+        def operation(ipr):
+            try:
+                (msg,) = ipr.link("get", ifname=ifname)
+            except NetlinkError as e:
+                if e.code == errno.ENODEV:
+                    return None
+                raise
+            return _mac_of(msg)
+
+        return self.call(f"cannot look up {ifname}", operation)
+
     def links(self):
         def operation(ipr):
             # libc decodes the dump: pyroute2 takes ~1 ms a link in Python, and
@@ -718,6 +730,11 @@ class Netlink:
     def link_exists(self, ifname):
         """Deferred[bool]: whether a link of that name exists."""
         return self._run(self._worker.link_exists, ifname)
+
+    def link_mac(self, ifname):
+        """Deferred[str or None]: the MAC address of link *ifname* (lower
+        case), None if there is no such link."""
+        return self._run(self._worker.link_mac, ifname)
 
     def links(self):
         """Deferred[dict[str, int]]: every link's name and index, ``lo``

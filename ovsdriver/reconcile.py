@@ -179,10 +179,11 @@ class Verdict:
     path = attr.ib(default=None)  # opens the sandbox's namespace, when ALIVE and mounted
 
 
-def judge(sandbox, sighting, seen, observation, moved_in=False):
+def judge(sandbox, sighting, seen, observation, moved_in=False, moved_back=False):
     """A `Verdict` on *sandbox* from its `Sighting`, where it was `Seen`
     mounted before (or None) and the whole `Observation`; *moved_in*: the
-    endpoint's interface has left the driver's namespace.
+    endpoint's interface has left the driver's namespace; *moved_back*: it is
+    in the driver's namespace with the MAC the engine gives it in the sandbox.
 
     Once seen, the view that showed it mounted decides: other views may hold
     private copies of the mount, which outlive the engine's. A sandbox not
@@ -220,6 +221,12 @@ def judge(sandbox, sighting, seen, observation, moved_in=False):
             GONE,
             f"its interface was moved into sandbox {sandbox}, which the engine has deleted",
         )
+    if moved_back:
+        return Verdict(
+            GONE,
+            f"the engine moved its interface back out of sandbox {sandbox} (it has the "
+            "MAC the engine gave it there), which is mounted nowhere",
+        )
     if seen is not None:
         return Verdict(
             UNKNOWN,
@@ -241,6 +248,15 @@ def judge(sandbox, sighting, seen, observation, moved_in=False):
         f"its sandbox {sandbox} is mounted in no mount namespace the driver can see "
         "and it was never seen mounted",
     )
+
+
+def _moved_in(endpoint, links):
+    """Whether the endpoint's interface has left the driver's namespace in
+    *links*. A veth's exists from CreateEndpoint on (the driver makes it); an
+    internal port's only once ovs-vswitchd has made the port, which may take
+    seconds (while it reconnects to OVSDB, say)."""
+    made = endpoint.made or endpoint.port_type == "veth"
+    return made and endpoint.ifname not in links
 
 
 def _deleted(sandbox, sighting, observation):
@@ -397,7 +413,8 @@ class Reconciler(service.Service):
         await self._restore_gateways(links)
         now = self.clock()
         self._complain("pass", None)
-        orphans, broken, seen, taken = self._classify(endpoints, links, observation, now)
+        returned = await self._moved_back(endpoints, links, observation)
+        orphans, broken, seen, taken = self._classify(endpoints, links, observation, now, returned)
         for endpoint in taken:
             if self.running:
                 await self._find_sandbox(endpoint, endpoints, now)
@@ -462,10 +479,35 @@ class Reconciler(service.Service):
                 self._seen[key] = recorded
         return self._seen.get(key)
 
-    def _classify(self, endpoints, links, observation, now):
+    async def _moved_back(self, endpoints, links, observation):
+        """Ids of the joined endpoints whose interface the engine has moved
+        back out of a sandbox that is mounted nowhere: the interface is in
+        the driver's namespace again, with the MAC the engine gave it in the
+        sandbox (a port or veth end is made with another one; the engine
+        moves it back as it tears the sandbox down, before Leave)."""
+        returned = set()
+        for ep in endpoints:
+            if (
+                not ep.sandbox
+                or not ep.mac
+                or ep.ifname not in links
+                or observation.sightings[ep.sandbox].mounted_in()
+            ):
+                continue
+            mac = await self._safely(
+                (ep.endpoint_id, "mac"),
+                f"cannot read the MAC of {ep.ifname}",
+                lambda ep=ep: self.netlink.link_mac(ep.ifname),
+            )
+            if mac == ep.mac.lower():
+                returned.add(ep.endpoint_id)
+        return returned
+
+    def _classify(self, endpoints, links, observation, now, returned=()):
         """(orphans confirmed by two passes, with why; (endpoint, sandbox path)
         to repair; (endpoint, `Seen`) to record; unjoined endpoints whose
-        interface a container took)."""
+        interface a container took). *returned*: the ids of endpoints whose
+        interface the engine moved back (`_moved_back`)."""
         suspects, orphans, broken, seen, taken = {}, [], [], [], []
         for ep in endpoints:
             reason = None
@@ -475,13 +517,13 @@ class Reconciler(service.Service):
                     pass
                 elif ep.port_type == "veth" and ep.port not in links:
                     reason = "its veth pair is gone (with its container's namespace)"
-                elif ep.ifname in links:
+                elif not _moved_in(ep, links):
                     reason = f"not joined to any container for {now - since:.0f} s"
                 else:
                     taken.append(ep)
             else:
                 self._unjoined.pop(ep.endpoint_id, None)
-                reason = self._judge_joined(ep, links, observation, now, broken, seen)
+                reason = self._judge_joined(ep, links, observation, now, broken, seen, returned)
             if reason is None:
                 continue
             suspects[ep.endpoint_id] = reason
@@ -490,7 +532,7 @@ class Reconciler(service.Service):
         self._suspects = suspects
         return orphans, broken, seen, taken
 
-    def _judge_joined(self, ep, links, observation, now, broken, seen):
+    def _judge_joined(self, ep, links, observation, now, broken, seen, returned):
         """Why the joined *ep* is an orphan, or None; fills *broken* and *seen*."""
         key = (ep.endpoint_id, ep.sandbox)
         joined = self._joined.setdefault(key, now)
@@ -499,7 +541,8 @@ class Reconciler(service.Service):
             observation.sightings[ep.sandbox],
             self._seen_of(ep),
             observation,
-            moved_in=ep.ifname not in links,
+            moved_in=_moved_in(ep, links),
+            moved_back=ep.endpoint_id in returned,
         )
         if verdict.kind == GONE:
             return verdict.reason

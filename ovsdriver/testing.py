@@ -219,7 +219,7 @@ class FakeNetlink:
     def add_link(self, name, mtu=1500, mac=None):
         """Make a link exist, down and without addresses (e.g. an OVS tap)."""
         check_ifname(name)
-        self._links[name] = self._new_link(mtu=mtu, mac=mac or self._new_mac())
+        self._links[name] = self._new_link(mtu=mtu, mac=(mac or self._new_mac()).lower())
 
     def appear_on_wait(self, name):
         """Make *name* appear while something waits for it with wait_for_link."""
@@ -291,6 +291,11 @@ class FakeNetlink:
 
     def link_exists(self, ifname):
         return self._answers.answer(lambda: ifname in self._links)
+
+    def link_mac(self, ifname):
+        return self._answers.answer(
+            lambda: self._links[ifname].mac if ifname in self._links else None
+        )
 
     def links(self):
         return self._answers.answer(
@@ -615,10 +620,11 @@ class _FakeBridge:
 class FakeVSwitch:
     """`ovsdriver.vswitch.VSwitch` in memory: bridges holding networks and ports.
 
-    Tests can add a bridge the driver does not own (`add_foreign_bridge`) and make
+    Tests can add a bridge the driver does not own (`add_foreign_bridge`), make
     ovs-vswitchd fail to create a port (`break_port`), as a missing veth does
-    for real. Given a `FakeNetlink` as ``kernel``, it makes and removes the links
-    of internal ports there, as ovs-vswitchd does.
+    for real, or hold back every port until `resume_vswitchd`
+    (`stall_vswitchd`). Given a `FakeNetlink` as ``kernel``, it makes and
+    removes the links of internal ports there, as ovs-vswitchd does.
     """
 
     #: What the driver calls: with a clock, these answer on its next turn.
@@ -646,6 +652,7 @@ class FakeVSwitch:
         self.kernel = kernel
         self._broken = set()
         self._removing = set()  # names of ports marked for deletion
+        self._stalled = None  # while ovs-vswitchd makes no port: [(endpoint, Deferred)]
         _Answers(clock).defer_methods(self, self.PORT_METHODS)
 
     def _plug(self, name, mtu=1500):
@@ -665,6 +672,22 @@ class FakeVSwitch:
 
     def break_port(self, name):
         self._broken.add(name)
+
+    def stall_vswitchd(self):
+        """ovs-vswitchd makes no port from now on (as while it reconnects)."""
+        self._stalled = []
+
+    def resume_vswitchd(self):
+        """ovs-vswitchd makes the ports it held back."""
+        waiting, self._stalled = self._stalled or [], None
+        for bridge in self.bridges.values():
+            for name, ep in bridge.ports.items():
+                if ep is not None and not ep.made:
+                    bridge.ports[name] = attr.evolve(ep, made=True)
+                    if ep.port_type == "internal":
+                        self._plug(name, ep.mtu)
+        for endpoint, d in waiting:
+            self.port_ready(endpoint).chainDeferred(d)
 
     def bridge_exists(self, name):
         return name in self.bridges
@@ -778,12 +801,18 @@ class FakeVSwitch:
             return defer.fail(VSwitchError(f"bridge {endpoint.bridge} is missing"))
         if endpoint.created is None:
             endpoint = attr.evolve(endpoint, created=float(round(time.time())))
+        made = self._stalled is None and endpoint.port not in self._broken
+        endpoint = attr.evolve(endpoint, made=made)
         bridge.ports[endpoint.port] = endpoint
-        if endpoint.port_type == "internal":
+        if endpoint.port_type == "internal" and endpoint.made:
             self._plug(endpoint.port, endpoint.mtu)
         return defer.succeed(endpoint)
 
     def port_ready(self, endpoint):
+        if self._stalled is not None:
+            d = defer.Deferred()
+            self._stalled.append((endpoint, d))
+            return d
         if not self.port_exists(endpoint.port):
             error = f"port {endpoint.port} vanished from OVSDB while being added"
         elif endpoint.port in self._broken:

@@ -165,6 +165,9 @@ class Endpoint:
     #: Values in OVSDB that could not be read (hand-edited?): {key: why}.
     unreadable = attr.ib(factory=dict, eq=False, hash=False)
     iface_id = attr.ib(default=None)  # OVN's logical port when not the endpoint id
+    #: Whether ovs-vswitchd has made the port (it has an ofport): until then
+    #: an internal port's link exists nowhere.
+    made = attr.ib(default=False, eq=False)
 
 
 @attr.s(frozen=True, slots=True)

@@ -158,6 +158,7 @@ def _endpoint_from_rows(bridge_name, port, iface):
         published=read(PORTMAP, PublishedPort.list_from_json, ()),
         unreadable=unreadable,
         iface_id=_iface_id(ids),
+        made=(_one(column(iface, "ofport")) or 0) > 0,
     )
 
 

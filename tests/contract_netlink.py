@@ -108,6 +108,11 @@ class NetlinkContract:
     def test_link_exists_is_false_for_a_missing_link(self):
         assert self.call(self.netlink.link_exists, "nlc-none") is False
 
+    def test_link_mac_is_a_links_mac_in_lower_case_or_none(self):
+        self.make_tap("nlc-a", "02:AB:00:00:00:07")
+        assert self.call(self.netlink.link_mac, "nlc-a") == "02:ab:00:00:00:07"
+        assert self.call(self.netlink.link_mac, "nlc-none") is None
+
     def test_links_lists_every_link_including_loopback(self):
         self.make_link("nlc-a")
         self.make_link("nlc-b")

@@ -203,6 +203,7 @@ def test_a_port_ovs_cannot_create_fails_with_its_name(harness):
     harness.call(harness.vswitch.add_endpoint, ep)  # OVSDB takes it
     with pytest.raises(VSwitchError, match=f"could not add port {ep.port}"):
         harness.call(harness.vswitch.port_ready, ep)
+    assert not harness.call(harness.vswitch.endpoint, EP_1).made
     harness.call(harness.vswitch.remove_endpoint, EP_1)
     assert not harness.port_exists(ep.port)
 
@@ -214,6 +215,7 @@ def test_a_ready_port_exists(harness):
     harness.call(harness.vswitch.add_endpoint, ep)
     assert harness.call(harness.vswitch.port_ready, ep) == ep
     assert harness.link_exists(ep.port)
+    assert harness.call(harness.vswitch.endpoint, EP_1).made
 
 
 def test_a_port_not_in_ovsdb_is_never_ready(harness):

@@ -93,12 +93,9 @@ class Scene:
             **fields,
         )
         if ep.port_type == "veth":
-            self.kernel.create_veth(ep.port, ep.ifname, ep.mtu, mac)
+            self.kernel.create_veth(ep.port, ep.ifname, ep.mtu)
             self.settle()
-        self.vswitch.add_endpoint(ep)
-        if ep.port_type == "internal":
-            self.kernel.set_link(ep.port, mac=mac)  # OVS gives the tap its MAC
-            self.settle()
+        self.vswitch.add_endpoint(ep)  # OVS gives a tap a MAC of its own
         return ep
 
     def sandbox(self, name="sb1", views=None, directory=NETNS_DIR):
@@ -115,15 +112,21 @@ class Scene:
         return path
 
     def join(self, ep, sandbox, move=True):
-        """Join; with *move*, the engine also moves the link in as eth0."""
+        """Join; with *move*, the engine also moves the link in as eth0 (and
+        gives it the endpoint's MAC)."""
         self.vswitch.set_sandbox(ep.endpoint_id, sandbox)
         if move:
             self.kernel.move_to_sandbox(ep.ifname, sandbox, "eth0")
+            index = self.kernel.sandbox_state(sandbox, "eth0").index
+            self.kernel.set_link_in(sandbox, index, mac=ep.mac)
+            self.settle()
 
     def move_in(self, ep, sandbox):
-        """The engine moves the link in as eth0 and gives it its address (no record)."""
+        """The engine moves the link in as eth0 and gives it its MAC and
+        address (no record)."""
         self.kernel.move_to_sandbox(ep.ifname, sandbox, "eth0")
         index = self.kernel.sandbox_state(sandbox, "eth0").index
+        self.kernel.set_link_in(sandbox, index, mac=ep.mac)
         self.kernel.add_address_in(sandbox, index, ep.ipv4)
         self.settle()
 
@@ -152,7 +155,7 @@ class Scene:
         self.kernel.add_sandbox_link(sandbox, "eth0", ep.mac, addresses=[ep.ipv4], carrier=False)
         self.kernel.add_sandbox_route(sandbox, "default", "10.9.0.1", "eth0")
         self.kernel.add_sandbox_route(sandbox, "10.77.0.0/16", "10.9.0.1", "eth0")
-        self.kernel.add_link(ep.ifname, mac=ep.mac)
+        self.kernel.add_link(ep.ifname)
 
     # -- running ---------------------------------------------------------------
 
@@ -414,6 +417,58 @@ def test_a_sandbox_deleted_after_the_interface_moved_in_is_gone_though_never_see
     scene.start()
     scene.run_for(INTERVAL)
     assert scene.ports() == {live.port}
+
+
+@pytest.mark.parametrize("port_type", ["internal", "veth"])
+def test_an_interface_the_engine_moved_back_out_is_gone_though_its_sandbox_was_never_seen(
+    port_type,
+):
+    """The driver died right after the container started, before it saw the
+    sandbox, and the container was removed while it was down: the engine
+    moved the interface back out (with the MAC it gave it inside) and
+    unmounted the sandbox, whose file stays until its next garbage collection."""
+    scene = Scene(port_type)
+    try:
+        live = scene.endpoint(EP_1)
+        scene.join(live, scene.sandbox("live"))
+        ep = scene.endpoint(EP_2, mac=MAC_2)
+        path = scene.sandbox("gone")
+        scene.join(ep, path)
+        scene.kernel.move_from_sandbox(path, "eth0", ep.ifname)
+        scene.tear_down(path)
+        scene.start()
+        scene.run_for(INTERVAL)
+        assert scene.ports() == {live.port}
+    finally:
+        scene.reconciler.stopService()
+        reconcile.log = Logger()
+
+
+def test_a_port_ovs_vswitchd_has_not_made_yet_is_not_taken_for_one_moved_in(scene):
+    """Join records the sandbox, then waits for the port: while ovs-vswitchd
+    reconnects to OVSDB its tap exists nowhere, and the sandbox not yet (the
+    engine makes it after Join), next to a running container."""
+    live = scene.endpoint(EP_1)
+    scene.join(live, scene.sandbox("live"))
+    scene.vswitch.stall_vswitchd()
+    ep = scene.endpoint(EP_2, mac=MAC_2)
+    scene.join(ep, f"{NETNS_DIR}/starting", move=False)
+    scene.start()
+    scene.run_for(3 * INTERVAL)
+    assert ep.port in scene.ports()
+    scene.vswitch.resume_vswitchd()
+    scene.run_for(3 * INTERVAL)
+    assert ep.port in scene.ports()
+
+
+def test_an_unjoined_endpoint_whose_port_was_never_made_is_collected_after_the_grace(scene):
+    scene.vswitch.stall_vswitchd()
+    ep = scene.endpoint()
+    scene.start()
+    scene.run_for(GRACE - INTERVAL)
+    assert ep.port in scene.ports()
+    scene.run_for(3 * INTERVAL)
+    assert ep.port not in scene.ports()
 
 
 def test_a_missing_file_in_a_directory_without_live_sandboxes_is_no_evidence(private_scene):
