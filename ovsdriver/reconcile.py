@@ -36,9 +36,13 @@ which old sandboxes stay mounted and new ones are plain files. So:
   restarted engine cleans up after a crash;
 - a sandbox the driver never saw (it was killed right after the container
   started, which was removed while it was down) is gone when the engine has
-  moved the endpoint's interface out of the driver's namespace into it and
+  moved the endpoint's interface out of the driver's namespace into it (an
+  internal port's tap exists only once ovs-vswitchd has made the port) and
   its file is deleted from a directory in which the driver sees the engine's
-  other sandboxes mounted;
+  other sandboxes mounted; or when the engine has moved the interface back
+  out, as it does before Leave, and the sandbox is mounted nowhere: the
+  interface is in the driver's namespace with the MAC the engine gives it in
+  the sandbox (a tap or veth end is made with another one);
 - anything else is no evidence: a sandbox that has not appeared yet (at Join
   the engine may not have made it: it does when the container's task starts,
   after image pulls, volume plugins...), a plain file that was never seen
