@@ -507,7 +507,7 @@ class Reconciler(service.Service):
                 returned.add(ep.endpoint_id)
         return returned
 
-    def _classify(self, endpoints, links, observation, now, returned=()):
+    def _classify(self, endpoints, links, observation, now, returned):
         """(orphans confirmed by two passes, with why; (endpoint, sandbox path)
         to repair; (endpoint, `Seen`) to record; unjoined endpoints whose
         interface a container took). *returned*: the ids of endpoints whose
