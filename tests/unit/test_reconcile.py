@@ -116,19 +116,22 @@ class Scene:
         gives it the endpoint's MAC)."""
         self.vswitch.set_sandbox(ep.endpoint_id, sandbox)
         if move:
-            self.kernel.move_to_sandbox(ep.ifname, sandbox, "eth0")
-            index = self.kernel.sandbox_state(sandbox, "eth0").index
-            self.kernel.set_link_in(sandbox, index, mac=ep.mac)
-            self.settle()
+            self._move(ep, sandbox)
 
     def move_in(self, ep, sandbox):
         """The engine moves the link in as eth0 and gives it its MAC and
         address (no record)."""
+        index = self._move(ep, sandbox)
+        self.kernel.add_address_in(sandbox, index, ep.ipv4)
+        self.settle()
+
+    def _move(self, ep, sandbox):
+        """The link moved in as eth0 with the endpoint's MAC: its index there."""
         self.kernel.move_to_sandbox(ep.ifname, sandbox, "eth0")
         index = self.kernel.sandbox_state(sandbox, "eth0").index
         self.kernel.set_link_in(sandbox, index, mac=ep.mac)
-        self.kernel.add_address_in(sandbox, index, ep.ipv4)
         self.settle()
+        return index
 
     def stop_container(self, sandbox):
         """The container's processes end."""
